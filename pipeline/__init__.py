@@ -1,0 +1,1 @@
+"""strata: distributed batch feature extraction for transfer learning."""
