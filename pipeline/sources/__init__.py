@@ -1,0 +1,36 @@
+"""Listings of images (folders, manifests, globs, Parquet bytes) with stable ids and fingerprints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.sources.base import ImageRecord, Source
+from pipeline.sources.folder import ImageFolderSource
+from pipeline.sources.globbing import GlobSource
+from pipeline.sources.manifest import ManifestSource
+from pipeline.sources.parquet_bytes import ParquetBytesSource
+
+__all__ = [
+    "SOURCE_KINDS",
+    "GlobSource",
+    "ImageFolderSource",
+    "ImageRecord",
+    "ManifestSource",
+    "ParquetBytesSource",
+    "Source",
+    "make_source",
+]
+
+SOURCE_KINDS: dict[str, type[Source]] = {
+    "folder": ImageFolderSource,
+    "manifest": ManifestSource,
+    "glob": GlobSource,
+    "parquet": ParquetBytesSource,
+}
+
+
+def make_source(kind: str, uri: str, **options: Any) -> Source:
+    """Build a source by kind name, as a config file would name it."""
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"unknown source kind {kind!r}; valid: {sorted(SOURCE_KINDS)}")
+    return SOURCE_KINDS[kind](uri, **options)

@@ -1,0 +1,140 @@
+"""Image records, the Source interface, and the id and fingerprint rules all sources share."""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import hashlib
+import logging
+import posixpath
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec.core
+from fsspec import AbstractFileSystem
+
+__all__ = [
+    "GLOB_CHARS",
+    "IMAGE_EXTENSIONS",
+    "ImageRecord",
+    "Source",
+    "fingerprint_bytes",
+    "fingerprint_file",
+    "fingerprint_from_info",
+    "has_glob",
+    "is_hidden",
+    "relative_id",
+    "sorted_unique",
+    "url_to_fs",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+)
+GLOB_CHARS = "*?["
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image in a listing: what to read, what to call it, and how to tell if it changed.
+
+    ``labels`` is left out of the hash (a dict is not hashable) but still compared.
+    ``data`` carries the bytes for sources that hold them inline (Parquet);
+    it is left out of repr and comparison so that records stay cheap to log and diff.
+    """
+
+    image_id: str
+    uri: str
+    fingerprint: str
+    labels: Mapping[str, object] = field(default_factory=dict, hash=False)
+    split: str | None = None
+    data: bytes | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # A private copy, so the caller's dict cannot change a frozen record.
+        object.__setattr__(self, "labels", dict(self.labels))
+
+
+class Source(ABC):
+    """A listing of images. Subclasses hold only URIs and options, so they pickle to Ray workers."""
+
+    storage_options: Mapping[str, Any]
+
+    @abstractmethod
+    def list_images(self) -> list[ImageRecord]:
+        """Every image, sorted by ``image_id``; the same storage state gives the same list."""
+
+    def read_bytes(self, record: ImageRecord) -> bytes:
+        """The raw file bytes: inline data when the record carries it, else read through fsspec."""
+        if record.data is not None:
+            return record.data
+        fs, path = url_to_fs(record.uri, self.storage_options)
+        return fs.cat_file(path)
+
+
+def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
+    """``fsspec.core.url_to_fs`` with optional options (S3 endpoint, credentials, ...)."""
+    return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+
+
+def has_glob(path: str) -> bool:
+    return any(char in path for char in GLOB_CHARS)
+
+
+def is_hidden(image_id: str) -> bool:
+    """True when any part of the path starts with ``.`` (``.git/``, macOS ``._x.jpg``)."""
+    return any(part.startswith(".") for part in image_id.split("/"))
+
+
+def relative_id(path: str, root: str) -> str:
+    """Posix path of ``path`` under ``root``, extension kept (``a.jpg`` and ``a.png`` may coexist)."""
+    root = root.rstrip("/")
+    if root and path.startswith(root + "/"):
+        return path[len(root) + 1 :]
+    return posixpath.normpath(path).lstrip("/")
+
+
+def fingerprint_from_info(info: Mapping[str, Any]) -> str | None:
+    """``etag:<etag>`` (object stores) or ``size:<n>-mtime:<ns>`` (file systems), else None.
+
+    Cheap because listings already return this; content hashing is the fallback.
+    """
+    for key in ("ETag", "etag", "Etag"):
+        etag = info.get(key)
+        if etag:
+            return "etag:" + str(etag).strip('"')
+    size, mtime = info.get("size"), info.get("mtime")
+    if size is None or mtime is None:
+        return None
+    if isinstance(mtime, dt.datetime):
+        mtime = mtime.timestamp()
+    return f"size:{int(size)}-mtime:{int(float(mtime) * 1_000_000_000)}"
+
+
+def fingerprint_bytes(data: bytes) -> str:
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
+def fingerprint_file(fs: AbstractFileSystem, path: str, info: Mapping[str, Any] | None = None) -> str:
+    """Fingerprint from listing metadata when the filesystem has it, else from the content."""
+    if info is None:
+        info = fs.info(path)
+    return fingerprint_from_info(info) or fingerprint_bytes(fs.cat_file(path))
+
+
+def sorted_unique(records: Iterable[ImageRecord], *, hint: str = "") -> list[ImageRecord]:
+    """Records sorted by id; duplicate ids are refused because stores are keyed by id."""
+    records = sorted(records, key=lambda record: record.image_id)
+    counts = collections.Counter(record.image_id for record in records)
+    duplicates = [(image_id, n) for image_id, n in counts.items() if n > 1]
+    if duplicates:
+        shown = ", ".join(f"{image_id!r} x{n}" for image_id, n in duplicates[:10])
+        more = f" and {len(duplicates) - 10} more" if len(duplicates) > 10 else ""
+        raise ValueError(f"{len(duplicates)} duplicate image ids: {shown}{more}{hint}")
+    if not records:
+        logger.warning("source listed no images")
+    return records

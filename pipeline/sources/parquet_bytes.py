@@ -1,0 +1,164 @@
+"""Parquet files that hold the image bytes themselves (the Hugging Face datasets export layout)."""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+
+from pipeline.sources.base import (
+    ImageRecord,
+    Source,
+    fingerprint_bytes,
+    has_glob,
+    relative_id,
+    sorted_unique,
+    url_to_fs,
+)
+from pipeline.sources.globbing import glob_root
+
+__all__ = ["ParquetBytesSource"]
+
+logger = logging.getLogger(__name__)
+
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+@dataclass(frozen=True)
+class ParquetBytesSource(Source):
+    """Rows of Parquet files (one file, a folder of them, or a glob) whose image column holds bytes.
+
+    The image column is either a struct ``{bytes: binary, path: string}`` (what
+    ``datasets`` writes) or plain binary. Records carry the bytes in ``data``; the
+    uri is ``<file uri>#<row>`` and the fingerprint is the sha256 of the bytes.
+    Ids come from ``id_column``, else the struct's ``path`` when every row has one,
+    else ``<file path relative to the root, no suffix>/<row>``.
+    """
+
+    uri_or_glob: str
+    _: KW_ONLY
+    image_column: str = "image"
+    id_column: str | None = None
+    label_columns: Sequence[str] | None = None
+    split_column: str | None = "split"
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.label_columns is not None:
+            object.__setattr__(self, "label_columns", tuple(self.label_columns))
+        object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
+
+    def list_images(self) -> list[ImageRecord]:
+        fs, target = url_to_fs(self.uri_or_glob, self.storage_options)
+        root, paths = _parquet_files(fs, target)
+        files = [(path, self._read(fs, path)) for path in paths]
+        use_struct_path = self.id_column is None and all(
+            None not in image_paths for _, (_, image_paths, _) in files
+        )
+        records = []
+        for path, (blobs, image_paths, table) in files:
+            stem = relative_id(path, root)
+            for suffix in _PARQUET_SUFFIXES:
+                stem = stem.removesuffix(suffix)
+            records.extend(
+                self._records(fs.unstrip_protocol(path), stem, blobs, image_paths, table, use_struct_path)
+            )
+        logger.info(
+            "listed %d images from %d parquet files at %s", len(records), len(files), self.uri_or_glob
+        )
+        return sorted_unique(records, hint="; pass id_column= naming a unique column")
+
+    def read_bytes(self, record: ImageRecord) -> bytes:
+        """Inline bytes, or (for a record that lost them) the row re-read from its file."""
+        if record.data is not None:
+            return record.data
+        file_uri, _, row = record.uri.rpartition("#")
+        fs, path = url_to_fs(file_uri, self.storage_options)
+        with fs.open(path, "rb") as f:
+            column = pq.read_table(f, columns=[self.image_column]).column(self.image_column)
+        return _image_bytes(column.slice(int(row), 1))[0][0] or b""
+
+    def _read(self, fs: AbstractFileSystem, path: str) -> tuple[list, list, pa.Table]:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        for name, role in (
+            (self.image_column, "image"),
+            (self.id_column, "id"),
+            *((name, "label") for name in self.label_columns or ()),
+        ):
+            if name is not None and name not in table.column_names:
+                raise ValueError(f"{path}: no {role} column {name!r}; columns are {table.column_names}")
+        blobs, image_paths = _image_bytes(table.column(self.image_column))
+        return blobs, image_paths, table
+
+    def _records(
+        self,
+        file_uri: str,
+        stem: str,
+        blobs: list,
+        image_paths: list,
+        table: pa.Table,
+        use_struct_path: bool,
+    ) -> list[ImageRecord]:
+        split = self.split_column if self.split_column in table.column_names else None
+        roles = {self.image_column, self.id_column, split}
+        label_names = (
+            list(self.label_columns)
+            if self.label_columns is not None
+            else [name for name in table.column_names if name not in roles]
+        )
+        labels = {name: table.column(name).to_pylist() for name in label_names}
+        ids = table.column(self.id_column).to_pylist() if self.id_column else None
+        splits = table.column(split).to_pylist() if split else [None] * table.num_rows
+        records = []
+        for row, blob in enumerate(blobs):
+            if blob is None:
+                logger.warning("%s row %d has no image bytes", file_uri, row)
+            data = blob or b""  # empty bytes: decoding records "empty file" for this row
+            if ids is not None:
+                image_id = str(ids[row])
+            else:
+                image_id = image_paths[row] if use_struct_path else f"{stem}/{row}"
+            records.append(
+                ImageRecord(
+                    image_id=image_id,
+                    uri=f"{file_uri}#{row}",
+                    fingerprint=fingerprint_bytes(data),
+                    labels={name: values[row] for name, values in labels.items()},
+                    split=None if splits[row] is None else str(splits[row]),
+                    data=data,
+                )
+            )
+        return records
+
+
+def _parquet_files(fs: AbstractFileSystem, target: str) -> tuple[str, list[str]]:
+    """(root for ids, sorted file paths) for a glob, a folder, or a single file."""
+    if has_glob(target):
+        matches = fs.glob(target, detail=True)
+        return glob_root(target), sorted(p for p, info in matches.items() if info.get("type") != "directory")
+    target = target.rstrip("/")
+    if fs.isdir(target):
+        return target, sorted(p for p in fs.find(target) if p.lower().endswith(_PARQUET_SUFFIXES))
+    return posixpath.dirname(target), [target]
+
+
+def _image_bytes(column: pa.ChunkedArray) -> tuple[list[bytes | None], list[str | None]]:
+    """(bytes, struct paths) of an image column: struct {bytes, path} or plain binary."""
+    array = column.combine_chunks()
+    kind = array.type
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        paths = array.field("path").to_pylist() if kind.get_field_index("path") >= 0 else [None] * len(array)
+        blobs = array.field("bytes").to_pylist()
+        # A null struct means no image at all, whatever its fields say.
+        valid = array.is_valid().to_pylist()
+        return [b if ok else None for b, ok in zip(blobs, valid)], paths
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
+        return array.to_pylist(), [None] * len(array)
+    raise ValueError(f"image column has type {kind}; expected binary or struct<bytes: binary, path: string>")
