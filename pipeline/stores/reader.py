@@ -1,0 +1,201 @@
+"""Reads a committed version of a feature set: layers, index, errors; lazily, chunk by chunk."""
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import storage
+from . import layout
+from .writer import ERRORS_SCHEMA, _ls
+
+log = logging.getLogger(__name__)
+
+
+class NoCommittedVersionError(FileNotFoundError):
+    pass
+
+
+def list_versions(fs, base: str) -> list[int]:
+    return sorted(v for v in (layout.parse_version_name(p) for p in _ls(fs, layout.versions_dir(base))) if v)
+
+
+class FeatureStore:
+    """One version of a feature set (the latest committed one unless pinned).
+
+    Rows are the images encoded without error, in row order; `layer()` and `index()` align.
+    Also satisfies the probes' FeatureTable protocol (`layers`, `features`, `index`).
+    """
+
+    def __init__(self, uri: str, *, version: int | None = None, storage_options: Mapping[str, Any] | None = None):
+        self.uri = uri.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.base = storage.resolve(self.uri, self.storage_options)
+        try:
+            self.meta = storage.read_json(self.fs, layout.featureset_json(self.base))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no strata feature set at {storage.redact_uri(uri)} "
+                                    f"(missing {layout.MANIFEST_DIR}/featureset.json)") from None
+        versions = list_versions(self.fs, self.base)
+        if not versions:
+            raise NoCommittedVersionError(f"feature set {storage.redact_uri(uri)} has no committed version yet")
+        if version is None:
+            version = versions[-1]
+        elif version not in versions:
+            raise ValueError(f"version {version} not found; committed versions: {versions}")
+        self.version = version
+        self.manifest = storage.read_json(self.fs, f"{layout.versions_dir(self.base)}/{layout.version_name(version)}")
+        self._index: pa.Table | None = None
+        self._zarr_group = None
+
+    @classmethod
+    def open(cls, uri: str, **kw) -> "FeatureStore":
+        return cls(uri, **kw)
+
+    def versions(self) -> list[int]:
+        return list_versions(self.fs, self.base)
+
+    @property
+    def layer_dims(self) -> dict[str, int]:
+        return dict(self.meta["layer_dims"])
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.meta["layer_dims"])
+
+    @property
+    def provenance(self) -> dict:
+        return dict(self.meta["provenance"])
+
+    @property
+    def label_columns(self) -> list[str]:
+        return [f["name"] for f in self.meta["label_schema"]]
+
+    def __len__(self) -> int:
+        return self.index_table().num_rows
+
+    # -- tables ------------------------------------------------------------------------------
+    def _read_parquet(self, path: str, schema: pa.Schema | None = None) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.fs.cat_file(path)), schema=schema)
+
+    def index_table(self, *, include_errors: bool = False) -> pa.Table:
+        """Index rows of this version (image_id, uri, fingerprint, row, status, split, labels), by row."""
+        if self._index is None:
+            tables = [self._read_parquet(layout.index_path(self.base, s)) for s in self.manifest["shards"]]
+            table = pa.concat_tables(tables) if tables else pa.table({"image_id": pa.array([], pa.string()),
+                                                                     "row": pa.array([], pa.int64()),
+                                                                     "status": pa.array([], pa.string())})
+            tomb = set(self.manifest.get("tombstones", []))
+            if tomb:
+                keep = np.array([i not in tomb for i in table.column("image_id").to_pylist()], dtype=bool)
+                table = table.filter(pa.array(keep))
+            self._index = table.sort_by("row")
+        if include_errors:
+            return self._index
+        return self._index.filter(pc.equal(self._index.column("status"), "ok"))
+
+    def index(self):
+        """The index as a pandas DataFrame (probes' FeatureTable protocol)."""
+        return self.index_table().to_pandas()
+
+    def errors(self) -> pa.Table:
+        tables = [self._read_parquet(layout.errors_path(self.base, s), ERRORS_SCHEMA) for s in self.manifest["shards"]]
+        return pa.concat_tables(tables) if tables else ERRORS_SCHEMA.empty_table()
+
+    def labels(self, column: str) -> np.ndarray:
+        if column not in self.label_columns:
+            raise ValueError(f"unknown label column {column!r}; label columns: {self.label_columns}")
+        return self.index_table().column(column).to_numpy(zero_copy_only=False)
+
+    # -- features ----------------------------------------------------------------------------
+    def _check_layer(self, layer: str) -> None:
+        if layer not in self.layer_dims:
+            raise ValueError(f"layer {layer!r} not in this feature set; layers: {self.layers}")
+
+    def _zarr(self, layer: str):
+        import zarr
+
+        if self._zarr_group is None:
+            store = storage.zarr_store(f"{self.uri}/{layout.ZARR_DIR}", self.storage_options, read_only=True)
+            self._zarr_group = zarr.open_group(store, mode="r")
+        return self._zarr_group[layer]
+
+    def iter_layer(self, layer: str, *, dtype=np.float32) -> Iterator[tuple[pa.Table, np.ndarray]]:
+        """(index rows, features) one shard at a time, so a layer never has to fit in memory."""
+        self._check_layer(layer)
+        index = self.index_table()
+        shards = index.column("shard").to_numpy()
+        rows = index.column("row").to_numpy()
+        use_zarr = "zarr" in self.meta["formats"]
+        for shard_id in np.unique(shards):
+            sel = np.flatnonzero(shards == shard_id)
+            shard_rows = rows[sel]
+            if use_zarr:
+                lo, hi = int(shard_rows.min()), int(shard_rows.max()) + 1
+                block = self._zarr(layer)[lo:hi][shard_rows - lo]
+            else:
+                block = self._parquet_rows(layer, int(shard_id), shard_rows)
+            yield index.take(pa.array(sel)), block.astype(dtype, copy=False)
+
+    def _parquet_rows(self, layer: str, shard_id: int, rows: np.ndarray) -> np.ndarray:
+        t = self._read_parquet(layout.parquet_path(self.base, layer, shard_id))
+        pos = {int(r): i for i, r in enumerate(t.column("row").to_numpy())}
+        flat = t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        vecs = flat.reshape(t.num_rows, self.layer_dims[layer])
+        return vecs[[pos[int(r)] for r in rows]]
+
+    def layer(self, layer: str, *, dtype=np.float32) -> np.ndarray:
+        """(n, dim) features aligned with `index()`."""
+        parts = [block for _, block in self.iter_layer(layer, dtype=dtype)]
+        if not parts:
+            return np.zeros((0, self.layer_dims[layer]), dtype=dtype)
+        return np.concatenate(parts)
+
+    features = layer  # probes' FeatureTable protocol
+
+    def torch(self, layer: str):
+        import torch
+
+        return torch.from_numpy(self.layer(layer))
+
+    def get(self, image_ids: Sequence[str], layer: str, *, dtype=np.float32) -> np.ndarray:
+        """Rows for the given image ids, in the order given."""
+        self._check_layer(layer)
+        index = self.index_table()
+        where = {i: k for k, i in enumerate(index.column("image_id").to_pylist())}
+        missing = [i for i in image_ids if i not in where]
+        if missing:
+            raise KeyError(f"{len(missing)} image ids not in version {self.version}: {missing[:5]}")
+        rows = index.column("row").to_numpy()[[where[i] for i in image_ids]]
+        if "zarr" in self.meta["formats"]:
+            return self._zarr(layer).get_orthogonal_selection((rows, slice(None))).astype(dtype)
+        full = self.layer(layer, dtype=dtype)
+        return full[[where[i] for i in image_ids]]
+
+    def summary(self) -> dict:
+        p = self.provenance
+        return {
+            "uri": storage.redact_uri(self.uri),
+            "featureset": self.meta["featureset"],
+            "version": self.version,
+            "versions": self.versions(),
+            "encoder": p.get("encoder"),
+            "weights": p.get("weights_source"),
+            "weights_sha256": p.get("weights_sha256"),
+            "preprocessing": p.get("preprocessing"),
+            "pooling": p.get("pooling"),
+            "dtype": self.meta["dtype"],
+            "layers": self.layer_dims,
+            "rows": self.manifest["n_ok"],
+            "errors": self.manifest["n_errors"],
+            "labels": self.label_columns,
+            "dataset_fingerprint": self.manifest["dataset_fingerprint"],
+            "created_at": self.manifest["created_at"],
+            "library": self.meta.get("library"),
+        }

