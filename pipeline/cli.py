@@ -30,6 +30,41 @@ def _cmd_encoders(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .config import ExtractConfig, load_config
+    from .extract import run_extract
+
+    cfg = load_config(ExtractConfig, args.config, args.overrides)
+    summary = run_extract(cfg)
+    print(summary)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .stores import FeatureStore
+
+    store = FeatureStore.open(args.uri, version=args.version)
+    info = store.summary()
+    errors = store.errors()
+    if args.json:
+        print(json.dumps(info | {"error_rows": errors.to_pylist()}, indent=2, default=str))
+        return 0
+    for key in ("uri", "featureset", "version", "versions", "encoder", "weights", "weights_sha256", "dtype",
+                "rows", "errors", "labels", "dataset_fingerprint", "created_at", "library"):
+        print(f"{key:<20} {info[key]}")
+    print(f"{'preprocessing':<20} {info['preprocessing']}")
+    print("layers:")
+    for layer, dim in info["layers"].items():
+        print(f"  {layer:<32} dim {dim:<6} pooling {info['pooling'].get(layer)}")
+    if errors.num_rows:
+        print(f"errors (first {min(10, errors.num_rows)} of {errors.num_rows}):")
+        for row in errors.slice(0, 10).to_pylist():
+            print(f"  {row['image_id']:<32} {row['stage']:<10} {row['reason']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="strata", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -40,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", default="random", help="weights to load for the trace (default: random)")
     s.add_argument("--pooling", default="avg")
     s.set_defaults(func=_cmd_layers)
+
+    s = sub.add_parser("extract", help="encode a dataset into a feature store (Ray Data)")
+    s.add_argument("--config", required=False, help="YAML config (see configs/)")
+    s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. store.root=s3://bucket/features")
+    s.set_defaults(func=_cmd_extract)
+
+    s = sub.add_parser("inspect", help="print a feature set's provenance, layers, rows and errors")
+    s.add_argument("uri")
+    s.add_argument("--version", type=int, default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_inspect)
 
     s = sub.add_parser("encoders", help="list registered encoders")
     s.set_defaults(func=_cmd_encoders)

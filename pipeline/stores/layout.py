@@ -63,7 +63,7 @@ def stable_hash(obj) -> str:
 def featureset_name(dataset: str, provenance: dict, dtype: str) -> str:
     """Deterministic name: one per (dataset, encoder + weights, preprocessing, layers, pooling, dtype)."""
     key = {k: provenance[k] for k in ("encoder", "weights_sha256", "preprocessing", "layers", "pooling",
-                                      "multiscale_grid")}
+                                      "multiscale_grid", "compute_dtype")}
     key["dtype"] = dtype
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset).strip("-") or "dataset"
     enc = re.sub(r"[^A-Za-z0-9_.-]+", "-", provenance["encoder"])

@@ -98,6 +98,7 @@ class FeatureStoreWriter:
             "provenance": dict(provenance),
             "library": _library_version(),
         }
+        meta = json.loads(json.dumps(meta))  # tuples -> lists, as it will read back
         path = layout.featureset_json(self.base)
         if self.fs.exists(path):
             old = storage.read_json(self.fs, path)

@@ -1,0 +1,125 @@
+"""Wires sources -> decode tasks -> encoder actors -> feature store sink on Ray Data, then commits."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import ray
+
+from .. import storage
+from ..config import ConfigError, ExtractConfig, validate_extract
+from ..stores import FeatureStore, FeatureStoreWriter, label_schema
+from ..stores.reader import list_versions
+from .plan import ExtractPlan, build_plan, build_source
+from .sink import ErrorBudget, ErrorBudgetExceeded, FeatureStoreDatasink
+from .stages import EncodeShard, decode_shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractSummary:
+    store_uri: str
+    version: int | None
+    images: int
+    encoded: int
+    errors: int
+    skipped_shards: int
+    seconds: float
+    bytes_written: int
+
+    def __str__(self) -> str:
+        rate = self.encoded / self.seconds if self.seconds else 0.0
+        return (f"store {storage.redact_uri(self.store_uri)} version {self.version}: {self.images} images, "
+                f"{self.errors} errors, {self.encoded} encoded at {rate:.1f} images/s, "
+                f"{self.skipped_shards} shards already committed, {self.bytes_written / 1e6:.1f} MB in the store")
+
+
+def _ensure_ray(address: str | None) -> None:
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
+
+
+def prepare_encoder(cfg: ExtractConfig):
+    """Build the encoder once on the driver (CPU): validates layers/pooling and yields provenance."""
+    from ..encoders import build_encoder
+
+    try:
+        return build_encoder(cfg.encoder, device="cpu", storage_options=dict(cfg.store.storage_options) or None)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def run_extract(cfg: ExtractConfig) -> ExtractSummary:
+    validate_extract(cfg)
+    encoder = prepare_encoder(cfg)
+    provenance = encoder.provenance()
+    plan = build_plan(cfg, provenance)
+    writer = FeatureStoreWriter(plan.target)
+    writer.prepare(n_rows=len(plan.records), layer_dims=encoder.layer_dims, provenance=provenance,
+                   labels=label_schema(plan.records))
+    return execute(cfg, plan, writer, layers=list(encoder.layers), preprocessing=encoder.preprocessing)
+
+
+def execute(cfg: ExtractConfig, plan: ExtractPlan, writer: FeatureStoreWriter, *, layers, preprocessing,
+            tombstones=(), keep_shards=()) -> ExtractSummary:
+    """Encode the plan's shards that are not committed yet, then commit a version."""
+    t0 = time.perf_counter()
+    committed = writer.committed_shards()
+    todo = [s for s in plan.shards if committed.get(s.shard_id, {}).get("plan_hash") != s.plan_hash]
+    skipped = len(plan.shards) - len(todo)
+    if skipped:
+        log.info("resuming: %d of %d shards already committed", skipped, len(plan.shards))
+    encoded = 0
+    if todo:
+        _ensure_ray(cfg.run.ray_address)
+        sink = _run_pipeline(cfg, todo, plan, layers=layers, preprocessing=preprocessing)
+        encoded = sum(r["n_ok"] for r in sink.records)
+    all_shards = sorted({*keep_shards, *(s.shard_id for s in plan.shards)})
+    records = writer.committed_shards()
+    n_rows = sum(records[s]["n_rows"] for s in all_shards)
+    n_errors = sum(records[s]["n_errors"] for s in all_shards)
+    if n_rows and n_errors > cfg.run.max_error_fraction * n_rows:
+        raise ErrorBudgetExceeded(
+            f"{n_errors} of {n_rows} images failed ({n_errors / n_rows:.1%}), above run.max_error_fraction="
+            f"{cfg.run.max_error_fraction}; see {plan.target.uri}/errors/*.parquet; nothing was published")
+    version = _commit_if_new(writer, plan, all_shards, cfg, tombstones)
+    seconds = time.perf_counter() - t0
+    fs, base = storage.resolve(plan.target.uri, plan.target.storage_options)
+    summary = ExtractSummary(plan.target.uri, version, n_rows, encoded, n_errors, skipped, seconds,
+                             int(fs.du(base)) if fs.exists(base) else 0)
+    log.info("%s", summary)
+    return summary
+
+
+def _commit_if_new(writer, plan, shards, cfg, tombstones) -> int:
+    versions = list_versions(writer.fs, writer.base)
+    if versions:
+        latest = FeatureStore(plan.target.uri, storage_options=plan.target.storage_options).manifest
+        if (latest["dataset_fingerprint"] == plan.dataset_fingerprint and latest["shards"] == shards
+                and sorted(latest.get("tombstones", [])) == sorted(tombstones)):
+            log.info("nothing changed since version %d; no new version committed", latest["version"])
+            return latest["version"]
+    return writer.commit_version(shards, dataset_fingerprint=plan.dataset_fingerprint, config=cfg.to_dict(),
+                                 tombstones=tombstones)
+
+
+def _run_pipeline(cfg: ExtractConfig, todo, plan: ExtractPlan, *, layers, preprocessing) -> FeatureStoreDatasink:
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    gpus = cfg.run.gpus_per_encoder if cfg.run.gpus_per_encoder is not None else (1 if has_gpu else 0)
+    device = "cuda" if gpus else "cpu"
+    source = build_source(cfg.source)
+    ds = ray.data.from_items([s.to_item() for s in todo], override_num_blocks=len(todo))
+    ds = ds.map(decode_shard, fn_kwargs={"source": source, "preprocessing": preprocessing,
+                                         "max_pixels": cfg.run.max_image_pixels},
+                num_cpus=1, concurrency=cfg.run.decode_concurrency)
+    ds = ds.map(EncodeShard, fn_constructor_kwargs={"encoder_spec": cfg.encoder, "device": device,
+                                                    "store_dtype": cfg.store.dtype,
+                                                    "storage_options": dict(cfg.store.storage_options) or None},
+                compute=ray.data.ActorPoolStrategy(size=cfg.run.num_encoders), num_gpus=gpus,
+                num_cpus=0 if gpus else 1)
+    budget = ErrorBudget.remote(cfg.run.max_error_fraction, len(plan.records))
+    sink = FeatureStoreDatasink(plan.target, layers, budget=budget)
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.5})
+    return sink

@@ -1,0 +1,87 @@
+"""Ray Data sink for feature stores: workers write whole shards, the driver commits the version."""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import ray
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource.datasink import Datasink, WriteResult
+
+from ..stores import EncodedShard, FeatureStoreWriter, StoreTarget
+from ..stores.writer import shard_plan_hash
+from .stages import FEATURE_PREFIX
+
+log = logging.getLogger(__name__)
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    pass
+
+
+@ray.remote(num_cpus=0)
+class ErrorBudget:
+    """Counts images and errors across write tasks so a job can stop as soon as its fate is known.
+
+    It stops once the errors exceed the allowed fraction of the *whole* dataset: a cluster of bad
+    files early in the listing does not stop a job that would end under the limit.
+    """
+
+    def __init__(self, max_fraction: float, total: int):
+        self.max_fraction, self.total = max_fraction, total
+        self.images = self.errors = 0
+
+    def add(self, images: int, errors: int) -> tuple[int, int, bool]:
+        self.images += images
+        self.errors += errors
+        return self.images, self.errors, self.errors > self.max_fraction * self.total
+
+
+def row_to_shard(row: dict, layers: Iterable[str]) -> EncodedShard:
+    records = json.loads(row["records"])
+    return EncodedShard(
+        shard_id=int(row["shard_id"]),
+        row_start=int(row["row_start"]),
+        records=records,
+        ok=np.asarray(row["ok"], dtype=bool),
+        features={layer: np.asarray(row[FEATURE_PREFIX + layer]) for layer in layers},
+        errors=json.loads(row["errors"]),
+        plan_hash=shard_plan_hash(records),
+    )
+
+
+class FeatureStoreDatasink(Datasink[list]):
+    def __init__(self, target: StoreTarget, layers: list[str], *, budget=None):
+        self.target = target
+        self.layers = list(layers)
+        self.budget = budget
+        self.records: list[dict] = []
+
+    def get_name(self) -> str:
+        return "FeatureStore"
+
+    def write(self, blocks: Iterable[Block], ctx) -> list:
+        writer = FeatureStoreWriter(self.target)
+        written = []
+        for block in blocks:
+            for row in BlockAccessor.for_block(block).iter_rows(public_row_format=True):
+                shard = row_to_shard(row, self.layers)
+                record = writer.write_shard(shard)
+                written.append(record)
+                if self.budget is not None:
+                    images, errors, exceeded = ray.get(self.budget.add.remote(record["n_rows"], record["n_errors"]))
+                    if exceeded:
+                        raise ErrorBudgetExceeded(
+                            f"{errors} of {images} images failed so far, more than run.max_error_fraction "
+                            f"of the whole dataset; see {self.target.uri}/errors/*.parquet. Shards committed so "
+                            f"far are kept and a re-run resumes after the data is fixed."
+                        )
+        return written
+
+    def on_write_complete(self, write_result: WriteResult[list]) -> None:
+        self.records = [r for task in write_result.write_returns for r in task]
+
+    def on_write_failed(self, error: Exception) -> None:
+        log.error("feature store write failed: %s; committed shards stay valid", error)

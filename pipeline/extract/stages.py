@@ -1,0 +1,75 @@
+"""The per-shard stages Ray Data runs: decode (CPU tasks) and encode (actors that own the model).
+
+Plain callables over row dicts; `run.py` wires them into a Dataset.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from ..encoders import Preprocessing
+from ..images import ImageDecodeError, decode_rgb
+from ..sources import ImageRecord
+
+log = logging.getLogger(__name__)
+
+FEATURE_PREFIX = "features/"
+
+
+def _decode_one(source, rec: dict, preprocessing: Preprocessing, max_pixels: int):
+    """-> (uint8 tensor, None) or (None, error dict). A bad image is recorded, never raised."""
+    record = ImageRecord(rec["image_id"], rec["uri"], rec["fingerprint"], rec.get("labels") or {}, rec.get("split"))
+    stage = "read"
+    try:
+        data = source.read_bytes(record)
+        stage = "decode"
+        image = decode_rgb(data, max_pixels=max_pixels)
+        stage = "preprocess"
+        return preprocessing.to_uint8(image), None
+    except ImageDecodeError as e:
+        reason = e.reason
+    except Exception as e:  # noqa: BLE001 - any failure of one image is data, not a crash
+        reason = f"{type(e).__name__}: {e}"
+    return None, {"image_id": rec["image_id"], "uri": rec["uri"], "stage": stage, "reason": reason[:500]}
+
+
+def decode_shard(row: dict, *, source, preprocessing: Preprocessing, max_pixels: int, threads: int = 8) -> dict:
+    """Shard row -> the same row plus `pixels` (n_ok, 3, H, W) uint8, `ok` mask and `errors`."""
+    records = json.loads(row["records"])
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = list(pool.map(lambda r: _decode_one(source, r, preprocessing, max_pixels), records))
+    ok = np.array([t is not None for t, _ in results], dtype=bool)
+    size = preprocessing.crop_size
+    tensors = [t for t, _ in results if t is not None]
+    pixels = torch.stack(tensors).numpy() if tensors else np.zeros((0, 3, size, size), np.uint8)
+    errors = [e for _, e in results if e is not None]
+    return {**row, "ok": ok, "pixels": pixels, "errors": json.dumps(errors)}
+
+
+class EncodeShard:
+    """Actor callable: loads the frozen encoder once, then encodes shard after shard."""
+
+    def __init__(self, *, encoder_spec, device: str, store_dtype: str, storage_options: dict | None = None):
+        from ..encoders import build_encoder
+
+        self.encoder = build_encoder(encoder_spec, device=device, storage_options=storage_options)
+        self.batch_size = encoder_spec.batch_size
+        self.store_dtype = np.dtype(store_dtype)
+        log.info("encoder %s ready on %s", self.encoder.name, self.encoder.device)
+
+    def __call__(self, row: dict) -> dict:
+        pixels = torch.from_numpy(np.ascontiguousarray(row["pixels"]))
+        parts: dict[str, list[np.ndarray]] = {layer: [] for layer in self.encoder.layers}
+        for start in range(0, len(pixels), self.batch_size):
+            out = self.encoder.encode(pixels[start:start + self.batch_size])
+            for layer, t in out.items():
+                parts[layer].append(t.numpy().astype(self.store_dtype))
+        result = {k: v for k, v in row.items() if k != "pixels"}
+        for layer, chunks in parts.items():
+            dim = self.encoder.layer_dims[layer]
+            result[FEATURE_PREFIX + layer] = np.concatenate(chunks) if chunks else np.zeros((0, dim), self.store_dtype)
+        return result
