@@ -1,4 +1,4 @@
-"""The end-to-end demo on the embedded default: local machine, bundled encoder, file:// store."""
+"""Entry point: `python -m jobs.demo` runs the demo end to end on this machine."""
 from __future__ import annotations
 
 import sys

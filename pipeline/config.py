@@ -61,6 +61,7 @@ class RunSpec:
     num_encoders: int = 1  # actor pool size
     gpus_per_encoder: float | None = None  # None: 1 when the cluster has GPUs, else 0
     decode_concurrency: int | None = None
+    torch_threads: int | None = None  # per CPU encoder actor; None: the node's cores / num_encoders
     max_error_fraction: float = 0.05
     max_image_pixels: int = 89_478_485
     ray_address: str | None = None

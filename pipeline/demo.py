@@ -1,38 +1,37 @@
-"""The demo: everything on one machine with the bundled pretrained encoder."""
+"""The demo: generate the digits dataset, encode it with the bundled pretrained encoder, read it back."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
-import torch
-from PIL import Image
-
-from .config import EncoderSpec
-from .encoders import build_encoder
+from .config import ExtractConfig, load_config
+from .extract import run_extract
+from .sources.demo import write_demo
+from .stores import FeatureStore
 
 log = logging.getLogger(__name__)
 
-
-def _sample_photos() -> list[Path]:
-    import matplotlib
-    import sklearn.datasets
-
-    return [
-        Path(sklearn.datasets.__file__).parent / "images" / "china.jpg",
-        Path(sklearn.datasets.__file__).parent / "images" / "flower.jpg",
-        Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg",
-    ]
+REPO = Path(__file__).resolve().parents[1]
 
 
-def run_demo(out_dir: str | Path = "out/demo") -> int:
+def run_demo(*, data_dir: str | Path = "data", store_root: str | Path = "stores") -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    enc = build_encoder(EncoderSpec(layers=("blocks.1", "blocks.2", "blocks.4", "bn2", "classifier")), device="auto")
-    photos = _sample_photos()
-    pixels = torch.stack([enc.preprocessing.to_uint8(Image.open(p).convert("RGB")) for p in photos])
-    feats = enc.encode(pixels)
-    print(f"encoder {enc.name} ({enc.weights.source}, sha256 {enc.weights.sha256[:12]}) on {enc.device}")
-    for layer, t in feats.items():
-        print(f"  {layer:<12} {tuple(t.shape)}")
-    for path, row in zip(photos, feats["classifier"]):
-        print(f"  {path.name:<18} -> {enc.class_names[int(row.argmax())]}")
+    data_dir, store_root = Path(data_dir), Path(store_root)
+    digits = data_dir / "digits"
+    if not (digits / "manifest.csv").exists():
+        write_demo("digits", digits)
+    cfg = load_config(ExtractConfig, REPO / "configs" / "digits.yaml")
+    cfg = replace(cfg, source=replace(cfg.source, uri=str((digits / "manifest.csv").resolve())),
+                  store=replace(cfg.store, root=str(store_root.resolve())))
+    summary = run_extract(cfg)
+    store = FeatureStore(summary.store_uri)
+    info = store.summary()
+    print()
+    print(summary)
+    print(f"feature set {info['featureset']} (version {info['version']}), encoder {info['encoder']} "
+          f"sha256 {info['weights_sha256'][:12]}, {info['rows']} rows, labels {info['labels']}")
+    for layer, dim in info["layers"].items():
+        print(f"  {layer:<10} dim {dim:<5} -> {store.layer(layer).shape}")
+    print(f"inspect it: .venv/bin/strata inspect {summary.store_uri}")
     return 0

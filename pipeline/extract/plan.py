@@ -56,8 +56,11 @@ def dataset_fingerprint(records) -> str:
 
 def dataset_name(spec: SourceSpec) -> str:
     path = spec.uri.rstrip("/").split("://", 1)[-1]
-    stem = posixpath.basename(path.split("*", 1)[0].rstrip("/")) or posixpath.basename(path)
-    return posixpath.splitext(stem)[0] or "dataset"
+    head = path.split("*", 1)[0].rstrip("/")
+    stem = posixpath.splitext(posixpath.basename(head))[0]
+    if spec.kind == "manifest" or stem in ("", "images"):
+        stem = posixpath.basename(posixpath.dirname(head)) or stem  # data/digits/manifest.csv -> digits
+    return stem or "dataset"
 
 
 def make_shards(records: list[dict], shard_rows: int, *, row_offset: int = 0, first_shard: int = 0) -> list[ShardTask]:

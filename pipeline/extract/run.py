@@ -105,18 +105,25 @@ def _commit_if_new(writer, plan, shards, cfg, tombstones) -> int:
                                  tombstones=tombstones)
 
 
+def _node_cpus() -> int:
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return int(max((n["Resources"].get("CPU", 1) for n in nodes), default=1))
+
+
 def _run_pipeline(cfg: ExtractConfig, todo, plan: ExtractPlan, *, layers, preprocessing) -> FeatureStoreDatasink:
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     gpus = cfg.run.gpus_per_encoder if cfg.run.gpus_per_encoder is not None else (1 if has_gpu else 0)
     device = "cuda" if gpus else "cpu"
+    threads = cfg.run.torch_threads or (None if gpus else max(1, _node_cpus() // cfg.run.num_encoders))
     source = build_source(cfg.source)
     ds = ray.data.from_items([s.to_item() for s in todo], override_num_blocks=len(todo))
     ds = ds.map(decode_shard, fn_kwargs={"source": source, "preprocessing": preprocessing,
                                          "max_pixels": cfg.run.max_image_pixels},
-                num_cpus=1, concurrency=cfg.run.decode_concurrency)
+                num_cpus=0.5, concurrency=cfg.run.decode_concurrency)  # != encoder's: keeps decode in tasks
     ds = ds.map(EncodeShard, fn_constructor_kwargs={"encoder_spec": cfg.encoder, "device": device,
                                                     "store_dtype": cfg.store.dtype,
-                                                    "storage_options": dict(cfg.store.storage_options) or None},
+                                                    "storage_options": dict(cfg.store.storage_options) or None,
+                                                    "torch_threads": threads},
                 compute=ray.data.ActorPoolStrategy(size=cfg.run.num_encoders), num_gpus=gpus,
                 num_cpus=0 if gpus else 1)
     budget = ErrorBudget.remote(cfg.run.max_error_fraction, len(plan.records))

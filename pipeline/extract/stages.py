@@ -53,9 +53,12 @@ def decode_shard(row: dict, *, source, preprocessing: Preprocessing, max_pixels:
 class EncodeShard:
     """Actor callable: loads the frozen encoder once, then encodes shard after shard."""
 
-    def __init__(self, *, encoder_spec, device: str, store_dtype: str, storage_options: dict | None = None):
+    def __init__(self, *, encoder_spec, device: str, store_dtype: str, storage_options: dict | None = None,
+                 torch_threads: int | None = None):
         from ..encoders import build_encoder
 
+        if torch_threads:
+            torch.set_num_threads(torch_threads)  # Ray pins OMP threads to the actor's num_cpus
         self.encoder = build_encoder(encoder_spec, device=device, storage_options=storage_options)
         self.batch_size = encoder_spec.batch_size
         self.store_dtype = np.dtype(store_dtype)
