@@ -129,3 +129,17 @@ def test_bad_config_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="multiple of store.chunk_rows"):
         run_extract(_config(str(tmp_path), str(tmp_path / "s"), "store.chunk_rows=48"))
     assert not (tmp_path / "s").exists()
+
+
+def test_store_as_ray_dataset(ray_local, images, tmp_path):
+    from pipeline.extract.datasets import read_layer
+
+    summary = run_extract(_config(str(images), str(tmp_path / "stores")))
+    store = FeatureStore(summary.store_uri)
+    rows = read_layer(store, "layer1").take_all()
+    assert len(rows) == 196
+    by_id = {r["image_id"]: r for r in rows}
+    some = store.index().image_id[:5].tolist()
+    np.testing.assert_array_equal(np.stack([np.asarray(by_id[i]["vector"], np.float32) for i in some]),
+                                  store.get(some, "layer1"))
+    assert all("label" in r for r in rows[:3])
