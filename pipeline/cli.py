@@ -65,6 +65,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from .sources.demo import write_demo
+
+    out = write_demo(args.name, args.out, **({"seed": args.seed} if args.name == "shapes" else {}))
+    print(f"wrote the {args.name} demo dataset to {out} (manifest: {out}/manifest.csv)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="strata", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -86,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version", type=int, default=None)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_inspect)
+
+    s = sub.add_parser("demo-data", help="generate a demo dataset locally (digits, shapes); no download")
+    s.add_argument("name")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_demo_data)
 
     s = sub.add_parser("encoders", help="list registered encoders")
     s.set_defaults(func=_cmd_encoders)
