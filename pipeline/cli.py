@@ -40,6 +40,14 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_refresh(args: argparse.Namespace) -> int:
+    from .config import ExtractConfig, load_config
+    from .extract.refresh import run_refresh
+
+    print(run_refresh(load_config(ExtractConfig, args.config, args.overrides)))
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
@@ -88,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=False, help="YAML config (see configs/)")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. store.root=s3://bucket/features")
     s.set_defaults(func=_cmd_extract)
+
+    s = sub.add_parser("refresh", help="encode only new or changed images and commit a new version")
+    s.add_argument("--config", required=False)
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(func=_cmd_refresh)
 
     s = sub.add_parser("inspect", help="print a feature set's provenance, layers, rows and errors")
     s.add_argument("uri")

@@ -17,9 +17,9 @@ def read_layer(store: FeatureStore, layer: str, *, with_labels: bool = True) -> 
     paths = [layout.parquet_path(store.base, layer, s) for s in store.manifest["shards"]]
     filesystem = None if storage.is_local(store.fs) else store.fs
     ds = ray.data.read_parquet(paths, filesystem=filesystem)
-    tomb = set(store.manifest.get("tombstones", []))
+    tomb = set(store.manifest.get("tombstone_rows", []))
     if tomb:
-        ds = ds.filter(lambda r: r["image_id"] not in tomb)
+        ds = ds.filter(lambda r: r["row"] not in tomb)
     columns = store.label_columns
     if with_labels and columns:
         labels = store.index_table().select(["image_id", *columns]).to_pylist()

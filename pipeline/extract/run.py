@@ -63,8 +63,12 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
 
 
 def execute(cfg: ExtractConfig, plan: ExtractPlan, writer: FeatureStoreWriter, *, layers, preprocessing,
-            tombstones=(), keep_shards=()) -> ExtractSummary:
-    """Encode the plan's shards that are not committed yet, then commit a version."""
+            tombstone_rows=(), keep_shards=()) -> ExtractSummary:
+    """Encode the plan's shards that are not committed yet, then commit a version of them plus `keep_shards`.
+
+    Counts and the error budget are over the plan's shards (all of them for an extraction, the new
+    ones for a refresh).
+    """
     t0 = time.perf_counter()
     committed = writer.committed_shards()
     todo = [s for s in plan.shards if committed.get(s.shard_id, {}).get("plan_hash") != s.plan_hash]
@@ -78,13 +82,13 @@ def execute(cfg: ExtractConfig, plan: ExtractPlan, writer: FeatureStoreWriter, *
         encoded = sum(r["n_ok"] for r in sink.records)
     all_shards = sorted({*keep_shards, *(s.shard_id for s in plan.shards)})
     records = writer.committed_shards()
-    n_rows = sum(records[s]["n_rows"] for s in all_shards)
-    n_errors = sum(records[s]["n_errors"] for s in all_shards)
+    n_rows = sum(records[s.shard_id]["n_rows"] for s in plan.shards)
+    n_errors = sum(records[s.shard_id]["n_errors"] for s in plan.shards)
     if n_rows and n_errors > cfg.run.max_error_fraction * n_rows:
         raise ErrorBudgetExceeded(
             f"{n_errors} of {n_rows} images failed ({n_errors / n_rows:.1%}), above run.max_error_fraction="
             f"{cfg.run.max_error_fraction}; see {plan.target.uri}/errors/*.parquet; nothing was published")
-    version = _commit_if_new(writer, plan, all_shards, cfg, tombstones)
+    version = _commit_if_new(writer, plan, all_shards, cfg, tombstone_rows)
     seconds = time.perf_counter() - t0
     fs, base = storage.resolve(plan.target.uri, plan.target.storage_options)
     summary = ExtractSummary(plan.target.uri, version, n_rows, encoded, n_errors, skipped, seconds,
@@ -93,16 +97,16 @@ def execute(cfg: ExtractConfig, plan: ExtractPlan, writer: FeatureStoreWriter, *
     return summary
 
 
-def _commit_if_new(writer, plan, shards, cfg, tombstones) -> int:
+def _commit_if_new(writer, plan, shards, cfg, tombstone_rows) -> int:
     versions = list_versions(writer.fs, writer.base)
     if versions:
         latest = FeatureStore(plan.target.uri, storage_options=plan.target.storage_options).manifest
         if (latest["dataset_fingerprint"] == plan.dataset_fingerprint and latest["shards"] == shards
-                and sorted(latest.get("tombstones", [])) == sorted(tombstones)):
+                and latest.get("tombstone_rows", []) == sorted(tombstone_rows)):
             log.info("nothing changed since version %d; no new version committed", latest["version"])
             return latest["version"]
     return writer.commit_version(shards, dataset_fingerprint=plan.dataset_fingerprint, config=cfg.to_dict(),
-                                 tombstones=tombstones)
+                                 tombstone_rows=tombstone_rows)
 
 
 def _node_cpus() -> int:

@@ -7,7 +7,7 @@
   errors/shard-N.parquet           image_id, uri, stage, reason
   _manifest/featureset.json        provenance, layer dims, shard geometry
   _manifest/shards/shard-N.json    a shard is committed once this exists
-  _manifest/versions/vN.json       a version: the shards (and tombstones) readers see
+  _manifest/versions/vN.json       a version: the shards (and tombstoned rows) readers see
 """
 from __future__ import annotations
 

@@ -91,10 +91,9 @@ class FeatureStore:
             table = pa.concat_tables(tables) if tables else pa.table({"image_id": pa.array([], pa.string()),
                                                                      "row": pa.array([], pa.int64()),
                                                                      "status": pa.array([], pa.string())})
-            tomb = set(self.manifest.get("tombstones", []))
+            tomb = self.manifest.get("tombstone_rows", [])
             if tomb:
-                keep = np.array([i not in tomb for i in table.column("image_id").to_pylist()], dtype=bool)
-                table = table.filter(pa.array(keep))
+                table = table.filter(pc.invert(pc.is_in(table.column("row"), pa.array(tomb, pa.int64()))))
             self._index = table.sort_by("row")
         if include_errors:
             return self._index
@@ -192,8 +191,8 @@ class FeatureStore:
             "pooling": p.get("pooling"),
             "dtype": self.meta["dtype"],
             "layers": self.layer_dims,
-            "rows": self.manifest["n_ok"],
-            "errors": self.manifest["n_errors"],
+            "rows": len(self),
+            "errors": self.index_table(include_errors=True).num_rows - len(self),
             "labels": self.label_columns,
             "dataset_fingerprint": self.manifest["dataset_fingerprint"],
             "created_at": self.manifest["created_at"],

@@ -147,8 +147,11 @@ class FeatureStoreWriter:
         return out
 
     def commit_version(self, shard_ids: Sequence[int], *, dataset_fingerprint: str, config: Mapping,
-                       tombstones: Sequence[str] = (), stats: Mapping | None = None) -> int:
-        """Publish a new version listing `shard_ids`; readers switch to it atomically."""
+                       tombstone_rows: Sequence[int] = (), stats: Mapping | None = None) -> int:
+        """Publish a new version listing `shard_ids`; readers switch to it atomically.
+
+        `tombstone_rows` hides rows of those shards (deleted images, and old rows of changed ones).
+        """
         records = self.committed_shards()
         missing = sorted(set(shard_ids) - set(records))
         if missing:
@@ -162,10 +165,8 @@ class FeatureStoreWriter:
                 "parent": max(existing, default=None),
                 "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
                 "shards": sorted(int(s) for s in shard_ids),
-                "tombstones": sorted(tombstones),
-                "n_rows": sum(records[s]["n_rows"] for s in shard_ids),
-                "n_ok": sum(records[s]["n_ok"] for s in shard_ids),
-                "n_errors": sum(records[s]["n_errors"] for s in shard_ids),
+                "tombstone_rows": sorted(int(r) for r in tombstone_rows),
+                "n_rows": sum(records[s]["n_rows"] for s in shard_ids) - len(tombstone_rows),
                 "dataset_fingerprint": dataset_fingerprint,
                 "config_hash": layout.stable_hash(config),
                 "config": dict(config),

@@ -1,0 +1,134 @@
+"""The results of a probe grid: a table, the selected heads, a leaderboard, and their on-storage form."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+import safetensors.torch
+import torch
+
+from pipeline.probes.grid import SavedHead
+from pipeline.probes.heads import ProbeHead, build_head
+
+log = logging.getLogger(__name__)
+
+COLUMNS = [
+    "task", "task_type", "layer", "few_shot", "head", "requested", "hparams", "selection_metric", "val_score",
+    "selected", "selected_in_kind", "auto_reason", "n_classes", "n_train", "n_val", "n_test", "n_missing",
+    "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_r2", "val_mae",
+    "test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_r2", "test_mae", "test_per_class_accuracy",
+    "best_epoch", "steps", "batch_heads", "train_time_s", "status", "error",
+]
+
+
+def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows of the grid as a DataFrame with a fixed column order and stable dtypes."""
+    df = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    for col in ("few_shot", "best_epoch", "steps", "batch_heads", "n_classes", "n_train", "n_val", "n_test",
+                "n_missing"):
+        df[col] = pd.to_numeric(df[col]).astype("Int64")
+    for col in ("selected", "selected_in_kind"):
+        df[col] = df[col].fillna(False).astype(bool)
+    return df.sort_values(["task", "layer", "few_shot", "head"], kind="stable", na_position="first",
+                          ignore_index=True)
+
+
+class ProbeResults:
+    """Results table (one row per trained head, or one per failed group) plus the selected heads."""
+
+    def __init__(self, table: pd.DataFrame, heads: list[SavedHead], config: dict[str, Any] | None = None) -> None:
+        self.table = table
+        self.heads = heads
+        self.config = config
+
+    @property
+    def failures(self) -> pd.DataFrame:
+        return self.table[self.table["status"] == "failed"]
+
+    def leaderboard(self) -> pd.DataFrame:
+        """Best layer and head per task (and few-shot k) by validation score, with its test metrics."""
+        ok = self.table[(self.table["status"] == "ok") & self.table["selected"]]
+        if ok.empty:
+            return pd.DataFrame(columns=["task", "few_shot", "best_layer", "head"])
+        out = []
+        for (task, k), g in ok.groupby(["task", "few_shot"], dropna=False, sort=True):
+            best = g.loc[g["val_score"].astype(float).fillna(-np.inf).idxmax()]
+            metric = best["selection_metric"]
+            test = "mae" if metric == "r2" else "accuracy"
+            out.append({"task": task, "few_shot": k, "best_layer": best["layer"], "head": best["head"],
+                        "hparams": best["hparams"], "metric": metric, "val": best["val_score"],
+                        f"test_{metric}": best[f"test_{metric}"], f"test_{test}": best[f"test_{test}"],
+                        "layers_compared": g["layer"].nunique(), "auto_reason": best["auto_reason"]})
+        return pd.DataFrame(out)
+
+    def head(self, task: str, layer: str, few_shot: int | None = None) -> ProbeHead:
+        """The selected head of (task, layer, few_shot) as a module."""
+        for h in self.heads:
+            m = h.meta
+            if (m["task"], m["layer"], m["few_shot"]) == (task, layer, few_shot):
+                return build_head(m, {k: torch.from_numpy(v) for k, v in h.state.items()})
+        raise KeyError(f"no selected head for task={task!r} layer={layer!r} few_shot={few_shot}")
+
+    def write(self, out_uri: str) -> list[str]:
+        """Write config.json, heads/<task>/<layer>/<k>/head.{safetensors,json}, results.parquet, then _SUCCESS.
+
+        Any fsspec URI; re-writing overwrites the same names. Returns the written paths.
+        """
+        fs, root = fsspec.core.url_to_fs(out_uri)
+        root = root.rstrip("/")
+        written: list[str] = []
+
+        def put(rel: str, data: bytes) -> None:
+            path = f"{root}/{rel}"
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            with fs.open(path, "wb") as f:
+                f.write(data)
+            written.append(path)
+
+        if self.config is not None:
+            put("config.json", json.dumps(self.config, indent=2, default=str).encode())
+        for h in self.heads:
+            rel = head_path(h.meta["task"], h.meta["layer"], h.meta["few_shot"])
+            sidecar = json.dumps(h.meta, indent=1, default=_json_default)
+            tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in h.state.items()}
+            put(rel + ".safetensors", safetensors.torch.save(tensors, metadata={"strata_probe": sidecar}))
+            put(rel + ".json", sidecar.encode())
+        buf = io.BytesIO()
+        self.table.to_parquet(buf, index=False)
+        put("results.parquet", buf.getvalue())
+        put("_SUCCESS", b"")
+        log.info("probe results written to %s (%d heads)", out_uri, len(self.heads))
+        return written
+
+
+def head_path(task: str, layer: str, few_shot: int | None) -> str:
+    """Relative path (without suffix) of a saved head."""
+    slug = lambda s: re.sub(r"[^A-Za-z0-9._-]+", "_", str(s))  # noqa: E731
+    return f"heads/{slug(task)}/{slug(layer)}/{'all' if few_shot is None else f'k{few_shot}'}/head"
+
+
+def load_head(uri: str) -> tuple[ProbeHead, dict[str, Any]]:
+    """Load a saved head (`.../head.safetensors`, sidecar `.../head.json` next to it): (module, meta).
+
+    `module.predict(raw_features)` returns class codes; `meta["classes"][code]` is the label.
+    """
+    with fsspec.open(uri, "rb") as f:
+        state = safetensors.torch.load(f.read())
+    with fsspec.open(re.sub(r"\.safetensors$", ".json", uri), "r") as f:
+        meta = json.load(f)
+    return build_head(meta, state), meta
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, (np.ndarray, tuple)):
+        return list(o)
+    return str(o)
