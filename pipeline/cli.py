@@ -73,6 +73,26 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_versions(args: argparse.Namespace) -> int:
+    from .stores import FeatureStore
+
+    latest = FeatureStore.open(args.uri)
+    for v in latest.versions():
+        m = FeatureStore.open(args.uri, version=v).manifest
+        print(f"v{v:<5} {m['created_at']}  shards {len(m['shards']):<5} rows {m['n_rows']:<8} "
+              f"tombstoned {len(m.get('tombstone_rows', [])):<6} dataset {m['dataset_fingerprint'][:12]}")
+    return 0
+
+
+def _cmd_retain(args: argparse.Namespace) -> int:
+    from .stores.retention import retain
+
+    r = retain(args.uri, keep=args.keep, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"kept versions {r.kept_versions}; {verb} versions {r.removed_versions} and shards {r.removed_shards}")
+    return 0
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from .sources.demo import write_demo
 
@@ -107,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version", type=int, default=None)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_inspect)
+
+    s = sub.add_parser("versions", help="list a feature set's committed versions")
+    s.add_argument("uri")
+    s.set_defaults(func=_cmd_versions)
+
+    s = sub.add_parser("retain", help="keep the newest N versions, delete older ones and their unused shards")
+    s.add_argument("uri")
+    s.add_argument("--keep", type=int, required=True)
+    s.add_argument("--dry-run", action="store_true")
+    s.set_defaults(func=_cmd_retain)
 
     s = sub.add_parser("demo-data", help="generate a demo dataset locally (digits, shapes); no download")
     s.add_argument("name")

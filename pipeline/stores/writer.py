@@ -219,7 +219,8 @@ class FeatureStoreWriter:
             "files": files,
             "written_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
-        storage.write_json_atomic(self.fs, layout.shard_record_path(self.base, shard.shard_id), record)
+        path = layout.shard_record_path(self.base, shard.shard_id)
+        storage.retrying(lambda: storage.write_json_atomic(self.fs, path, record), what=f"commit {path}")
         return record
 
     def _write_zarr(self, shard: EncodedShard, n: int, ok_rows: np.ndarray) -> None:
@@ -231,7 +232,8 @@ class FeatureStoreWriter:
         for layer, feats in shard.features.items():
             block = np.full((n, feats.shape[1]), np.nan, dtype=self.target.dtype)
             block[ok_rows] = feats
-            group[layer][shard.row_start:shard.row_start + n] = block
+            region = slice(shard.row_start, shard.row_start + n)
+            storage.retrying(lambda: group[layer].__setitem__(region, block), what=f"zarr {layer} rows {region}")
 
     def _index_table(self, shard: EncodedShard, rows: np.ndarray) -> pa.Table:
         recs = shard.records
@@ -258,7 +260,8 @@ class FeatureStoreWriter:
     def _put_parquet(self, path: str, table: pa.Table) -> None:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        storage.atomic_write_bytes(self.fs, path, buf.getvalue())
+        data = buf.getvalue()
+        storage.retrying(lambda: storage.atomic_write_bytes(self.fs, path, data), what=f"write {path}")
 
 
 ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("stage", pa.string()),
