@@ -76,10 +76,16 @@ def execute(cfg: ExtractConfig, plan: ExtractPlan, writer: FeatureStoreWriter, *
     if skipped:
         log.info("resuming: %d of %d shards already committed", skipped, len(plan.shards))
     encoded = 0
-    if todo:
+    for attempt in range(3):
+        if not todo:
+            break
         _ensure_ray(cfg.run.ray_address)
         sink = _run_pipeline(cfg, todo, plan, layers=layers, preprocessing=preprocessing)
-        encoded = sum(r["n_ok"] for r in sink.records)
+        encoded += sum(r["n_ok"] for r in sink.records)
+        todo = _lost_shards(writer, todo)
+    if todo:
+        raise RuntimeError(f"shards {[s.shard_id for s in todo]} lost files after being written three times; "
+                           f"check the object store behind {storage.redact_uri(plan.target.uri)}")
     all_shards = sorted({*keep_shards, *(s.shard_id for s in plan.shards)})
     records = writer.committed_shards()
     n_rows = sum(records[s.shard_id]["n_rows"] for s in plan.shards)
@@ -95,6 +101,19 @@ def execute(cfg: ExtractConfig, plan: ExtractPlan, writer: FeatureStoreWriter, *
                              int(fs.du(base)) if fs.exists(base) else 0)
     log.info("%s", summary)
     return summary
+
+
+def _lost_shards(writer: FeatureStoreWriter, shards) -> list:
+    """Shards whose record exists but whose files do not (an object store that lost acknowledged writes)."""
+    records = writer.committed_shards()
+    lost = []
+    for shard in shards:
+        missing = writer.verify_shard(records[shard.shard_id]) if shard.shard_id in records else ["record"]
+        if missing:
+            log.warning("shard %d is missing %s after its commit; writing it again", shard.shard_id, missing[:3])
+            writer.uncommit_shard(shard.shard_id)
+            lost.append(shard)
+    return lost
 
 
 def _commit_if_new(writer, plan, shards, cfg, tombstone_rows) -> int:

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from .. import storage
 from . import layout
 from .reader import list_versions
+from .writer import FeatureStoreWriter, StoreTarget
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +38,26 @@ def retain(uri: str, *, keep: int, storage_options: Mapping[str, Any] | None = N
     if not dry_run:
         for v in removed:  # versions first: a reader can no longer pin what is about to go
             fs.rm(f"{vdir}/{layout.version_name(v)}")
+        writer = FeatureStoreWriter(_target_of(uri, fs, base, storage_options))
         for s in orphans:
-            _remove_shard(fs, base, s)
+            _remove_shard(writer, s)
     log.info("retention on %s: kept %s, removed versions %s and %d shards", storage.redact_uri(uri), kept, removed,
              len(orphans))
     return RetentionResult(kept, removed, orphans)
 
 
-def _remove_shard(fs, base: str, shard_id: int) -> None:
-    record_path = layout.shard_record_path(base, shard_id)
-    record = storage.read_json(fs, record_path)
-    fs.rm(record_path)  # uncommit first, then the data
-    paths = [layout.index_path(base, shard_id), layout.errors_path(base, shard_id),
-             *(f"{base}/{p}" for p in record.get("files", {}).get("parquet", {}).values())]
-    meta = storage.read_json(fs, layout.featureset_json(base))
-    if "zarr" in meta["formats"]:
-        zarr_shard = record["row_start"] // meta["shard_rows"]
-        paths += [f"{base}/{layout.ZARR_DIR}/{layer}/c/{zarr_shard}/0" for layer in meta["layer_dims"]]
+def _remove_shard(writer: FeatureStoreWriter, shard_id: int) -> None:
+    fs = writer.fs
+    record = storage.read_json(fs, layout.shard_record_path(writer.base, shard_id))
+    paths = writer.shard_files(record)
+    writer.uncommit_shard(shard_id)  # uncommit first, then the data
     for path in paths:
         if fs.exists(path):
             fs.rm(path)
+
+
+def _target_of(uri: str, fs, base: str, storage_options) -> StoreTarget:
+    meta = storage.read_json(fs, layout.featureset_json(base))
+    root, name = uri.rstrip("/").rsplit("/", 1)
+    return StoreTarget(root=root, featureset=name, storage_options=dict(storage_options or {}), dtype=meta["dtype"],
+                       shard_rows=meta["shard_rows"], chunk_rows=meta["chunk_rows"], formats=tuple(meta["formats"]))

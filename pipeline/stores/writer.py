@@ -146,6 +146,28 @@ class FeatureStoreWriter:
                 out[int(rec["shard_id"])] = rec
         return out
 
+    def shard_files(self, record: Mapping) -> list[str]:
+        """Every object a committed shard needs."""
+        sid = int(record["shard_id"])
+        paths = [layout.index_path(self.base, sid), layout.errors_path(self.base, sid),
+                 *(f"{self.base}/{p}" for p in record.get("files", {}).get("parquet", {}).values())]
+        if "zarr" in self.target.formats:
+            zarr_key = record["row_start"] // self.target.shard_rows
+            meta = storage.read_json(self.fs, layout.featureset_json(self.base))
+            paths += [f"{self.base}/{layout.ZARR_DIR}/{layer}/c/{zarr_key}/0" for layer in meta["layer_dims"]]
+        return paths
+
+    def verify_shard(self, record: Mapping) -> list[str]:
+        """Files of a committed shard that the store does not have (an object store that lost writes)."""
+        self.fs.invalidate_cache()
+        return [p for p in self.shard_files(record) if not self.fs.exists(p)]
+
+    def uncommit_shard(self, shard_id: int) -> None:
+        """Drop a shard's record so the next run writes it again."""
+        path = layout.shard_record_path(self.base, shard_id)
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
     def commit_version(self, shard_ids: Sequence[int], *, dataset_fingerprint: str, config: Mapping,
                        tombstone_rows: Sequence[int] = (), stats: Mapping | None = None) -> int:
         """Publish a new version listing `shard_ids`; readers switch to it atomically.

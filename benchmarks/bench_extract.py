@@ -1,0 +1,609 @@
+"""End-to-end extraction: strata's Ray Data pipeline vs the model alone and vs the tutorial DataLoader loop.
+
+Same images (procedural shapes, 224 px PNGs), same encoder (efficientnet_lite0, bundled pretrained
+weights, fp32 compute), same 4 layers (blocks.2, blocks.4, blocks.6, bn2; global average pooled),
+float16 features, all in one run:
+
+  ceiling   a bare loop over PRE-DECODED uint8 tensors (decoded and preprocessed with the encoder's own
+            `preprocessing.to_uint8` before the clock starts); only `encoder.encode(batch)` is timed,
+            batches of 64: what the model alone can do on this machine.
+  tutorial  the common approach: torch DataLoader (num_workers=2, batch 64) over a Dataset that opens each
+            PNG with PIL and applies a torchvision transform (Resize 256 bicubic, CenterCrop 224, ToTensor,
+            Normalize with the encoder's mean/std); forward hooks on the 4 modules average-pool into Python
+            lists; `numpy.save` at the end. Timed end to end (model build, loading, forward, save).
+  strata    `run_extract(cfg)` end to end (listing, decode tasks, encoder actor, store writes, commit) on a
+            local Ray started by the variant's process. images/s is over `run_extract`; `ray.init` is
+            reported on its own (and in an "incl. ray.init" rate). The Ray Data execution time is reported
+            against the total, plus a per-shard trace (decode / encode / commit times) to show where time goes.
+
+Each variant runs in its own subprocess; the parent samples the RSS of that subprocess's whole process
+tree (Ray's work happens in raylet-spawned worker processes, not the driver) every 0.2 s and reports the
+peak of the sum (and of the PSS sum, sampled every ~1 s, which does not double count shared pages).
+Everything runs at N and 4N images so that peak memory growth with N shows.
+
+    .venv/bin/python benchmarks/bench_extract.py               # N=256 and 1024 (a few minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_extract.py --quick       # N=64 and 256: checks that it all works
+    .venv/bin/python benchmarks/bench_extract.py --n 512 --shard-rows 64 --json out/bench_extract.json
+
+Targets: strata/ceiling >= 0.8, strata/tutorial > 1, strata peak RSS(4N)/peak RSS(N) < 1.5.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+ENCODER = "efficientnet_lite0"
+LAYERS = ("blocks.2", "blocks.4", "blocks.6", "bn2")
+IMAGE_SIZE = 224
+VARIANTS = ("ceiling", "tutorial", "strata")
+TARGET_VS_CEILING = 0.8
+TARGET_VS_TUTORIAL = 1.0
+TARGET_RSS_GROWTH = 1.5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# children: one variant at one N, in a fresh process; results go to a JSON file
+# ----------------------------------------------------------------------------------------------------------
+
+def _image_paths(data: Path) -> list[Path]:
+    return sorted((data / "images").glob("*.png"))
+
+
+def _encoder_spec(batch_size: int):
+    from pipeline.config import EncoderSpec
+
+    return EncoderSpec(name=ENCODER, layers=LAYERS, pooling="avg", compute_dtype="fp32", batch_size=batch_size)
+
+
+def child_ceiling(args) -> dict:
+    import torch
+
+    from pipeline.encoders import build_encoder
+    from pipeline.images import decode_rgb
+
+    enc = build_encoder(_encoder_spec(args.batch_size), device="cpu")
+    paths = _image_paths(Path(args.data))
+    pixels = torch.stack([enc.preprocessing.to_uint8(decode_rgb(p.read_bytes())) for p in paths])  # untimed
+    bs = args.batch_size
+    enc.encode(pixels[:bs])  # warm-up (untimed): first-call allocations, oneDNN primitive creation
+    t0 = time.perf_counter()
+    for start in range(0, len(pixels), bs):
+        enc.encode(pixels[start:start + bs])
+    seconds = time.perf_counter() - t0
+    return {"images": len(paths), "seconds": seconds, "torch_threads": torch.get_num_threads()}
+
+
+def child_tutorial(args) -> dict:
+    """What most feature-extraction tutorials do, written the way they write it."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms as T
+
+    from pipeline.encoders.registry import build_model, resolve_entry
+
+    t0 = time.perf_counter()
+    built = build_model(resolve_entry(ENCODER))  # the same bundled pretrained weights strata uses
+    model = built.model.eval()
+    pp = built.preprocessing
+    transform = T.Compose([
+        T.Resize(pp.resize_size, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(pp.crop_size),
+        T.ToTensor(),
+        T.Normalize(mean=pp.mean, std=pp.std),
+    ])
+
+    class ImageFiles(Dataset):
+        def __init__(self, paths, transform):
+            self.paths, self.transform = paths, transform
+
+        def __len__(self):
+            return len(self.paths)
+
+        def __getitem__(self, i):
+            with Image.open(self.paths[i]) as im:
+                return self.transform(im.convert("RGB"))
+
+    paths = _image_paths(Path(args.data))
+    loader = DataLoader(ImageFiles(paths, transform), batch_size=args.batch_size, shuffle=False,
+                        num_workers=args.num_workers)
+    features: dict[str, list] = {name: [] for name in LAYERS}
+    modules = dict(model.named_modules())
+
+    def make_hook(name):
+        def hook(_module, _inputs, output):
+            features[name].append(output.mean(dim=(2, 3)).cpu().numpy())  # global average pooling
+        return hook
+
+    handles = [modules[name].register_forward_hook(make_hook(name)) for name in LAYERS]
+    with torch.no_grad():
+        for batch in loader:
+            model(batch)
+    for h in handles:
+        h.remove()
+    out = Path(args.workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in LAYERS:
+        np.save(out / f"{name}.npy", np.concatenate(features[name]).astype(np.float16))
+    np.save(out / "image_ids.npy", np.array([p.name for p in paths]))
+    seconds = time.perf_counter() - t0
+    return {"images": len(paths), "seconds": seconds, "torch_threads": torch.get_num_threads(),
+            "outputs": str(out)}
+
+
+def _append_trace(path: str, event: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+def _install_instrumentation(timings: dict, trace_path: str | None) -> None:
+    """Wall-clock phases of run_extract (driver) and, with a trace path, per-shard decode/encode events.
+
+    Only wraps: the pipeline's own functions run unchanged. `execute`/`run_extract` look these names up
+    in the module at call time, so replacing the module attributes is enough.
+    """
+    from pipeline.extract import run as run_mod
+    from pipeline.extract import stages
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
+                if name == "ray_data_execution":
+                    timings["ray_data_start_wall"] = t_wall
+        return wrapper
+
+    t_wall = 0.0
+    orig_pipeline = run_mod._run_pipeline
+
+    def run_pipeline(*a, **kw):
+        nonlocal t_wall
+        t_wall = time.time()
+        return orig_pipeline(*a, **kw)
+
+    run_mod.prepare_encoder = timed("driver_encoder_build", run_mod.prepare_encoder)
+    run_mod.build_plan = timed("listing_and_plan", run_mod.build_plan)
+    run_mod.FeatureStoreWriter.prepare = timed("store_prepare", run_mod.FeatureStoreWriter.prepare)
+    run_mod._run_pipeline = timed("ray_data_execution", run_pipeline)
+    run_mod._commit_if_new = timed("commit", run_mod._commit_if_new)
+
+    if not trace_path:
+        return
+    orig_decode = stages.decode_shard
+
+    def decode_shard(row, **kw):
+        t = time.time()
+        out = orig_decode(row, **kw)
+        _append_trace(trace_path, {"ev": "decode", "shard": int(row["shard_id"]), "t0": t, "t1": time.time(),
+                                   "pid": os.getpid(), "n": int(len(out["ok"]))})
+        return out
+
+    base = stages.EncodeShard
+
+    class EncodeShard(base):
+        def __init__(self, **kw):
+            t = time.time()
+            base.__init__(self, **kw)
+            _append_trace(trace_path, {"ev": "actor_init", "t0": t, "t1": time.time(), "pid": os.getpid()})
+
+        def __call__(self, row):
+            t = time.time()
+            out = base.__call__(self, row)
+            _append_trace(trace_path, {"ev": "encode", "shard": int(row["shard_id"]), "t0": t, "t1": time.time(),
+                                       "pid": os.getpid(), "n": int(len(row["ok"]))})
+            return out
+
+    run_mod.decode_shard = decode_shard
+    run_mod.EncodeShard = EncodeShard
+
+
+def _shard_commit_times(store_uri: str) -> list[float]:
+    shards = Path(store_uri) / "_manifest" / "shards"
+    return sorted(p.stat().st_mtime for p in shards.glob("*.json")) if shards.is_dir() else []
+
+
+def child_strata(args) -> dict:
+    os.environ.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster
+    t_start = time.perf_counter()
+    import ray
+
+    from pipeline.config import ExtractConfig, load_config
+    from pipeline.extract import run_extract
+
+    t_import = time.perf_counter() - t_start
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    trace = str(workdir / "trace.jsonl") if args.trace else None
+    timings: dict = {}
+    _install_instrumentation(timings, trace)
+    cfg = load_config(ExtractConfig, None, [
+        "source.kind=folder", f"source.uri={Path(args.data) / 'images'}",
+        f"store.root={workdir / 'store'}", "store.dtype=float16",
+        f"store.shard_rows={args.shard_rows}", f"store.chunk_rows={args.chunk_rows}",
+        f"encoder.name={ENCODER}", f"encoder.layers=[{','.join(LAYERS)}]", "encoder.pooling=avg",
+        "encoder.compute_dtype=fp32", f"encoder.batch_size={args.batch_size}",
+        *args.override,
+    ])
+    t = time.perf_counter()
+    # address="local": a fresh local Ray for this process, even where another cluster runs on the machine
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
+    ray_init = time.perf_counter() - t
+    try:
+        t = time.perf_counter()
+        summary = run_extract(cfg)
+        seconds = time.perf_counter() - t
+    finally:
+        t = time.perf_counter()
+        ray.shutdown()
+        timings["ray_shutdown"] = time.perf_counter() - t
+    events = []
+    if trace and Path(trace).exists():
+        events = [json.loads(line) for line in Path(trace).read_text().splitlines() if line.strip()]
+    return {"images": summary.images, "encoded": summary.encoded, "errors": summary.errors,
+            "seconds": seconds, "ray_init": ray_init, "import": t_import, "timings": timings,
+            "trace": events, "commit_times": _shard_commit_times(summary.store_uri),
+            "store_uri": summary.store_uri, "bytes_written": summary.bytes_written,
+            "shard_rows": cfg.store.shard_rows, "chunk_rows": cfg.store.chunk_rows}
+
+
+def run_child(args) -> None:
+    fn = {"ceiling": child_ceiling, "tutorial": child_tutorial, "strata": child_strata}[args.variant]
+    result = fn(args)
+    Path(args.result).write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parent: data, subprocesses, process-tree memory sampling, report
+# ----------------------------------------------------------------------------------------------------------
+
+def _ppid_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # the command name may hold spaces and parentheses
+        children[int(fields[1])].append(int(entry))
+    return children
+
+
+def process_tree(root: int) -> list[int]:
+    children = _ppid_map()
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def _status_kb(pid: int, keys=("VmRSS", "RssAnon")) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key = line.split(":", 1)[0]
+                if key in keys:
+                    out[key] = int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def run_variant(variant: str, n: int, data: Path, workdir: Path, args, *, interval: float = 0.2,
+                pss_every: int = 5) -> dict:
+    out = workdir / f"{variant}-{n}"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    result_path = out / "result.json"
+    log_path = out / "log.txt"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--n", str(n),
+           "--data", str(data), "--workdir", str(out), "--result", str(result_path),
+           "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers),
+           "--shard-rows", str(args.shard_rows), "--chunk-rows", str(args.chunk_rows)]
+    cmd += ["--trace"] if args.trace else ["--no-trace"]
+    for o in args.override:
+        cmd += ["--override", o]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    peak_rss = peak_anon = peak_pss = 0
+    peak_procs: list[str] = []
+    max_procs = samples = 0
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                start_new_session=True)
+        try:
+            while proc.poll() is None:
+                tree = process_tree(proc.pid)
+                stats = [_status_kb(p) for p in tree]
+                rss = sum(s.get("VmRSS", 0) for s in stats)
+                anon = sum(s.get("RssAnon", 0) for s in stats)
+                if rss > peak_rss:
+                    peak_rss = rss
+                    peak_procs = sorted(_comm(p) for p in tree)
+                peak_anon = max(peak_anon, anon)
+                if samples % pss_every == 0:
+                    peak_pss = max(peak_pss, sum(_pss_kb(p) for p in tree))
+                max_procs = max(max_procs, len(tree))
+                samples += 1
+                if time.perf_counter() - t0 > args.timeout:
+                    os.killpg(proc.pid, signal.SIGTERM)  # the group this script started for the variant
+                    proc.wait(30)
+                    raise TimeoutError(f"{variant} N={n} ran past --timeout {args.timeout} s")
+                time.sleep(interval)
+        except BaseException:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 or not result_path.exists():
+        tail = log_path.read_text()[-4000:]
+        raise RuntimeError(f"{variant} N={n} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    result = json.loads(result_path.read_text())
+    result.update(variant=variant, n=n, peak_rss_mb=peak_rss / 1024, peak_anon_mb=peak_anon / 1024,
+                  peak_pss_mb=peak_pss / 1024, max_procs=max_procs, peak_procs=peak_procs,
+                  process_wall=wall, samples=samples, log=str(log_path))
+    result["ips"] = result["images"] / result["seconds"]
+    return result
+
+
+def check_same_features(tutorial: dict, strata: dict) -> dict:
+    """The tutorial's and strata's bn2/blocks.2 features for the same images: they must be the same work."""
+    import numpy as np
+
+    from pipeline.stores import FeatureStore
+
+    store = FeatureStore(strata["store_uri"])
+    ids = [str(i) for i in np.load(Path(tutorial["outputs"]) / "image_ids.npy")]
+    out = {}
+    for layer in (LAYERS[0], LAYERS[-1]):
+        ref = np.load(Path(tutorial["outputs"]) / f"{layer}.npy").astype(np.float32)
+        got = store.get(ids, layer)
+        out[layer] = float(np.max(np.abs(ref - got)) / (np.max(np.abs(ref)) + 1e-12))
+    return out
+
+
+def strata_breakdown(r: dict) -> list[str]:
+    t = r["timings"]
+    total = r["seconds"]
+    exe = t.get("ray_data_execution", 0.0)
+    known = sum(t.get(k, 0.0) for k in ("driver_encoder_build", "listing_and_plan", "store_prepare",
+                                         "ray_data_execution", "commit"))
+    lines = [
+        f"  N={r['n']}: ray.init {r['ray_init']:.1f} s (outside run_extract) | run_extract {total:.1f} s = "
+        f"driver encoder build {t.get('driver_encoder_build', 0):.1f} + listing/plan "
+        f"{t.get('listing_and_plan', 0):.2f} + store prepare {t.get('store_prepare', 0):.2f} + "
+        f"Ray Data execution {exe:.1f} ({exe / total:.0%} of run_extract) + commit {t.get('commit', 0):.2f} "
+        f"+ other (du, summary) {total - known:.2f} | ray.shutdown {t.get('ray_shutdown', 0):.1f} s"
+    ]
+    start = t.get("ray_data_start_wall")
+    events = r.get("trace") or []
+    if not start or not events:
+        return lines
+    rel = lambda x: x - start  # noqa: E731
+    dec = sorted((e for e in events if e["ev"] == "decode"), key=lambda e: e["t1"])
+    enc = sorted((e for e in events if e["ev"] == "encode"), key=lambda e: e["t1"])
+    init = [e for e in events if e["ev"] == "actor_init"]
+    commits = r.get("commit_times") or []
+    parts = []
+    if init:
+        a = init[0]
+        parts.append(f"encoder actor __init__ +{rel(a['t0']):.1f}..+{rel(a['t1']):.1f} s "
+                     f"(process start + imports before it: {rel(a['t0']):.1f} s; build {a['t1'] - a['t0']:.1f} s)")
+    if dec:
+        busy = sum(e["t1"] - e["t0"] for e in dec)
+        parts.append(f"decode: first shard done +{rel(dec[0]['t1']):.1f} s, last +{rel(dec[-1]['t1']):.1f} s, "
+                     f"{busy:.1f} task-s for {sum(e['n'] for e in dec)} images "
+                     f"({sum(e['n'] for e in dec) / busy:.0f} img/s per task)")
+    if enc:
+        busy = sum(e["t1"] - e["t0"] for e in enc)
+        n_enc = sum(e["n"] for e in enc)
+        parts.append(f"encode: first shard starts +{rel(enc[0]['t0']):.1f} s, ends +{rel(enc[0]['t1']):.1f} s, last "
+                     f"ends +{rel(enc[-1]['t1']):.1f} s; actor busy {busy:.1f} s = {busy / exe:.0%} of execution, "
+                     f"{n_enc / busy:.1f} img/s while busy")
+    if commits:
+        parts.append(f"commits: first shard +{rel(commits[0]):.1f} s, last +{rel(commits[-1]):.1f} s "
+                     f"({len(commits)} shards); execution ends +{exe:.1f} s")
+    lines += [f"      {p}" for p in parts]
+    return lines
+
+
+def machine_header() -> str:
+    import ray
+    import torch
+    import torchvision
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"# bench_extract {_dt.datetime.now().astimezone().isoformat(timespec='seconds')} | {platform.node()} | "
+            f"{cpu} | cores={os.cpu_count()} | python {platform.python_version()} torch {torch.__version__} "
+            f"(threads {torch.get_num_threads()}) torchvision {torchvision.__version__} ray {ray.__version__} | "
+            f"load avg {load}")
+
+
+def _flag(ok: bool) -> str:
+    return "ok" if ok else "MISS"
+
+
+def main_parent(args) -> int:
+    from pipeline.sources.demo import write_shapes
+
+    sizes = [args.n, 4 * args.n]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; valid: {list(VARIANTS)}")
+    own_tmp = args.workdir is None
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_extract_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(machine_header())
+    print(f"# {ENCODER} (bundled pretrained) fp32 compute, layers {','.join(LAYERS)} avg-pooled, float16 features, "
+          f"{IMAGE_SIZE} px PNGs; batch {args.batch_size}; tutorial num_workers={args.num_workers}; strata "
+          f"shard_rows={args.shard_rows} chunk_rows={args.chunk_rows}, local store; workdir {workdir}", flush=True)
+    results: dict[tuple[str, int], dict] = {}
+    checks = {}
+    try:
+        for n in sizes:
+            data = workdir / f"data-{n}"
+            if not (data / "images").is_dir() or len(_image_paths(data)) != n:
+                t = time.perf_counter()
+                write_shapes(data, n=n, size=IMAGE_SIZE, seed=0)
+                print(f"# generated {n} images in {time.perf_counter() - t:.1f} s", flush=True)
+            for v in variants:
+                r = run_variant(v, n, data, workdir, args)
+                results[(v, n)] = r
+                extra = f", ray.init {r['ray_init']:.1f} s" if v == "strata" else ""
+                print(f"#   {v:<8} N={n:<5} {r['seconds']:7.1f} s  {r['ips']:6.1f} images/s  peak RSS "
+                      f"{r['peak_rss_mb']:6.0f} MB{extra}", flush=True)
+            if ("tutorial", n) in results and ("strata", n) in results:
+                checks[n] = check_same_features(results[("tutorial", n)], results[("strata", n)])
+
+        print()
+        print(f"{'variant':<9} {'N':>5} {'seconds':>8} {'images/s':>9} {'peak RSS MB':>12} {'peak anon MB':>13} "
+              f"{'peak PSS MB':>12} {'procs':>6}  notes")
+        for n in sizes:
+            for v in variants:
+                r = results[(v, n)]
+                note = {"ceiling": "encode() only, pre-decoded tensors",
+                        "tutorial": "DataLoader + hooks + np.save, end to end",
+                        "strata": ""}[v]
+                if v == "strata":
+                    incl = r["images"] / (r["seconds"] + r["ray_init"])
+                    note = (f"run_extract end to end; +ray.init {r['ray_init']:.1f} s -> {incl:.1f} images/s; "
+                            f"{r['errors']} errors")
+                print(f"{v:<9} {n:>5} {r['seconds']:>8.1f} {r['ips']:>9.1f} {r['peak_rss_mb']:>12.0f} "
+                      f"{r['peak_anon_mb']:>13.0f} {r['peak_pss_mb']:>12.0f} {r['max_procs']:>6}  {note}")
+        print()
+        if "strata" in variants:
+            for n in sizes:
+                s = results[("strata", n)]
+                parts = []
+                if "ceiling" in variants:
+                    ratio = s["ips"] / results[("ceiling", n)]["ips"]
+                    parts.append(f"strata/ceiling = {ratio:.2f} (target >= {TARGET_VS_CEILING}: "
+                                 f"{_flag(ratio >= TARGET_VS_CEILING)})")
+                if "tutorial" in variants:
+                    ratio = s["ips"] / results[("tutorial", n)]["ips"]
+                    parts.append(f"strata/tutorial = {ratio:.2f} (target > {TARGET_VS_TUTORIAL}: "
+                                 f"{_flag(ratio > TARGET_VS_TUTORIAL)})")
+                print(f"N={n:<5} " + "   ".join(parts))
+        for v in variants:
+            a, b = results[(v, sizes[0])], results[(v, sizes[1])]
+            growth = b["peak_rss_mb"] / a["peak_rss_mb"]
+            pss = b["peak_pss_mb"] / a["peak_pss_mb"] if a["peak_pss_mb"] else float("nan")
+            target = f" (target < {TARGET_RSS_GROWTH}: {_flag(growth < TARGET_RSS_GROWTH)})" if v == "strata" else ""
+            print(f"peak RSS {v:<8} N={sizes[1]} / N={sizes[0]}: {growth:.2f}x RSS, {pss:.2f}x PSS{target}")
+        if checks:
+            print("same work: max |tutorial - strata| / max |feature| " + "; ".join(
+                f"N={n}: " + ", ".join(f"{k} {v:.1e}" for k, v in c.items()) for n, c in checks.items()))
+        if "strata" in variants:
+            print("\nstrata: where the time goes (offsets from the start of the Ray Data execution)")
+            for n in sizes:
+                for line in strata_breakdown(results[("strata", n)]):
+                    print(line)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(
+                {"header": machine_header(), "args": vars(args),
+                 "results": [dict(r) for r in results.values()], "checks": checks}, indent=1, default=str))
+            print(f"\nresults: {args.json}")
+    finally:
+        if own_tmp and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif args.keep or not own_tmp:
+            print(f"# kept {workdir}")
+    return 0
+
+
+def _default_chunk_rows(shard_rows: int) -> int:
+    chunk = math.gcd(shard_rows, 256)
+    return chunk if chunk >= 16 else shard_rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=None, help="images in the small run; the big one has 4x (default 256)")
+    ap.add_argument("--quick", action="store_true", help="N=64 (and 256): checks that everything works")
+    ap.add_argument("--shard-rows", type=int, default=128, help="strata store.shard_rows (pipelining granularity)")
+    ap.add_argument("--chunk-rows", type=int, default=None, help="strata store.chunk_rows (default: gcd(shard, 256))")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--num-workers", type=int, default=2, help="tutorial DataLoader workers")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--override", action="append", default=[], help="extra strata config override (key=value)")
+    ap.add_argument("--trace", dest="trace", action="store_true", default=True,
+                    help="record per-shard decode/encode times in strata (default)")
+    ap.add_argument("--no-trace", dest="trace", action="store_false", help="run strata without any wrappers")
+    ap.add_argument("--workdir", default=None, help="where data, stores and logs go (default: a temp dir, removed)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp workdir")
+    ap.add_argument("--json", default=None, help="also write every number to this JSON file")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per variant run before it is killed")
+    # child mode (the parent invokes the script once per variant and N)
+    ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.n is None:
+        args.n = 64 if args.quick else 256
+    if args.chunk_rows is None:
+        args.chunk_rows = _default_chunk_rows(args.shard_rows)
+    if args.shard_rows % args.chunk_rows:
+        ap.error(f"--shard-rows {args.shard_rows} must be a multiple of --chunk-rows {args.chunk_rows}")
+    if args.variant:
+        run_child(args)
+        return 0
+    return main_parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
