@@ -79,7 +79,7 @@ def child_ceiling(args) -> dict:
 
     enc = build_encoder(_encoder_spec(args.batch_size), device="cpu")
     paths = _image_paths(Path(args.data))
-    pixels = torch.stack([enc.preprocessing.to_uint8(decode_rgb(p.read_bytes())) for p in paths])  # untimed
+    pixels = enc.preprocessing.batch([decode_rgb(p.read_bytes()) for p in paths])  # untimed
     bs = args.batch_size
     enc.encode(pixels[:bs])  # warm-up (untimed): first-call allocations, oneDNN primitive creation
     t0 = time.perf_counter()

@@ -16,13 +16,14 @@ def _photo(w=300, h=200, seed=0):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "vit_b_16"])
-def test_torchvision_parity_with_weights_transforms(name):
+@pytest.mark.parametrize("size", [(300, 200), (200, 301), (256, 256), (97, 150)])
+def test_torchvision_parity_with_weights_transforms(name, size):
     from torchvision.models import get_model_weights
 
     built = build_model(resolve_entry(name), "random")
     reference = get_model_weights(name)[resolve_entry(name).default_weights].transforms()
-    img = _photo()
-    ours = built.preprocessing.normalize(built.preprocessing.to_uint8(img)[None])[0]
+    img = _photo(*size)
+    ours = built.preprocessing.normalize(torch.from_numpy(built.preprocessing.batch([img])))[0]
     torch.testing.assert_close(ours, reference(img), atol=1e-6, rtol=0)
 
 
@@ -33,7 +34,7 @@ def test_timm_parity_with_timm_eval_transform():
     built = build_model(resolve_entry("timm:resnet10t"), "random")
     reference = create_transform(**resolve_data_config({}, model=timm.create_model("resnet10t")))
     img = _photo(257, 311)
-    ours = built.preprocessing.normalize(built.preprocessing.to_uint8(img)[None])[0]
+    ours = built.preprocessing.normalize(torch.from_numpy(built.preprocessing.batch([img])))[0]
     torch.testing.assert_close(ours, reference(img), atol=1e-6, rtol=0)
 
 

@@ -38,7 +38,7 @@ def lite0():
 
 
 def _logits(enc, paths):
-    px = torch.stack([enc.preprocessing.to_uint8(Image.open(p).convert("RGB")) for p in paths])
+    px = enc.preprocessing.batch([Image.open(p).convert("RGB") for p in paths])
     return enc.encode(px)["classifier"]
 
 

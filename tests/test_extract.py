@@ -54,7 +54,7 @@ def _config(source_uri, store_root, *extra, storage_options=None):
 
 def _reference(cfg, store, ids, source_root):
     enc = build_encoder(cfg.encoder, device="cpu")
-    px = torch.stack([enc.preprocessing.to_uint8(decode_rgb((source_root / i).read_bytes())) for i in ids])
+    px = enc.preprocessing.batch([decode_rgb((source_root / i).read_bytes()) for i in ids])
     return {k: v.numpy().astype(np.float16).astype(np.float32) for k, v in enc.encode(px).items()}
 
 

@@ -45,7 +45,7 @@ def _check_complete(store: FeatureStore, images: Path, cfg: ExtractConfig) -> No
     ids = list(store.index().image_id)
     assert sorted(ids) == sorted(p.name for p in images.glob("*.png"))
     enc = build_encoder(cfg.encoder, device="cpu")
-    px = torch.stack([enc.preprocessing.to_uint8(decode_rgb((images / i).read_bytes())) for i in ids])
+    px = enc.preprocessing.batch([decode_rgb((images / i).read_bytes()) for i in ids])
     ref = enc.encode(px)
     for layer, t in ref.items():
         np.testing.assert_allclose(store.layer(layer), t.numpy().astype(np.float16).astype(np.float32),

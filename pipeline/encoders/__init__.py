@@ -4,11 +4,23 @@ Knows nothing of Ray or stores.
 """
 from __future__ import annotations
 
-from .encoder import COMPUTE_DTYPES, FrozenEncoder, LayerInfo, describe_layers, resolve_device
-from .pooling import POOLINGS
+import importlib
+
 from .preprocess import Preprocessing
-from .registry import ENCODERS, EncoderEntry, build_model, resolve_entry
-from .weights import WeightsNotFoundError
+
+# Heavy (torch) names load on first use, so `pipeline.encoders.preprocess` stays cheap to import.
+_LAZY = {
+    "COMPUTE_DTYPES": ".encoder", "FrozenEncoder": ".encoder", "LayerInfo": ".encoder",
+    "describe_layers": ".encoder", "resolve_device": ".encoder", "POOLINGS": ".pooling",
+    "ENCODERS": ".registry", "EncoderEntry": ".registry", "build_model": ".registry", "resolve_entry": ".registry",
+    "WeightsNotFoundError": ".weights",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "COMPUTE_DTYPES", "ENCODERS", "POOLINGS", "EncoderEntry", "FrozenEncoder", "LayerInfo", "Preprocessing",
@@ -16,8 +28,11 @@ __all__ = [
 ]
 
 
-def build_encoder(spec, *, device: str | None = None, storage_options: dict | None = None) -> FrozenEncoder:
+def build_encoder(spec, *, device: str | None = None, storage_options: dict | None = None):
     """A ready FrozenEncoder from an `EncoderSpec` (see pipeline.config)."""
+    from .encoder import FrozenEncoder
+    from .registry import build_model, resolve_entry
+
     entry = resolve_entry(spec.name)
     built = build_model(entry, spec.weights, storage_options=storage_options)
     if spec.preprocessing is not None:

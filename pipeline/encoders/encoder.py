@@ -98,9 +98,10 @@ class FrozenEncoder:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
 
-    def encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(N, 3, H, W) uint8 -> {layer: (N, D) float32 on CPU}, all layers from one forward."""
+    def encode(self, pixels) -> dict[str, torch.Tensor]:
+        """(N, 3, H, W) uint8 (tensor or array) -> {layer: (N, D) float32 on CPU}, all layers from one forward."""
         out: dict[str, torch.Tensor] = {}
+        pixels = torch.as_tensor(pixels)
 
         def sink(name: str, act: torch.Tensor) -> None:
             pooled = P.pool(act, self.pooling[name], prefix_tokens=self.prefix_tokens, grid=self.grid)

@@ -1,18 +1,20 @@
-"""The encoder's own preprocessing: resize, center crop, normalisation, as its weights were trained."""
+"""The encoder's own preprocessing: resize, center crop, normalisation, as its weights were trained.
+
+Torch-free on purpose (torch is imported only inside `normalize`): decode workers and config
+loading should not pay for importing torch.
+"""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 INTERPOLATIONS = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
 }
 
 
@@ -38,16 +40,31 @@ class Preprocessing:
         if self.crop_size > self.resize_size:
             raise ValueError(f"crop_size {self.crop_size} is larger than resize_size {self.resize_size}")
 
-    def to_uint8(self, image: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> (3, crop, crop) uint8, resized on the shorter side then center-cropped."""
-        image = F.resize(
-            image, [self.resize_size], interpolation=INTERPOLATIONS[self.interpolation], antialias=True
-        )
-        image = F.center_crop(image, [self.crop_size])
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    def to_uint8(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> (3, crop, crop) uint8: shorter side resized, then center-cropped.
 
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) uint8 -> float32 normalised with the weights' mean and std."""
+        The same arithmetic as torchvision's `Resize(int)` + `CenterCrop` on PIL images, which is
+        what the reference transforms of the weights do (a parity test holds us to it).
+        """
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), INTERPOLATIONS[self.interpolation])
+        c = self.crop_size
+        top, left = int(round((new_h - c) / 2.0)), int(round((new_w - c) / 2.0))
+        image = image.crop((left, top, left + c, top + c))
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+    def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(N, 3, crop, crop) uint8 for a list of RGB images."""
+        return np.stack([self.to_uint8(im) for im in images])
+
+    def normalize(self, pixels):
+        """(N, 3, H, W) uint8 tensor -> float32 normalised with the weights' mean and std."""
+        import torch
+
         x = pixels.to(torch.float32).div_(255.0)
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -73,7 +90,7 @@ class Preprocessing:
         return cls(
             resize_size=int(t.resize_size[0]),
             crop_size=int(t.crop_size[0]),
-            interpolation=t.interpolation.value,
+            interpolation=t.interpolation.value,  # "bilinear" / "bicubic"
             mean=tuple(t.mean),
             std=tuple(t.std),
         )

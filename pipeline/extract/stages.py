@@ -1,6 +1,7 @@
 """The per-shard stages Ray Data runs: decode (CPU tasks) and encode (actors that own the model).
 
-Plain callables over row dicts; `run.py` wires them into a Dataset.
+Plain callables over row dicts; `run.py` wires them into a Dataset. Decoding never imports
+torch, so decode workers start fast and stay small.
 """
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 
-from ..encoders import Preprocessing
+from ..encoders.preprocess import Preprocessing
 from ..images import ImageDecodeError, decode_rgb
 from ..sources import ImageRecord
 
@@ -45,7 +45,7 @@ def decode_shard(row: dict, *, source, preprocessing: Preprocessing, max_pixels:
     ok = np.array([t is not None for t, _ in results], dtype=bool)
     size = preprocessing.crop_size
     tensors = [t for t, _ in results if t is not None]
-    pixels = torch.stack(tensors).numpy() if tensors else np.zeros((0, 3, size, size), np.uint8)
+    pixels = np.stack(tensors) if tensors else np.zeros((0, 3, size, size), np.uint8)
     errors = [e for _, e in results if e is not None]
     return {**row, "ok": ok, "pixels": pixels, "errors": json.dumps(errors)}
 
@@ -55,6 +55,8 @@ class EncodeShard:
 
     def __init__(self, *, encoder_spec, device: str, store_dtype: str, storage_options: dict | None = None,
                  torch_threads: int | None = None):
+        import torch
+
         from ..encoders import build_encoder
 
         if torch_threads:
@@ -65,10 +67,10 @@ class EncodeShard:
         log.info("encoder %s ready on %s", self.encoder.name, self.encoder.device)
 
     def __call__(self, row: dict) -> dict:
-        pixels = torch.from_numpy(np.ascontiguousarray(row["pixels"]))
+        pixels = row["pixels"]  # read-only view of the block: each batch is copied once below
         parts: dict[str, list[np.ndarray]] = {layer: [] for layer in self.encoder.layers}
         for start in range(0, len(pixels), self.batch_size):
-            out = self.encoder.encode(pixels[start:start + self.batch_size])
+            out = self.encoder.encode(np.array(pixels[start:start + self.batch_size]))
             for layer, t in out.items():
                 parts[layer].append(t.numpy().astype(self.store_dtype))
         result = {k: v for k, v in row.items() if k != "pixels"}
