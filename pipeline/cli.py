@@ -40,6 +40,32 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from .config import apply_overrides
+    from .probes.config import ProbeConfig
+    from .probes.job import run_probes
+
+    data = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    data = data.get("probes", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{args.config}: expected a mapping of probe settings")
+    config = ProbeConfig.from_dict(apply_overrides(data, args.overrides))
+    run = run_probes(args.store, config, version=args.version, out_uri=args.out, use_ray=not args.no_ray)
+    board = run.results.leaderboard()
+    print(board.to_string(index=False) if len(board) else "no successful probe group")
+    failed = run.results.failures
+    if len(failed):
+        print(f"{len(failed)} probe group(s) failed:")
+        for _, row in failed.iterrows():
+            print(f"  task={row['task']} layer={row['layer']}: {row['error']}")
+    print(f"results: {run.out_uri}/results.parquet")
+    return 0
+
+
 def _cmd_refresh(args: argparse.Namespace) -> int:
     from .config import ExtractConfig, load_config
     from .extract.refresh import run_refresh
@@ -116,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=False, help="YAML config (see configs/)")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. store.root=s3://bucket/features")
     s.set_defaults(func=_cmd_extract)
+
+    s = sub.add_parser("probe", help="train the probe grid (heads x layers x tasks) on a feature store")
+    s.add_argument("--store", required=True, help="feature set URI")
+    s.add_argument("--config", help="YAML with probe settings (top level or under 'probes:')")
+    s.add_argument("--version", type=int, default=None, help="pin a store version (default: latest)")
+    s.add_argument("--out", default=None, help="where results go (default: <store>/probes/v<version>-<hash>)")
+    s.add_argument("--no-ray", action="store_true", help="train in this process instead of Ray tasks")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tasks=[digit] few_shot=[5,null]")
+    s.set_defaults(func=_cmd_probe)
 
     s = sub.add_parser("refresh", help="encode only new or changed images and commit a new version")
     s.add_argument("--config", required=False)

@@ -1,12 +1,16 @@
-"""The demo: generate the digits dataset, encode it with the bundled pretrained encoder, read it back."""
+"""The demo: generate the digits dataset, encode it with the bundled pretrained encoder, probe every layer."""
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
 from pathlib import Path
 
+import yaml
+
 from .config import ExtractConfig, load_config
 from .extract import run_extract
+from .probes.config import ProbeConfig
+from .probes.job import run_probes
 from .sources.demo import write_demo
 from .stores import FeatureStore
 
@@ -34,4 +38,11 @@ def run_demo(*, data_dir: str | Path = "data", store_root: str | Path = "stores"
     for layer, dim in info["layers"].items():
         print(f"  {layer:<10} dim {dim:<5} -> {store.layer(layer).shape}")
     print(f"inspect it: .venv/bin/strata inspect {summary.store_uri}")
+
+    probe_cfg = yaml.safe_load((REPO / "configs" / "probes-digits.yaml").read_text())["probes"]
+    run = run_probes(summary.store_uri, ProbeConfig.from_dict(probe_cfg))
+    print()
+    print("best layer and head per task (validation-selected, test reported once):")
+    print(run.results.leaderboard().to_string(index=False))
+    print(f"probe results: {run.out_uri}/results.parquet")
     return 0

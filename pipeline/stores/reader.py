@@ -100,8 +100,14 @@ class FeatureStore:
         return self._index.filter(pc.equal(self._index.column("status"), "ok"))
 
     def index(self):
-        """The index as a pandas DataFrame (probes' FeatureTable protocol)."""
-        return self.index_table().to_pandas()
+        """The index as a pandas DataFrame (probes' FeatureTable protocol).
+
+        An all-empty `split` column is dropped: no split was recorded, so probes generate one.
+        """
+        df = self.index_table().to_pandas()
+        if "split" in df.columns and df["split"].isna().all():
+            df = df.drop(columns="split")
+        return df
 
     def errors(self) -> pa.Table:
         tables = [self._read_parquet(layout.errors_path(self.base, s), ERRORS_SCHEMA) for s in self.manifest["shards"]]
