@@ -1,0 +1,69 @@
+"""End to end on the digits demo: pretrained features transfer, random features and raw pixels do worse."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+
+from pipeline.config import ExtractConfig, load_config
+from pipeline.extract import run_extract
+from pipeline.probes.config import ProbeConfig
+from pipeline.probes.job import run_probes
+from pipeline.sources.demo import write_digits
+
+N = 1000
+LAYERS = "[blocks.2,blocks.4,blocks.6,bn2]"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    write_digits(root)
+    manifest = pd.read_csv(root / "manifest.csv")
+    subset = manifest.sample(n=N, random_state=0).sort_values("image_id")
+    subset.to_csv(root / "subset.csv", index=False)
+    return root
+
+
+def _extract(digits, store_root, weights):
+    cfg = load_config(ExtractConfig, None, ["source.kind=manifest", f"source.uri={digits / 'subset.csv'}",
+                                            f"store.root={store_root}", f"encoder.layers={LAYERS}",
+                                            f"encoder.weights={weights}", "encoder.pooling=multiscale",
+                                            "store.shard_rows=128",
+                                            "store.chunk_rows=64"])
+    return run_extract(cfg).store_uri
+
+
+PROBES = ProbeConfig.from_dict({"tasks": ["digit"], "heads": [{"kind": "linear", "lrs": [0.01, 0.1],
+                                                               "weight_decays": [1e-4, 1e-3, 1e-2]}],
+                                "split": {"train": 0.5, "val": 0.25, "test": 0.25, "seed": 0}, "epochs": 100})
+
+
+def _best_test_accuracy(store_uri):
+    board = run_probes(store_uri, PROBES).results.leaderboard()
+    return float(board.loc[board.task == "digit", "test_accuracy"].iloc[0])
+
+
+@pytest.mark.slow
+def test_pretrained_layers_beat_pixels_and_random_features(ray_local, digits, tmp_path):
+    from pipeline.probes.splits import split_task
+    from pipeline.stores import FeatureStore
+
+    pretrained_uri = _extract(digits, tmp_path / "s", "imagenet")
+    pretrained = _best_test_accuracy(pretrained_uri)
+    random_init = _best_test_accuracy(_extract(digits, tmp_path / "s", "random:0"))
+
+    # logistic regression on the raw pixels of the same images, on the probes' own split
+    index = FeatureStore(pretrained_uri).index()
+    split = split_task(index, PROBES.tasks[0], PROBES.split)
+    pixels = np.stack([np.asarray(Image.open(digits / i).convert("L"), np.float32).ravel() / 255
+                       for i in index.image_id])
+    y = index["digit"].to_numpy()
+    clf = LogisticRegression(max_iter=3000).fit(pixels[split.rows["train"]], y[split.rows["train"]])
+    raw = clf.score(pixels[split.rows["test"]], y[split.rows["test"]])
+
+    print(f"digit test accuracy: pretrained {pretrained:.3f}, raw pixels {raw:.3f}, random init {random_init:.3f}")
+    assert pretrained > raw, (pretrained, raw)
+    assert pretrained > random_init, (pretrained, random_init)
