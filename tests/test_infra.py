@@ -141,7 +141,13 @@ def test_yaml_parses(path: Path) -> None:
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=rel)
 def test_configs_validate(path: Path) -> None:
-    validate_extract(load_config(ExtractConfig, path))
+    data = yaml.safe_load(path.read_text())
+    if "probes" in data:  # a probe grid config (strata probe --config)
+        from pipeline.probes.config import ProbeConfig
+
+        ProbeConfig.from_dict(data["probes"])
+    else:
+        validate_extract(load_config(ExtractConfig, path))
 
 
 # --- Ray cluster launcher ----------------------------------------------------------------------
