@@ -112,3 +112,10 @@ def test_cuda_refused_without_gpu():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match="CUDA is not available"):
         build_encoder(EncoderSpec(name="resnet18", weights="random", device="cuda"))
+
+
+def test_per_layer_pooling_overrides_the_default():
+    enc = build_encoder(EncoderSpec(name="efficientnet_lite0", weights="random:0", layers=("blocks.2", "classifier"),
+                                    pooling="multiscale", layer_pooling={"classifier": "avg"}), device="cpu")
+    assert enc.pooling == {"blocks.2": "multiscale", "classifier": "avg"}
+    assert enc.layer_dims == {"blocks.2": 40 * 5, "classifier": 1000}

@@ -78,7 +78,7 @@ class FrozenEncoder:
         self.model: nn.Module = built.model
         self.layers = normalize_layers(layers or resolve_entry(name).default_layers or [-1], self.model)
         per_layer = pooling if isinstance(pooling, Mapping) else {}
-        unknown = sorted(set(per_layer) - set(self.layers))
+        unknown = sorted(set(per_layer) - set(self.layers) - {"default"})
         if unknown:
             raise ValueError(f"pooling given for layers not requested: {unknown}; requested: {self.layers}")
         default = pooling if isinstance(pooling, str) else per_layer.get("default", "avg")
