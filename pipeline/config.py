@@ -62,6 +62,9 @@ class RunSpec:
     gpus_per_encoder: float | None = None  # None: 1 when the cluster has GPUs, else 0
     decode_concurrency: int | None = None
     torch_threads: int | None = None  # per CPU encoder actor; None: the node's cores / num_encoders
+    # At most this many images to encode: do it in the driver with its encoder and skip Ray's start-up
+    # (small refreshes, retries). 0 always uses Ray.
+    local_max_images: int = 64
     max_error_fraction: float = 0.05
     max_image_pixels: int = 89_478_485
     ray_address: str | None = None

@@ -30,7 +30,7 @@ def _cfg(images, root):
                                              f"store.root={root}", *TINY])
 
 
-def test_add_change_delete_then_noop(ray_local, dataset, tmp_path):
+def test_add_change_delete_then_noop(ray_local, dataset, tmp_path, caplog):
     images, spare = dataset
     cfg = _cfg(images, tmp_path / "stores")
     first = run_refresh(cfg)  # no store yet: a full extraction
@@ -42,7 +42,9 @@ def test_add_change_delete_then_noop(ray_local, dataset, tmp_path):
     (images / "00020.png").unlink()                                   # deleted
     for k in (81, 82, 83):
         shutil.copy(spare / f"000{k}.png", images / f"new-{k}.png")   # added
-    second = run_refresh(cfg)
+    with caplog.at_level("INFO", logger="pipeline.extract.run"):
+        second = run_refresh(cfg)
+    assert "encoding 4 images in the driver" in caplog.text  # too few to be worth Ray's start-up
     assert (second.added, second.changed, second.deleted, second.unchanged) == (3, 1, 1, 78)
     assert second.version == 2
     assert second.extract.images == 4  # only added + changed were encoded

@@ -14,7 +14,7 @@ from ..stores import FeatureStore, FeatureStoreWriter
 from ..stores.writer import schema_from_json
 from ..stores.reader import NoCommittedVersionError
 from .plan import ExtractPlan, build_plan, make_shards
-from .run import ExtractSummary, execute, prepare_encoder, run_extract
+from .run import ExtractSummary, execute, extract_plan, prepare_encoder
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def run_refresh(cfg: ExtractConfig) -> RefreshSummary:
         current = FeatureStore(plan.target.uri, storage_options=plan.target.storage_options)
     except (FileNotFoundError, NoCommittedVersionError):
         log.info("no committed version of %s yet: full extraction", plan.target.featureset)
-        summary = run_extract(cfg)
+        summary = extract_plan(cfg, encoder, plan)
         return RefreshSummary(plan.target.uri, summary.version, summary.images, 0, 0, 0,
                               time.perf_counter() - t0, summary)
 
@@ -84,8 +84,8 @@ def run_refresh(cfg: ExtractConfig) -> RefreshSummary:
                    labels=schema_from_json(current.meta["label_schema"]))
     log.info("refresh: %d added, %d changed, %d deleted, %d unchanged -> %d new shards",
              len(added), len(changed), len(deleted), unchanged, len(new_shards))
-    summary = execute(cfg, refresh_plan, writer, layers=list(encoder.layers), preprocessing=encoder.preprocessing,
-                      tombstone_rows=tombstones, keep_shards=current.manifest["shards"])
+    summary = execute(cfg, refresh_plan, writer, encoder, tombstone_rows=tombstones,
+                      keep_shards=current.manifest["shards"])
     result = RefreshSummary(plan.target.uri, summary.version, len(added), len(changed), len(deleted), unchanged,
                             time.perf_counter() - t0, summary)
     log.info("%s", result)

@@ -13,7 +13,7 @@ from ..stores import FeatureStore, FeatureStoreWriter, label_schema
 from ..stores.reader import list_versions
 from .plan import ExtractPlan, build_plan, build_source
 from .sink import ErrorBudget, ErrorBudgetExceeded, FeatureStoreDatasink
-from .stages import EncodeShard, decode_shard
+from .stages import EncodeShard, decode_shard, encode_row, row_to_shard
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,18 @@ def prepare_encoder(cfg: ExtractConfig):
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     validate_extract(cfg)
     encoder = prepare_encoder(cfg)
-    provenance = encoder.provenance()
-    plan = build_plan(cfg, provenance)
+    return extract_plan(cfg, encoder, build_plan(cfg, encoder.provenance()))
+
+
+def extract_plan(cfg: ExtractConfig, encoder, plan: ExtractPlan) -> ExtractSummary:
+    """A full extraction of `plan` into a fresh (or resumed) feature set."""
     writer = FeatureStoreWriter(plan.target)
-    writer.prepare(n_rows=len(plan.records), layer_dims=encoder.layer_dims, provenance=provenance,
+    writer.prepare(n_rows=len(plan.records), layer_dims=encoder.layer_dims, provenance=encoder.provenance(),
                    labels=label_schema(plan.records))
-    return execute(cfg, plan, writer, layers=list(encoder.layers), preprocessing=encoder.preprocessing)
+    return execute(cfg, plan, writer, encoder)
 
 
-def execute(cfg: ExtractConfig, plan: ExtractPlan, writer: FeatureStoreWriter, *, layers, preprocessing,
+def execute(cfg: ExtractConfig, plan: ExtractPlan, writer: FeatureStoreWriter, encoder, *,
             tombstone_rows=(), keep_shards=()) -> ExtractSummary:
     """Encode the plan's shards that are not committed yet, then commit a version of them plus `keep_shards`.
 
@@ -79,9 +82,13 @@ def execute(cfg: ExtractConfig, plan: ExtractPlan, writer: FeatureStoreWriter, *
     for attempt in range(3):
         if not todo:
             break
-        _ensure_ray(cfg.run.ray_address)
-        sink = _run_pipeline(cfg, todo, plan, layers=layers, preprocessing=preprocessing)
-        encoded += sum(r["n_ok"] for r in sink.records)
+        if sum(len(s.records) for s in todo) <= cfg.run.local_max_images:
+            records = _run_local(cfg, todo, writer, encoder)
+        else:
+            _ensure_ray(cfg.run.ray_address)
+            records = _run_pipeline(cfg, todo, plan, layers=list(encoder.layers),
+                                    preprocessing=encoder.preprocessing).records
+        encoded += sum(r["n_ok"] for r in records)
         todo = _lost_shards(writer, todo)
     if todo:
         raise RuntimeError(f"shards {[s.shard_id for s in todo]} lost files after being written three times; "
@@ -101,6 +108,20 @@ def execute(cfg: ExtractConfig, plan: ExtractPlan, writer: FeatureStoreWriter, *
                              int(fs.du(base)) if fs.exists(base) else 0)
     log.info("%s", summary)
     return summary
+
+
+def _run_local(cfg: ExtractConfig, todo, writer: FeatureStoreWriter, encoder) -> list[dict]:
+    """The same stages in this process, with the driver's encoder: no Ray start-up for a handful of images."""
+    log.info("encoding %d images in the driver (run.local_max_images=%d)", sum(len(s.records) for s in todo),
+             cfg.run.local_max_images)
+    source = build_source(cfg.source)
+    records = []
+    for shard in todo:
+        row = decode_shard(shard.to_item(), source=source, preprocessing=encoder.preprocessing,
+                           max_pixels=cfg.run.max_image_pixels)
+        row = encode_row(encoder, row, batch_size=cfg.encoder.batch_size, store_dtype=cfg.store.dtype)
+        records.append(writer.write_shard(row_to_shard(row, encoder.layers)))
+    return records
 
 
 def _lost_shards(writer: FeatureStoreWriter, shards) -> list:

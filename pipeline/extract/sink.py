@@ -1,18 +1,15 @@
 """Ray Data sink for feature stores: workers write whole shards, the driver commits the version."""
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 
-import numpy as np
 import ray
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import Datasink, WriteResult
 
-from ..stores import EncodedShard, FeatureStoreWriter, StoreTarget
-from ..stores.writer import shard_plan_hash
-from .stages import FEATURE_PREFIX
+from ..stores import FeatureStoreWriter, StoreTarget
+from .stages import row_to_shard
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +34,6 @@ class ErrorBudget:
         self.images += images
         self.errors += errors
         return self.images, self.errors, self.errors > self.max_fraction * self.total
-
-
-def row_to_shard(row: dict, layers: Iterable[str]) -> EncodedShard:
-    records = json.loads(row["records"])
-    return EncodedShard(
-        shard_id=int(row["shard_id"]),
-        row_start=int(row["row_start"]),
-        records=records,
-        ok=np.asarray(row["ok"], dtype=bool),
-        features={layer: np.asarray(row[FEATURE_PREFIX + layer]) for layer in layers},
-        errors=json.loads(row["errors"]),
-        plan_hash=shard_plan_hash(records),
-    )
 
 
 class FeatureStoreDatasink(Datasink[list]):

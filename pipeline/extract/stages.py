@@ -14,6 +14,7 @@ import numpy as np
 from ..encoders.preprocess import Preprocessing
 from ..images import ImageDecodeError, decode_rgb
 from ..sources import ImageRecord
+from ..stores import EncodedShard, shard_plan_hash
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,32 @@ class EncodeShard:
         log.info("encoder %s ready on %s", self.encoder.name, self.encoder.device)
 
     def __call__(self, row: dict) -> dict:
-        pixels = row["pixels"]  # read-only view of the block: each batch is copied once below
-        parts: dict[str, list[np.ndarray]] = {layer: [] for layer in self.encoder.layers}
-        for start in range(0, len(pixels), self.batch_size):
-            out = self.encoder.encode(np.array(pixels[start:start + self.batch_size]))
-            for layer, t in out.items():
-                parts[layer].append(t.numpy().astype(self.store_dtype))
-        result = {k: v for k, v in row.items() if k != "pixels"}
-        for layer, chunks in parts.items():
-            dim = self.encoder.layer_dims[layer]
-            result[FEATURE_PREFIX + layer] = np.concatenate(chunks) if chunks else np.zeros((0, dim), self.store_dtype)
-        return result
+        return encode_row(self.encoder, row, batch_size=self.batch_size, store_dtype=self.store_dtype)
+
+
+def encode_row(encoder, row: dict, *, batch_size: int, store_dtype) -> dict:
+    """Decoded shard row -> the same row with `features/<layer>` arrays instead of pixels."""
+    pixels = row["pixels"]  # may be a read-only view of a Ray block: each batch is copied once below
+    parts: dict[str, list[np.ndarray]] = {layer: [] for layer in encoder.layers}
+    for start in range(0, len(pixels), batch_size):
+        out = encoder.encode(np.array(pixels[start:start + batch_size]))
+        for layer, t in out.items():
+            parts[layer].append(t.numpy().astype(store_dtype))
+    result = {k: v for k, v in row.items() if k != "pixels"}
+    for layer, chunks in parts.items():
+        dim = encoder.layer_dims[layer]
+        result[FEATURE_PREFIX + layer] = np.concatenate(chunks) if chunks else np.zeros((0, dim), store_dtype)
+    return result
+
+
+def row_to_shard(row: dict, layers) -> EncodedShard:
+    records = json.loads(row["records"])
+    return EncodedShard(
+        shard_id=int(row["shard_id"]),
+        row_start=int(row["row_start"]),
+        records=records,
+        ok=np.asarray(row["ok"], dtype=bool),
+        features={layer: np.asarray(row[FEATURE_PREFIX + layer]) for layer in layers},
+        errors=json.loads(row["errors"]),
+        plan_hash=shard_plan_hash(records),
+    )
