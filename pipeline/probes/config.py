@@ -105,7 +105,14 @@ class SplitSpec:
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """Everything a probe grid needs; build it with `ProbeConfig.from_dict` to get validation."""
+    """Everything a probe grid needs; build it with `ProbeConfig.from_dict` to get validation.
+
+    layers None = every layer of the table. few_shot: k training examples per class, each k a
+    grid axis (None = all training data). batch_size is an upper bound: a small training set is
+    cut into at least 10 minibatches an epoch. patience: epochs without a lower validation loss
+    before a head stops (it keeps its lowest-loss state). selection_metric picks heads and
+    layers on validation (regression tasks always use r2). device "auto" = cuda when present.
+    """
 
     tasks: tuple[TaskSpec, ...]
     layers: tuple[str, ...] | None = None

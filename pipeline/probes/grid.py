@@ -4,13 +4,16 @@ For each few-shot k (each k has its own training rows and so its own standardisa
 statistics) the group:
 - standardises the layer's features once with the training-row mean/std;
 - trains EVERY linear head (all linear specs x lr x weight decay, with or without L2
-  normalisation) as one batched computation: a weight tensor (H, d, C), one shared
-  minibatch, `einsum` for all logits, the per-head losses summed, and a vectorised AdamW
-  whose lr and weight decay are per-head vectors. Heads are independent, so this equals
-  training each alone with the same seed (tests/test_probes_grid.py checks it against
-  torch.optim.AdamW on one LinearProbe). Early stopping on validation is per head; each head
-  keeps its best state, stopped heads are dropped from the batch;
-- trains MLP heads and learnable prototypes one by one (same loop, torch.optim.AdamW);
+  normalisation) as one batched computation: the weights of all H heads form one (d, H*C)
+  matrix, each shared minibatch costs one matmul forward and one backward (the softmax /
+  MSE gradients are written out, so there is no autograd graph), and one vectorised Adam
+  step whose lr and L2 penalty are per-head vectors, under a cosine lr decay. Heads are
+  independent, so this equals training each alone with the same seed
+  (tests/test_probes_grid.py checks it against an autograd LinearProbe with torch.optim.Adam).
+  Early stopping on validation is per head; each head keeps its best state and stopped heads
+  are dropped from the batch;
+- trains MLP heads (AdamW) and learnable prototypes ONE BY ONE with the same minibatch loop
+  (not batched: dropout / batch norm make a batched MLP more code than it saves here);
 - fits fixed prototypes in closed form and evaluates all kNN k values from one top-k search;
 - selects on validation (best per head kind, and best overall), then computes test metrics
   once, for the selected heads only.
@@ -48,7 +51,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Fit:
     """Training settings shared by every head of a group."""
 
@@ -58,6 +61,12 @@ class Fit:
     patience: int = 10
     seed: int = 0
     metric: str = "accuracy"  # "r2" for regression
+    min_batches: int = 10
+
+    def batch_for(self, n: int) -> int:
+        """batch_size, or less for a small training set: at least `min_batches` steps per epoch
+        (down to 16 rows a batch), so that `epochs` buys enough optimizer steps."""
+        return max(1, min(self.batch_size, max(16, math.ceil(n / self.min_batches))))
 
 
 @dataclass
@@ -67,36 +76,33 @@ class LinearGridResult:
     weight: torch.Tensor  # (H, d, C)
     bias: torch.Tensor  # (H, C)
     best_epoch: torch.Tensor  # (H,)
-    val_score: torch.Tensor  # (H,)
+    val_score: torch.Tensor  # (H,) selection metric of the kept (lowest validation loss) state
     steps: int  # optimizer steps of the batched computation
 
 
 class _Tracker:
-    """Per-head early stopping on the validation score.
+    """Per-head early stopping on the validation loss (cross-entropy / MSE).
 
-    A head's kept state is its best (score, then lower loss) epoch; its patience runs out after
-    `patience` epochs without a better score.
+    The loss is smooth where accuracy on a small validation set is noisy, so a head keeps its
+    lowest-loss epoch and stops after `patience` epochs without a lower loss; the validation
+    score of that kept state is what model selection compares.
     """
 
     def __init__(self, n: int, patience: int, device: torch.device) -> None:
-        self.best = torch.full((n,), -math.inf, device=device)
+        self.best = torch.full((n,), -math.inf, device=device)  # score at the kept state
         self.best_loss = torch.full((n,), math.inf, device=device)
         self.best_epoch = torch.zeros(n, dtype=torch.long, device=device)
-        self.last_gain = torch.zeros(n, dtype=torch.long, device=device)
         self.patience = patience
 
     def update(self, heads: torch.Tensor, score: torch.Tensor, loss: torch.Tensor, epoch: int) -> tuple:
         """Returns (improved, still_alive) masks over `heads`."""
-        score = torch.nan_to_num(score, nan=-math.inf)
-        best, best_loss = self.best[heads], self.best_loss[heads]
-        gain = score > best + 1e-9
-        improved = gain | ((score >= best - 1e-9) & (loss < best_loss))
-        self.best[heads] = torch.where(improved, score, best)
-        self.best_loss[heads] = torch.where(improved, loss, best_loss)
-        at = torch.full_like(heads, epoch)
-        self.best_epoch[heads] = torch.where(improved, at, self.best_epoch[heads])
-        self.last_gain[heads] = torch.where(gain, at, self.last_gain[heads])
-        return improved, (epoch - self.last_gain[heads]) < self.patience
+        loss = torch.nan_to_num(loss.to(self.best_loss.dtype), nan=math.inf)
+        score = score.to(self.best.dtype)
+        improved = loss < self.best_loss[heads]
+        self.best[heads] = torch.where(improved, torch.nan_to_num(score, nan=-math.inf), self.best[heads])
+        self.best_loss[heads] = torch.where(improved, loss, self.best_loss[heads])
+        self.best_epoch[heads] = torch.where(improved, torch.full_like(heads, epoch), self.best_epoch[heads])
+        return improved, (epoch - self.best_epoch[heads]) < self.patience
 
 
 def _loss(out: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.Tensor:
@@ -125,24 +131,25 @@ def train_linear_grid(z_train: torch.Tensor, y_train: torch.Tensor, z_val: torch
     any H, so each head follows exactly the path it would follow alone.
     """
     dev, (n, d), H = z_train.device, z_train.shape, len(lrs)
-    W = torch.zeros(d, H, n_out, device=dev)
-    b = torch.zeros(H, n_out, device=dev)
+    W = torch.zeros(d, H, n_out, device=dev, dtype=z_train.dtype)
+    b = torch.zeros(H, n_out, device=dev, dtype=z_train.dtype)
     opt = [torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)]  # Adam m, v
-    lr = torch.tensor(lrs, device=dev, dtype=torch.float32)
-    wd = torch.tensor(weight_decays, device=dev, dtype=torch.float32)
+    lr = torch.tensor(lrs, device=dev, dtype=z_train.dtype)
+    wd = torch.tensor(weight_decays, device=dev, dtype=z_train.dtype)
     l2 = torch.tensor(l2_normalize, device=dev)
     live = torch.arange(H, device=dev)  # original ids of the heads still training
     best_W, best_b = W.clone(), b.clone()
     tracker = _Tracker(H, fit.patience, dev)
     gen = torch.Generator().manual_seed(fit.seed)
-    total = min(fit.epochs * math.ceil(n / fit.batch_size), fit.max_steps or math.inf)
+    bs = fit.batch_for(n)
+    total = min(fit.epochs * math.ceil(n / bs), fit.max_steps or math.inf)
     step = 0
     for epoch in range(1, fit.epochs + 1):
         perm = torch.randperm(n, generator=gen).to(dev)
-        for start in range(0, n, fit.batch_size):
+        for start in range(0, n, bs):
             if step >= total:
                 break
-            idx = perm[start:start + fit.batch_size]
+            idx = perm[start:start + bs]
             x = z_train[idx]
             scale = _row_scale(x, l2)
             out = (x @ W.view(d, -1)).view(len(idx), -1, n_out) * scale[..., None] + b
@@ -185,7 +192,7 @@ def _dloss(out: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.Tensor
 def _evaluate(z, y, W, b, l2, regression, chunk_elems: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
     """Predictions (H, n) and mean loss (H,) of the batched heads, in row chunks."""
     d, H, C = W.shape
-    preds, loss = [], torch.zeros(H, device=z.device)
+    preds, loss = [], torch.zeros(H, device=z.device, dtype=z.dtype)
     rows = max(1, chunk_elems // max(1, H * C))
     for s in range(0, len(z), rows):
         x, t = z[s:s + rows], y[s:s + rows]
@@ -202,7 +209,7 @@ def _evaluate(z, y, W, b, l2, regression, chunk_elems: int = 1 << 24) -> tuple[t
 def _row_scale(x: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
     """(B, H) factor: sqrt(d)/||x_b|| for L2-normalising heads, 1 for the others."""
     if not bool(l2.any()):
-        return torch.ones(len(x), len(l2), device=x.device)
+        return torch.ones(len(x), len(l2), device=x.device, dtype=x.dtype)
     inv = math.sqrt(x.shape[1]) / x.norm(dim=1).clamp_min(1e-12)
     return torch.where(l2[None, :], inv[:, None], torch.ones_like(inv)[:, None])
 
@@ -230,7 +237,8 @@ def fit_module(head: ProbeHead, z_train: torch.Tensor, y_train: torch.Tensor, z_
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     opt = (torch.optim.AdamW if decoupled else torch.optim.Adam)(groups, lr=lr)
-    total = min(fit.epochs * math.ceil(len(z_train) / fit.batch_size), fit.max_steps or math.inf)
+    bs = fit.batch_for(len(z_train))
+    total = min(fit.epochs * math.ceil(len(z_train) / bs), fit.max_steps or math.inf)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _cosine(i + 1, total))
     tracker = _Tracker(1, fit.patience, z_train.device)
     one = torch.zeros(1, dtype=torch.long, device=z_train.device)
@@ -240,8 +248,8 @@ def fit_module(head: ProbeHead, z_train: torch.Tensor, y_train: torch.Tensor, z_
     for epoch in range(1, fit.epochs + 1):
         head.train()
         perm = torch.randperm(n, generator=gen).to(z_train.device)
-        for start in range(0, n, fit.batch_size):
-            idx = perm[start:start + fit.batch_size]
+        for start in range(0, n, bs):
+            idx = perm[start:start + bs]
             if has_bn and len(idx) < 2 or step >= total:
                 continue
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,138 @@
+"""Benchmark: strata's batched linear-probe grid vs scikit-learn LogisticRegression fitted head by head.
+
+Synthetic but realistic cached features: 20,000 float16 rows, four layers (dims 32/96/320/1280)
+that carry a latent class structure through a random non-linear projection plus noise (deeper
+layers: more of the fine-grained signal; earlier layers: more of an attribute signal), three
+label tasks (20 fine classes, 5 coarse classes, 4 attribute classes). Every (task, layer) group
+gets the same number of linear heads on both sides (strata: L2 penalties; sklearn: C values),
+the same split and train-only standardisation; both select on validation and report test.
+
+    python benchmarks/bench_probes.py            # 20k rows, 4 layers x 3 tasks x 5 settings = 60 heads
+    python benchmarks/bench_probes.py --quick    # 5k rows, small dims, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.probes import InMemoryFeatureTable, ProbeConfig, run_probe_grid, split_task
+
+
+def make_table(n: int, dims: list[int], seed: int = 0) -> InMemoryFeatureTable:
+    """Latent fine/coarse/attribute classes -> per-layer non-linear random projections + noise."""
+    rng = np.random.default_rng(seed)
+    fine = rng.integers(0, 20, n)
+    coarse = fine // 4
+    attr = rng.integers(0, 4, n)
+    coarse_mu = rng.normal(size=(5, 48)) * 1.0
+    fine_mu = coarse_mu[np.arange(20) // 4] + rng.normal(size=(20, 48)) * 0.6
+    attr_mu = rng.normal(size=(4, 16)) * 1.0
+    latent_f = fine_mu[fine] + rng.normal(size=(n, 48)) * 1.5
+    latent_a = attr_mu[attr] + rng.normal(size=(n, 16)) * 1.0
+    feats = {}
+    for depth, d in enumerate(dims):
+        w_sem = (depth + 1) / len(dims)  # semantic (fine/coarse) signal grows with depth, attribute fades
+        latent = np.concatenate([latent_f * w_sem, latent_a * (1.2 - w_sem)], axis=1)
+        proj = rng.normal(size=(latent.shape[1], d)) / np.sqrt(latent.shape[1])
+        h = latent @ proj
+        x = np.maximum(h, 0) + 0.1 * h + rng.normal(size=(n, d)) * 0.5  # leaky-ReLU-like features + noise
+        feats[f"layer{depth + 1}_d{d}"] = x.astype(np.float16)
+    index = pd.DataFrame({"image_id": [f"img{i:06d}" for i in range(n)], "fine": fine, "coarse": coarse,
+                          "attribute": attr})
+    return InMemoryFeatureTable(feats, index)
+
+
+def run_sklearn(table: InMemoryFeatureTable, cfg: ProbeConfig, cs: list[float], max_iter: int) -> pd.DataFrame:
+    """One LogisticRegression per (task, layer, C); select C on val, report test."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    rows = []
+    for task in cfg.tasks:
+        split = split_task(table.index(), task, cfg.split)
+        y = split.targets
+        tr, va, te = split.rows["train"], split.rows["val"], split.rows["test"]
+        for layer in table.layers:
+            t0 = time.perf_counter()
+            x = table.features(layer).astype(np.float32)
+            mean, std = x[tr].mean(0), np.maximum(x[tr].std(0), 1e-6)
+            z = (x - mean) / std
+            best = (-1.0, None)
+            for c in cs:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    model = LogisticRegression(C=c, max_iter=max_iter).fit(z[tr], y[tr])
+                acc = float((model.predict(z[va]) == y[va]).mean())
+                if acc > best[0]:
+                    best = (acc, model)
+            test = float((best[1].predict(z[te]) == y[te]).mean())
+            rows.append({"task": task.name, "layer": layer, "sk_time_s": time.perf_counter() - t0, "sk_val": best[0],
+                         "sk_test": test, "sk_C": best[1].C})
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="5k rows, dims 32/96/320/640: a few seconds")
+    ap.add_argument("--rows", type=int, default=None)
+    ap.add_argument("--ray", action="store_true", help="fan the groups out over a local Ray (init time excluded)")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-iter", type=int, default=1000, help="sklearn max_iter (lbfgs)")
+    ap.add_argument("--no-sklearn", action="store_true", help="time strata only")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    n = args.rows or (5_000 if args.quick else 20_000)
+    dims = [32, 96, 320, 640] if args.quick else [32, 96, 320, 1280]
+    table = make_table(n, dims)
+    wds = [1e-4, 1e-3, 1e-2, 3e-2, 1e-1]  # L2 penalties (strata) ...
+    cs = [1e-3, 1e-2, 1e-1, 1.0, 10.0]  # ... and inverse L2 strengths (sklearn): 5 heads per group each
+    cfg = ProbeConfig.from_dict({
+        "tasks": ["fine", "coarse", "attribute"], "device": args.device, "epochs": args.epochs,
+        "batch_size": 1024, "patience": 10, "seed": 0,
+        "heads": [{"kind": "linear", "lrs": [1e-2], "weight_decays": wds}],
+    })
+    print(f"rows={n} layers={dims} tasks=3 heads/group={len(wds)} -> {len(dims) * 3 * len(wds)} linear heads; "
+          f"torch threads={torch.get_num_threads()} cpus={os.cpu_count()}")
+    if args.ray:
+        import ray
+
+        ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    t0 = time.perf_counter()
+    res = run_probe_grid(table, cfg, use_ray=args.ray)
+    strata_s = time.perf_counter() - t0
+    t = res.table
+    assert (t["status"] == "ok").all(), t[t["status"] != "ok"]
+    sel = t[t["selected"]].set_index(["task", "layer"])
+    ours = pd.DataFrame({"strata_time_s": t.groupby(["task", "layer"])["train_time_s"].sum(),
+                         "strata_val": sel["val_accuracy"], "strata_test": sel["test_accuracy"],
+                         "strata_wd": sel["hparams"].map(lambda h: json.loads(h)["weight_decay"]),
+                         "strata_epochs": sel["best_epoch"]}).reset_index()
+    if args.no_sklearn:
+        print(ours.round(4).to_string(index=False), f"\nstrata: {strata_s:.2f} s")
+        return
+    t1 = time.perf_counter()
+    sk = run_sklearn(table, cfg, cs, args.max_iter)
+    sk_s = time.perf_counter() - t1
+    both = ours.merge(sk, on=["task", "layer"])
+    both["test_diff_pts"] = 100 * (both["strata_test"] - both["sk_test"])
+    pd.set_option("display.width", 200)
+    print(both.round(4).to_string(index=False))
+    print(f"\nstrata batched grid (whole run_probe_grid{', Ray' if args.ray else ', in-process'}): {strata_s:.2f} s")
+    print(f"sklearn LogisticRegression head by head ({len(sk) * len(cs)} fits):            {sk_s:.2f} s")
+    print(f"speed-up: {sk_s / strata_s:.1f}x   mean test accuracy strata={both['strata_test'].mean():.4f} "
+          f"sklearn={both['sk_test'].mean():.4f}   worst group diff={both['test_diff_pts'].min():+.2f} pts, "
+          f"mean diff={both['test_diff_pts'].mean():+.2f} pts")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""ProbeConfig.from_dict: defaults, coercion, refusals that name the valid choices."""
+
+import json
+
+import pytest
+
+from pipeline.probes.config import KNNHeadSpec, LinearHeadSpec, ProbeConfig, PrototypeHeadSpec, TaskSpec
+
+
+def test_from_dict_builds_typed_config():
+    c = ProbeConfig.from_dict({
+        "tasks": ["species", {"name": "weight", "type": "regression"}],
+        "layers": ["blocks.3", "blocks.5"],
+        "heads": ["linear", {"kind": "knn", "ks": 5}, {"kind": "prototype", "metric": "euclidean"},
+                  {"kind": "mlp", "hidden_sizes": [64, 32], "lrs": [1e-3, 1e-2]}, "auto"],
+        "split": {"train": 0.8, "val": 0.1, "test": 0.1, "seed": 3},
+        "few_shot": [None, 5],
+        "device": "cpu",
+    })
+    assert c.tasks == (TaskSpec("species"), TaskSpec("weight", "regression"))
+    assert c.layers == ("blocks.3", "blocks.5")
+    assert isinstance(c.heads[0], LinearHeadSpec) and c.heads[1] == KNNHeadSpec(ks=(5,))
+    assert c.heads[2] == PrototypeHeadSpec(metric="euclidean")
+    assert c.heads[3].hidden_sizes == (64, 32) and c.heads[3].lrs == (1e-3, 1e-2)
+    assert c.split.seed == 3 and c.few_shot == (None, 5)
+    # the resolved config is plain data and round-trips
+    d = json.loads(json.dumps(c.to_dict()))
+    assert ProbeConfig.from_dict(d) == c
+
+
+@pytest.mark.parametrize("d, needle", [
+    ({"tasks": ["a"], "epoch": 3}, "valid keys"),
+    ({"tasks": ["a"], "heads": [{"kind": "svm"}]}, "valid kinds: ['linear', 'mlp', 'prototype', 'knn', 'auto']"),
+    ({"tasks": ["a"], "heads": [{"kind": "prototype", "metric": "manhattan"}]}, "valid: ['cosine', 'euclidean']"),
+    ({"tasks": ["a"], "heads": [{"kind": "linear", "lr": 0.1}]}, "'lrs'"),
+    ({"tasks": ["a"], "device": "tpu"}, "valid: ['cpu', 'cuda', 'auto']"),
+    ({"tasks": ["a"], "split": {"train": 0.5, "val": 0.1, "test": 0.1}}, "sum to 1"),
+    ({"tasks": ["a"], "split": {"frac": 0.5}}, "valid keys"),
+    ({"tasks": ["a"], "selection_metric": "auc"}, "balanced_accuracy"),
+    ({"tasks": [{"name": "a", "type": "ranking"}]}, "regression"),
+    ({"tasks": ["a"], "few_shot": [0]}, ">= 1"),
+    ({"heads": ["linear"]}, "'tasks' is required"),
+])
+def test_from_dict_refuses_with_valid_choices(d, needle):
+    with pytest.raises(ValueError) as e:
+        ProbeConfig.from_dict(d)
+    assert needle in str(e.value)

@@ -1,0 +1,75 @@
+"""Results written through fsspec; a saved head reloads (safetensors) and reproduces predictions."""
+
+import json
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pytest
+import safetensors.torch
+import torch
+
+from pipeline.probes import InMemoryFeatureTable, ProbeConfig, load_head, run_probe_grid
+
+
+@pytest.fixture(scope="module")
+def results():
+    rng = np.random.default_rng(0)
+    n = 500
+    y = rng.integers(0, 3, n)
+    feats = {"a": (rng.normal(size=(3, 20))[y] * 1.5 + rng.normal(size=(n, 20)) + 5).astype(np.float16),
+             "b": rng.normal(size=(n, 6)).astype(np.float16)}
+    index = pd.DataFrame({"image_id": [f"x{i}" for i in range(n)], "kind": np.array(["cat", "dog", "owl"])[y],
+                          "size": feats["a"][:, 0].astype(np.float64) * 2 + rng.normal(size=n) * 0.1})
+    cfg = ProbeConfig.from_dict({"tasks": ["kind", "size"], "device": "cpu", "epochs": 60, "few_shot": [None, 3],
+                                 "heads": [{"kind": "linear", "lrs": [1e-2, 1e-1]}, {"kind": "mlp", "hidden_sizes": [16]}, "prototype",
+                                           {"kind": "knn", "ks": [3]}]})
+    table = InMemoryFeatureTable(feats, index)
+    return run_probe_grid(table, cfg, use_ray=False), table
+
+
+def test_write_and_reload_reproduces_predictions(results, tmp_path):
+    res, table = results
+    written = res.write(str(tmp_path))
+    assert written[-1].endswith("_SUCCESS")
+    df = pd.read_parquet(tmp_path / "results.parquet")
+    assert len(df) == len(res.table) and {"task", "layer", "head", "hparams", "val_score", "selected"} <= set(df)
+    assert json.loads((tmp_path / "config.json").read_text())["tasks"][0]["name"] == "kind"
+    assert len(res.heads) == 2 * 2 * 2  # (task, layer, few-shot k)
+    x = table.features("a")
+    for h in res.heads:
+        m = h.meta
+        path = tmp_path / "heads" / m["task"] / m["layer"] / ("all" if m["few_shot"] is None else "k3")
+        state = safetensors.torch.load_file(str(path / "head.safetensors"))
+        sidecar = json.loads((path / "head.json").read_text())
+        assert sidecar["classes"] == m["classes"] and len(sidecar["standardization"]["mean"]) == x.shape[1] or \
+            m["layer"] == "b"
+        torch.testing.assert_close(state["mean"], torch.tensor(sidecar["standardization"]["mean"]))
+        head, meta = load_head(str(path / "head.safetensors"))
+        assert meta["kind"] == m["kind"]
+        feats = table.features(m["layer"])
+        want = res.head(m["task"], m["layer"], m["few_shot"]).predict(feats)
+        np.testing.assert_allclose(head.predict(feats), want, rtol=1e-5)
+    # a selected classification head on the informative layer predicts the labels it was trained on
+    head, meta = load_head(str(tmp_path / "heads" / "kind" / "a" / "all" / "head.safetensors"))
+    labels = np.asarray(meta["classes"])[head.predict(x)]
+    assert (labels == table.index()["kind"].to_numpy()).mean() > 0.9
+
+
+def test_write_to_memory_filesystem(results):
+    res, _ = results
+    res.write("memory://probe-results/run1")
+    fs = fsspec.filesystem("memory")
+    assert fs.exists("/probe-results/run1/_SUCCESS")
+    head, _ = load_head("memory://probe-results/run1/heads/size/a/all/head.safetensors")
+    assert head.regression
+
+
+def test_leaderboard_reports_best_layer_and_test_of_it(results):
+    res, _ = results
+    board = res.leaderboard()
+    row = board[(board["task"] == "kind") & board["few_shot"].isna()].iloc[0]
+    assert row["best_layer"] == "a" and row["test_accuracy"] > 0.9 and row["layers_compared"] == 2
+    reg = board[(board["task"] == "size") & board["few_shot"].isna()].iloc[0]
+    assert reg["metric"] == "r2" and reg["best_layer"] == "a" and reg["test_r2"] > 0.9
+    assert "best_layer" in board.to_string()

@@ -1,0 +1,113 @@
+"""Splits: seeded and row-order independent, stratified, user column wins, few-shot, refusals."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.probes.config import SplitSpec, TaskSpec
+from pipeline.probes.splits import split_task
+
+
+def _index(n=1000, n_classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    p = np.arange(1, n_classes + 1) / np.arange(1, n_classes + 1).sum()  # imbalanced
+    return pd.DataFrame({"image_id": [f"img-{i:05d}" for i in range(n)],
+                         "label": rng.choice([f"c{j}" for j in range(n_classes)], size=n, p=p)})
+
+
+def _by_id(s, index):
+    out = {}
+    for name, rows in s.rows.items():
+        out.update({i: name for i in index["image_id"].to_numpy()[rows]})
+    return out
+
+
+def test_same_seed_same_split_and_row_order_does_not_matter():
+    idx = _index()
+    a = split_task(idx, "label", SplitSpec(seed=7))
+    b = split_task(idx, "label", SplitSpec(seed=7))
+    shuffled = idx.sample(frac=1.0, random_state=1).reset_index(drop=True)
+    c = split_task(shuffled, "label", SplitSpec(seed=7))
+    d = split_task(idx, "label", SplitSpec(seed=8))
+    assert _by_id(a, idx) == _by_id(b, idx) == _by_id(c, shuffled)
+    assert _by_id(a, idx) != _by_id(d, idx)
+
+
+def test_stratified_fractions_per_class():
+    idx = _index(n=2000)
+    s = split_task(idx, "label", SplitSpec(train=0.6, val=0.2, test=0.2))
+    assert sum(len(r) for r in s.rows.values()) == len(idx)
+    for c in range(s.n_classes):
+        n_c = int((s.targets == c).sum())
+        for name, frac in (("train", 0.6), ("val", 0.2), ("test", 0.2)):
+            got = int((s.targets[s.rows[name]] == c).sum())
+            assert abs(got - frac * n_c) <= 1, (c, name, got, n_c)
+    assert s.source == "generated" and s.classes == ("c0", "c1", "c2", "c3")
+
+
+def test_user_split_column_wins():
+    idx = _index(n=400)
+    idx["split"] = np.where(np.arange(400) < 300, "train", np.where(np.arange(400) < 350, "validation", "test"))
+    s = split_task(idx, "label", SplitSpec(train=0.34, val=0.33, test=0.33))
+    assert s.source == "column:split"
+    assert list(s.rows["train"]) == list(range(300))
+    assert list(s.rows["val"]) == list(range(300, 350))
+    idx = idx.rename(columns={"split": "fold"})
+    assert split_task(idx, "label", SplitSpec(column="fold")).source == "column:fold"
+    with pytest.raises(ValueError, match="columns:.*fold.*set it to null"):
+        split_task(idx, "label", SplitSpec(column="my_split"))
+
+
+def test_few_shot_k_per_class_seeded_nested_and_order_independent():
+    idx = _index(n=1000)
+    s = split_task(idx, "label", SplitSpec())
+    five, ten = s.few_shot(5, seed=1), s.few_shot(10, seed=1)
+    for rows, k in ((five, 5), (ten, 10)):
+        assert np.bincount(s.targets[rows], minlength=s.n_classes).tolist() == [k] * s.n_classes
+        assert set(rows) <= set(s.rows["train"])
+    assert set(five) <= set(ten)
+    assert list(s.few_shot(5, seed=1)) == list(five) and list(s.few_shot(5, seed=2)) != list(five)
+    assert list(s.few_shot(None, seed=1)) == list(s.rows["train"])
+    shuffled = idx.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    s2 = split_task(shuffled, "label", SplitSpec())
+    ids = lambda rows, frame: set(frame["image_id"].to_numpy()[rows])  # noqa: E731
+    assert ids(s2.few_shot(5, seed=1), shuffled) == ids(five, idx)
+
+
+def test_missing_labels_are_excluded_and_counted():
+    idx = _index(n=300)
+    idx.loc[[0, 1, 2], "label"] = None
+    idx.loc[3, "label"] = np.nan
+    idx.loc[[4, 5], "label"] = ["", "  "]
+    s = split_task(idx, "label", SplitSpec())
+    assert s.n_missing == 6
+    assert sum(len(r) for r in s.rows.values()) == 294
+    assert not set(range(6)) & set(np.concatenate(list(s.rows.values())))
+
+
+def test_refuses_single_class():
+    idx = _index(n=50)
+    idx["label"] = "cat"
+    with pytest.raises(ValueError, match="at least two classes: fix the label column or drop the task"):
+        split_task(idx, "label", SplitSpec())
+
+
+def test_refuses_unknown_label_column_listing_columns():
+    with pytest.raises(ValueError, match=r"no such label column; the index has columns \['image_id', 'label'\]"):
+        split_task(_index(n=50), "lable", SplitSpec())
+
+
+def test_refuses_split_smaller_than_number_of_classes():
+    idx = _index(n=60, n_classes=10)
+    with pytest.raises(ValueError, match=r"split has \d+ labelled rows but there are 10 classes.*raise probes\.split"):
+        split_task(idx, "label", SplitSpec(train=0.9, val=0.05, test=0.05, stratified=False))
+
+
+def test_regression_task_is_inferred_for_float_labels():
+    idx = _index(n=200)
+    idx["weight"] = np.random.default_rng(0).normal(size=200)
+    idx.loc[0, "weight"] = np.nan
+    s = split_task(idx, TaskSpec("weight"), SplitSpec())
+    assert s.task_type == "regression" and s.n_missing == 1 and s.classes == ()
+    idx["as_float_class"] = idx["label"].str[1:].astype(float)  # 0.0, 1.0, ...: classes, not regression
+    assert split_task(idx, "as_float_class", SplitSpec()).task_type == "classification"
