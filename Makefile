@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench clean
+.PHONY: demo test chromium clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m jobs.demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest -q -m "not gpu" --timeout 900
+
+# Debian's Chromium for the report's browser test; skipped (with a reason) where it cannot be installed.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium could not be installed: the report's browser test will be skipped"
 
 clean:
 	rm -rf $(VENV) stores out data

@@ -119,6 +119,26 @@ def _cmd_retain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    page = build_report(args.store, args.out, map_sample=args.map_sample)
+    print(f"report: {page} (numbers: {page.parent / 'report.json'})")
+    return 0
+
+
+def _cmd_neighbors(args: argparse.Namespace) -> int:
+    from .analysis import nearest_neighbors
+    from .stores import FeatureStore
+
+    store = FeatureStore.open(args.store, version=args.version)
+    for result in nearest_neighbors(store, args.layer, args.image_ids, k=args.k):
+        print(f"{result.query_id}:")
+        for image_id, score in result.neighbors:
+            print(f"  {score:.4f}  {image_id}")
+    return 0
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from .sources.demo import write_demo
 
@@ -172,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep", type=int, required=True)
     s.add_argument("--dry-run", action="store_true")
     s.set_defaults(func=_cmd_retain)
+
+    s = sub.add_parser("report", help="write the transferability report (static HTML + JSON)")
+    s.add_argument("--store", action="append", required=True, help="feature set URI (repeat to compare encoders)")
+    s.add_argument("--out", required=True, help="output folder for index.html and report.json")
+    s.add_argument("--map-sample", type=int, default=1000, help="rows in each 2-D map")
+    s.set_defaults(func=_cmd_report)
+
+    s = sub.add_parser("neighbors", help="nearest images by cosine similarity in one layer")
+    s.add_argument("--store", required=True)
+    s.add_argument("--layer", required=True)
+    s.add_argument("image_ids", nargs="+")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--version", type=int, default=None)
+    s.set_defaults(func=_cmd_neighbors)
 
     s = sub.add_parser("demo-data", help="generate a demo dataset locally (digits, shapes); no download")
     s.add_argument("name")

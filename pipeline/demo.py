@@ -11,6 +11,7 @@ from .config import ExtractConfig, load_config
 from .extract import run_extract
 from .probes.config import ProbeConfig
 from .probes.job import run_probes
+from .report import build_report
 from .sources.demo import write_demo
 from .stores import FeatureStore
 
@@ -45,4 +46,7 @@ def run_demo(*, data_dir: str | Path = "data", store_root: str | Path = "stores"
     print("best layer and head per task (validation-selected, test reported once):")
     print(run.results.leaderboard().to_string(index=False))
     print(f"probe results: {run.out_uri}/results.parquet")
+
+    page = build_report([summary.store_uri], REPO / "out" / "report")
+    print(f"\nreport: open {page} in a browser (numbers in {page.parent / 'report.json'})")
     return 0

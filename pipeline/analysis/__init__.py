@@ -1,0 +1,22 @@
+"""Analysis of feature sets: layer similarity (CKA), geometry, transferability (LEEP), neighbours, maps, advice.
+
+Functions taking a `store` accept a `FeatureStore` (streamed shard by shard) or any probes `FeatureTable`
+(e.g. `InMemoryFeatureTable` over plain arrays). Plain numpy / scikit-learn; no Ray.
+"""
+from .cka import CKAMatrix, CrossCKA, CrossMoments, cka_matrix, cross_cka, linear_cka
+from .geometry import (ClusterQuality, IntrinsicDimension, LayerGeometry, PCASpectrum, cluster_quality,
+                       intrinsic_dimension, layer_geometry, mle_dimension, pca_spectrum, store_pca_spectrum,
+                       twonn_dimension)
+from .leep import leep, leep_chance, relative_leep, store_leep
+from .maps import LayerMap, draw_map, embed_2d, layer_map
+from .neighbors import NeighborList, ann_backend, nearest_neighbors
+from .recommend import FROZEN, FULL, PARTIAL, Recommendation, describe, recommend, recommend_from_results
+
+__all__ = [
+    "CKAMatrix", "ClusterQuality", "CrossCKA", "CrossMoments", "FROZEN", "FULL", "IntrinsicDimension",
+    "LayerGeometry", "LayerMap", "NeighborList", "PARTIAL", "PCASpectrum", "Recommendation", "ann_backend",
+    "cka_matrix", "cluster_quality", "cross_cka", "describe", "draw_map", "embed_2d", "intrinsic_dimension",
+    "layer_geometry", "layer_map", "leep", "leep_chance", "linear_cka", "mle_dimension", "nearest_neighbors",
+    "pca_spectrum", "recommend", "recommend_from_results", "relative_leep", "store_leep", "store_pca_spectrum",
+    "twonn_dimension",
+]

@@ -1,0 +1,182 @@
+"""Frozen features, partial or full fine-tuning: the textbook decision framework applied to probe evidence.
+
+The thresholds are named constants; each says which background text (shared/reference/*.txt, by file
+number) it comes from, or that it is our own choice where the texts give no number.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+FROZEN = "frozen features are enough"
+PARTIAL = "fine-tune the last stages"
+FULL = "fine-tune fully"
+
+# Target data size. 001: feature extraction suits "fewer than approximately one thousand images",
+# partial fine-tuning "one thousand to ten thousand", full fine-tuning "more than ten thousand";
+# 004's decision table also favours frozen below 1,000 examples.
+FROZEN_MAX_TRAIN = 1_000
+FULL_MIN_TRAIN = 10_000
+# Per class. 003's data-requirements table: feature extraction 100+ per class, fine-tuning 500+.
+FROZEN_MIN_PER_CLASS = 100
+FINETUNE_MIN_PER_CLASS = 500
+# Frozen linear-probe accuracy as a fraction of the target accuracy. 004's decision table: a probe at
+# 80% of target favours frozen features, below 60% of target favours fine-tuning.
+GOOD_PROBE_FRACTION = 0.80
+POOR_PROBE_FRACTION = 0.60
+# Where the best layer sits. 000 and 004 map domain similarity to the best extraction layer: very high
+# -> penultimate, moderate -> middle, low -> early layers. We cut the depth into thirds.
+EARLY_MAX_POSITION = 1 / 3
+LATE_MIN_POSITION = 2 / 3
+# Our choice: an earlier layer beating the last one by 5 accuracy points is read as the late layers
+# being source-specific. For scale, 004 reports frozen-vs-fine-tuned gaps of 4-8 points on
+# ImageNet-like targets and 21 points on a domain-shifted one (retinal OCT).
+LAYER_GAP = 0.05
+# Our choice: the texts (000) say LEEP correlates with transfer but give no absolute scale; below a
+# quarter of the label entropy explained (relative LEEP, see leep.relative_leep) we call the source distant.
+LOW_RELATIVE_LEEP = 0.25
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    task: str
+    action: str              # FROZEN, PARTIAL or FULL
+    reasons: tuple[str, ...]  # human-readable, with the numbers behind each step
+
+
+def _position(layers: Sequence[str], layer: str) -> tuple[float, str]:
+    i = list(layers).index(layer)
+    pos = i / (len(layers) - 1) if len(layers) > 1 else 1.0
+    where = "early" if pos < EARLY_MAX_POSITION else "late" if pos >= LATE_MIN_POSITION else "middle"
+    return pos, where
+
+
+def recommend(task: str, *, n_train: int, layer_accuracy: Mapping[str, float], n_classes: int | None = None,
+              samples_per_class: float | None = None, target_accuracy: float = 1.0,
+              relative_leep: float | None = None, leep: float | None = None) -> Recommendation:
+    """One task's recommendation from its frozen-probe evidence.
+
+    `layer_accuracy` maps layer -> probe accuracy, ordered early to late. `target_accuracy` is the
+    accuracy you need (1.0 = judge raw accuracy). `relative_leep` (0..1) is an optional
+    domain-similarity proxy; `leep` is only quoted.
+    """
+    scores = {k: float(v) for k, v in layer_accuracy.items() if v is not None and v == v}
+    if not scores:
+        raise ValueError(f"task {task!r}: no layer accuracy to judge")
+    layers = list(scores)
+    if samples_per_class is None:
+        samples_per_class = n_train / n_classes if n_classes else float(n_train)
+    best = max(layers, key=lambda name: scores[name])
+    last = layers[-1]
+    best_acc, last_acc = scores[best], scores[last]
+    frac = best_acc / target_accuracy
+    _, where = _position(layers, best)
+    gap = best_acc - last_acc
+    reasons: list[str] = []
+
+    # data size
+    if n_train < FROZEN_MAX_TRAIN or samples_per_class < FROZEN_MIN_PER_CLASS:
+        size = "small"
+        reasons.append(f"{n_train:,} training samples ({samples_per_class:,.0f} per class): under {FROZEN_MAX_TRAIN:,} "
+                       f"samples or {FROZEN_MIN_PER_CLASS} per class, the range where training only a head on "
+                       f"frozen features avoids overfitting")
+    elif n_train >= FULL_MIN_TRAIN and samples_per_class >= FINETUNE_MIN_PER_CLASS:
+        size = "large"
+        reasons.append(f"{n_train:,} training samples ({samples_per_class:,.0f} per class): at least {FULL_MIN_TRAIN:,} "
+                       f"samples and {FINETUNE_MIN_PER_CLASS} per class, enough data to fine-tune the whole network")
+    else:
+        size = "medium"
+        reasons.append(f"{n_train:,} training samples ({samples_per_class:,.0f} per class): between the frozen "
+                       f"({FROZEN_MAX_TRAIN:,}; {FROZEN_MIN_PER_CLASS}/class) and full fine-tuning "
+                       f"({FULL_MIN_TRAIN:,}; {FINETUNE_MIN_PER_CLASS}/class) ranges, where partial fine-tuning fits")
+
+    # probe quality
+    quality = "good" if frac >= GOOD_PROBE_FRACTION else "poor" if frac < POOR_PROBE_FRACTION else "fair"
+    of_target = "" if target_accuracy == 1.0 else f" = {frac:.2f} of the {target_accuracy:.3f} target"
+    rel = "" if target_accuracy == 1.0 else " of target"
+    verdict = {"good": f"at or above {GOOD_PROBE_FRACTION:.2f}{rel}: frozen features already do well",
+               "poor": f"below {POOR_PROBE_FRACTION:.2f}{rel}: frozen features fall well short",
+               "fair": f"between {POOR_PROBE_FRACTION:.2f} and {GOOD_PROBE_FRACTION:.2f}{rel}: room to gain by "
+                       f"adapting"}
+    reasons.append(f"best frozen probe accuracy {best_acc:.3f} on layer {best!r}{of_target}; {verdict[quality]}")
+
+    # layer profile
+    shifted = where != "late" and gap >= LAYER_GAP
+    if len(layers) > 1:
+        reasons.append(f"best layer {best!r} is {where} (layer {layers.index(best) + 1} of {len(layers)}); "
+                       f"the last layer {last!r} scores {last_acc:.3f} ({gap:.3f} behind the best)"
+                       + ("; late layers look specific to the source task, a sign of domain shift" if shifted
+                          else ""))
+    leep_low = relative_leep is not None and relative_leep < LOW_RELATIVE_LEEP
+    if relative_leep is not None:
+        raw = "" if leep is None else f" (LEEP {leep:.3f})"
+        reasons.append(f"relative LEEP {relative_leep:.2f}{raw}: the source classifier explains "
+                       f"{100 * relative_leep:.0f}% of the label entropy"
+                       + (f"; below {LOW_RELATIVE_LEEP:.2f}, the source domain looks distant" if leep_low else ""))
+
+    action, why = _decide(size, quality, shifted, where, leep_low)
+    reasons.append(why)
+    return Recommendation(task=task, action=action, reasons=tuple(reasons))
+
+
+def _decide(size: str, quality: str, shifted: bool, where: str, leep_low: bool) -> tuple[str, str]:
+    if size == "small":
+        if quality == "poor" and (shifted or leep_low):
+            return PARTIAL, ("so: too little data for full fine-tuning, but the frozen features fall short and "
+                             "the domain looks shifted; take the smallest adaptation step (last stages, low "
+                             "learning rate) and watch validation for overfitting")
+        return FROZEN, "so: keep the backbone frozen; more labelled data helps more than fine-tuning here"
+    if quality == "good" and not shifted:
+        return FROZEN, "so: the remaining gap rarely justifies the cost of fine-tuning"
+    if size == "large":
+        if quality == "good":
+            return PARTIAL, "so: accuracy is good but the late layers lag; re-train the last stages"
+        return FULL, "so: with this much data, adapt every layer (low learning rate)"
+    if quality == "poor" and shifted and where == "early":
+        return FULL, ("so: only early layers transfer; the domain differs a lot, so adapt every layer "
+                      "(low learning rate, strong regularisation for this data size)")
+    return PARTIAL, "so: keep the early layers frozen and fine-tune the later stages"
+
+
+def recommend_from_results(table: pd.DataFrame, layers: Sequence[str], *, metric: str = "test_accuracy",
+                           target_accuracy: float = 1.0, relative_leep: Mapping[str, float] | None = None,
+                           leep: Mapping[str, float] | None = None) -> list[Recommendation]:
+    """A recommendation per classification task of a probe results table (`ProbeResults.table`).
+
+    Uses each layer's selected head (full data, not few-shot); `layers` gives their early-to-late order
+    (e.g. `store.layers`). Regression tasks are skipped: the framework is phrased in accuracy.
+    """
+    ok = table[(table["status"] == "ok") & table["selected"].astype(bool) & table["few_shot"].isna()]
+    out = []
+    for task, g in ok.groupby("task", sort=True):
+        if (g["task_type"] == "regression").any():
+            log.info("recommend: skipping regression task %r", task)
+            continue
+        by_layer = g.set_index("layer")[metric].astype(float)
+        ordered = {name: by_layer[name] for name in layers if name in by_layer.index}
+        unknown = sorted(set(by_layer.index) - set(layers))
+        if unknown:
+            log.warning("recommend(%s): layers %s not in the given order; left out", task, unknown)
+        out.append(recommend(str(task), n_train=int(g["n_train"].max()), n_classes=int(g["n_classes"].max()),
+                             layer_accuracy=ordered, target_accuracy=target_accuracy,
+                             relative_leep=None if relative_leep is None else relative_leep.get(task),
+                             leep=None if leep is None else leep.get(task)))
+    return out
+
+
+def describe(rec: Recommendation) -> str:
+    """Multi-line text of a recommendation, for logs and reports."""
+    return "\n".join([f"{rec.task}: {rec.action}"] + [f"  - {r}" for r in rec.reasons])
+
+
+def as_frame(recs: Sequence[Recommendation]) -> pd.DataFrame:
+    return pd.DataFrame([{"task": r.task, "action": r.action, "reasons": list(r.reasons)} for r in recs])
+
+
+__all__ = ["FROZEN", "FULL", "PARTIAL", "Recommendation", "as_frame", "describe", "recommend",
+           "recommend_from_results"]

@@ -1,0 +1,109 @@
+"""Recommendations on constructed cases, and from a probe results table."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.analysis import FROZEN, FULL, PARTIAL, describe, recommend, recommend_from_results
+
+# the package exports the function `recommend`, which shadows the submodule of the same name
+rec_module = importlib.import_module("pipeline.analysis.recommend")
+LAYERS = ["stem", "b1", "b2", "b3", "b4", "b5", "head"]
+
+
+def _curve(values):
+    return dict(zip(LAYERS, values))
+
+
+def test_tiny_data_and_high_accuracy_keeps_features_frozen():
+    r = recommend("pets", n_train=400, n_classes=4, layer_accuracy=_curve([.41, .55, .70, .82, .90, .93, .94]))
+    assert r.action == FROZEN
+    text = " ".join(r.reasons)
+    assert "400 training samples (100 per class)" in text and "0.940" in text and "'head'" in text
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.action = FULL  # type: ignore[misc]
+
+
+def test_lots_of_data_low_accuracy_early_best_layer_fine_tunes_fully():
+    r = recommend("retina", n_train=60_000, n_classes=5,
+                  layer_accuracy=_curve([.45, .52, .50, .44, .40, .36, .33]))
+    assert r.action == FULL
+    text = " ".join(r.reasons)
+    assert "60,000 training samples (12,000 per class)" in text
+    assert "best layer 'b1' is early" in text and "domain shift" in text and "0.520" in text
+
+
+def test_medium_data_fair_accuracy_fine_tunes_the_last_stages():
+    r = recommend("defects", n_train=4_000, n_classes=8,
+                  layer_accuracy=_curve([.30, .42, .55, .63, .69, .72, .71]))
+    assert r.action == PARTIAL
+    assert any("partial fine-tuning fits" in s for s in r.reasons)
+
+
+def test_medium_data_poor_accuracy_and_early_best_layer_fine_tunes_fully():
+    r = recommend("sat", n_train=5_000, n_classes=10, layer_accuracy=_curve([.40, .50, .47, .43, .40, .38, .35]))
+    assert r.action == FULL
+
+
+def test_small_data_poor_accuracy_with_domain_shift_takes_the_smallest_step():
+    shifted = recommend("xray", n_train=600, n_classes=3, layer_accuracy=_curve([.45, .52, .50, .44, .40, .36, .33]))
+    assert shifted.action == PARTIAL and "overfitting" in shifted.reasons[-1]
+    flat = recommend("xray", n_train=600, n_classes=3, layer_accuracy=_curve([.30, .35, .40, .45, .50, .52, .55]))
+    assert flat.action == FROZEN  # poor, but the last layer is best: no sign the backbone is the problem
+
+
+def test_many_classes_with_few_samples_each_count_as_small_data():
+    r = recommend("birds", n_train=20_000, n_classes=400, layer_accuracy=_curve([.1, .2, .3, .4, .5, .55, .58]))
+    assert r.action == FROZEN and "(50 per class)" in r.reasons[0]
+
+
+def test_large_data_good_accuracy_stays_frozen_unless_the_late_layers_lag():
+    good = recommend("cifar", n_train=50_000, n_classes=10, layer_accuracy=_curve([.4, .6, .7, .8, .88, .92, .93]))
+    assert good.action == FROZEN
+    lag = recommend("cifar", n_train=50_000, n_classes=10, layer_accuracy=_curve([.4, .6, .86, .85, .8, .76, .74]))
+    assert lag.action == PARTIAL
+
+
+def test_target_accuracy_and_leep_enter_the_reasons():
+    # 0.72 of a 0.75 target is 0.96 of the target: good
+    r = recommend("t", n_train=3_000, n_classes=3, layer_accuracy=_curve([.5, .6, .65, .68, .7, .71, .72]),
+                  target_accuracy=0.75, relative_leep=0.1, leep=-1.2)
+    assert r.action == FROZEN
+    text = " ".join(r.reasons)
+    assert "0.96 of the 0.750 target" in text and "relative LEEP 0.10 (LEEP -1.200)" in text
+    assert f"below {rec_module.LOW_RELATIVE_LEEP:.2f}" in text
+    # a distant source (low LEEP) tips a small, poor task into the smallest adaptation step
+    small = recommend("t", n_train=500, n_classes=5, layer_accuracy=_curve([.2, .3, .35, .4, .42, .44, .45]),
+                      relative_leep=0.1)
+    assert small.action == PARTIAL
+    assert "fine-tune" in describe(small) and describe(small).startswith("t: ")
+
+
+def test_thresholds_are_documented_constants():
+    names = ["FROZEN_MAX_TRAIN", "FULL_MIN_TRAIN", "FROZEN_MIN_PER_CLASS", "FINETUNE_MIN_PER_CLASS",
+             "GOOD_PROBE_FRACTION", "POOR_PROBE_FRACTION", "LAYER_GAP", "LOW_RELATIVE_LEEP"]
+    for name in names:
+        assert isinstance(getattr(rec_module, name), (int, float))
+    with pytest.raises(ValueError, match="no layer accuracy"):
+        recommend("t", n_train=10, layer_accuracy={"a": float("nan")})
+
+
+def test_from_a_probe_results_table():
+    rows = []
+    for task, n_train, n_cls, accs in [("easy", 300, 3, [.5, .8, .95]), ("hard", 40_000, 4, [.6, .5, .3])]:
+        for layer, acc in zip(["l1", "l2", "l3"], accs):
+            for head, selected in [("linear", True), ("mlp", False)]:
+                rows.append({"task": task, "task_type": "classification", "layer": layer, "few_shot": np.nan,
+                             "head": head, "selected": selected, "status": "ok", "n_train": n_train,
+                             "n_classes": n_cls, "test_accuracy": acc if selected else 0.0})
+    rows.append({"task": "age", "task_type": "regression", "layer": "l1", "few_shot": np.nan, "head": "linear",
+                 "selected": True, "status": "ok", "n_train": 100, "n_classes": np.nan, "test_accuracy": np.nan})
+    rows.append({"task": "easy", "task_type": "classification", "layer": "l3", "few_shot": 5, "head": "linear",
+                 "selected": True, "status": "ok", "n_train": 15, "n_classes": 3, "test_accuracy": 0.1})
+    recs = recommend_from_results(pd.DataFrame(rows), ["l1", "l2", "l3"], relative_leep={"hard": 0.05})
+    assert [(r.task, r.action) for r in recs] == [("easy", FROZEN), ("hard", FULL)]
+    assert "0.950" in " ".join(recs[0].reasons) and "relative LEEP 0.05" in " ".join(recs[1].reasons)
