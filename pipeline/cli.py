@@ -147,6 +147,12 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_args(s: argparse.ArgumentParser) -> None:
+    """The extraction config: a YAML file plus section.key=value overrides (extract and refresh share it)."""
+    s.add_argument("--config", required=False, help="YAML config (see configs/)")
+    s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. store.root=s3://bucket/features")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="strata", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -159,8 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_layers)
 
     s = sub.add_parser("extract", help="encode a dataset into a feature store (Ray Data)")
-    s.add_argument("--config", required=False, help="YAML config (see configs/)")
-    s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. store.root=s3://bucket/features")
+    _config_args(s)
     s.set_defaults(func=_cmd_extract)
 
     s = sub.add_parser("probe", help="train the probe grid (heads x layers x tasks) on a feature store")
@@ -173,8 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_probe)
 
     s = sub.add_parser("refresh", help="encode only new or changed images and commit a new version")
-    s.add_argument("--config", required=False)
-    s.add_argument("overrides", nargs="*")
+    _config_args(s)
     s.set_defaults(func=_cmd_refresh)
 
     s = sub.add_parser("inspect", help="print a feature set's provenance, layers, rows and errors")
