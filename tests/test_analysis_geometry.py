@@ -88,9 +88,10 @@ def test_layer_geometry_and_map_on_a_real_store(tmp_path):
                         cluster_sample=250).pca
     np.testing.assert_allclose(p2.explained_ratio, g.pca.explained_ratio, atol=1e-6)
 
-    m = layer_map(store, "feat", sample=120, seed=0, method="tsne")
+    m = layer_map(store, "feat", sample=120, seed=0, method="tsne", threads=1)
     assert m.coords.shape == (120, 2) and m.method == "tsne" and len(m.image_ids) == 120
     assert set(m.labels) == {"blob", "half"}
+    assert [v for v in m.labels["half"]] == ["a" if int(i[4:]) < 150 else "b" for i in m.image_ids]
     png = draw_map(m, "blob")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="tasks"):

@@ -200,3 +200,18 @@ def test_reader_errors_name_the_choices(tmp_path):
         FeatureStore(str(tmp_path / "nothing"))
     np.testing.assert_array_equal(store.get(["img-0010", "img-0002"], "early"),
                                   store.layer("early")[[10, 2]])
+
+
+def test_layers_come_back_in_network_order(tmp_path):
+    records = _records(64)
+    target = _target(str(tmp_path / "s"))
+    writer = FeatureStoreWriter(target)
+    dims = {"layer_b": 8, "layer_a": 24}  # network order is not alphabetical
+    writer.prepare(n_rows=64, layer_dims=dims, provenance={"encoder": "toy", "layers": list(dims)},
+                   labels=label_schema(records))
+    writer.write_shard(EncodedShard(0, 0, records, np.ones(64, bool),
+                                    {k: np.zeros((64, d), np.float32) for k, d in dims.items()}, [],
+                                    shard_plan_hash(records)))
+    writer.commit_version([0], dataset_fingerprint="x", config={})
+    store = FeatureStore(target.uri)
+    assert store.layers == ["layer_b", "layer_a"] and list(store.layer_dims) == ["layer_b", "layer_a"]

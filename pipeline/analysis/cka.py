@@ -61,7 +61,7 @@ def ordered_layers(source: Any) -> list[str]:
     (`FeatureStore.layers` comes from a JSON object written with sorted keys, so it is alphabetical.)
     """
     names = list(source.layers)
-    recorded = getattr(source, "provenance", {}).get("layers") if hasattr(source, "provenance") else None
+    recorded = (getattr(source, "provenance", None) or {}).get("layers")
     if not recorded:
         return names
     order = [n for n in recorded if n in names]
@@ -70,23 +70,26 @@ def ordered_layers(source: Any) -> list[str]:
 
 def iter_aligned(streams: Sequence[Iterator[tuple[np.ndarray, np.ndarray]]]) -> Iterator[list[np.ndarray]]:
     """Re-cut several (ids, block) streams over the same rows into equal-length, id-checked blocks."""
-    bufs: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(streams)
+    empty = (np.empty(0, object), np.empty((0, 0)))
+    bufs = [empty] * len(streams)
     while True:
         for k, stream in enumerate(streams):
-            while bufs[k] is None or len(bufs[k][0]) == 0:
+            while len(bufs[k][0]) == 0:
                 nxt = next(stream, None)
                 if nxt is None:
-                    if any(b is not None and len(b[0]) for b in bufs) or any(
-                            next(s, None) is not None for j, s in enumerate(streams) if j != k):
-                        raise ValueError("feature streams have different numbers of rows")
-                    return
+                    break
                 bufs[k] = nxt
-        m = min(len(b[0]) for b in bufs)
+        sizes = [len(ids) for ids, _ in bufs]
+        if min(sizes) == 0:
+            if max(sizes) > 0:
+                raise ValueError("feature streams have different numbers of rows")
+            return
+        m = min(sizes)
         ids0 = bufs[0][0][:m]
-        if any(not np.array_equal(b[0][:m], ids0) for b in bufs[1:]):
+        if any(not np.array_equal(ids[:m], ids0) for ids, _ in bufs[1:]):
             raise ValueError("feature streams list different image ids at the same row")
-        yield [b[1][:m] for b in bufs]
-        bufs = [(b[0][m:], b[1][m:]) for b in bufs]
+        yield [block[:m] for _, block in bufs]
+        bufs = [(ids[m:], block[m:]) for ids, block in bufs]
 
 
 def _check_layers(source: Any, layers: Sequence[str] | None) -> list[str]:
@@ -198,8 +201,8 @@ def cross_cka(store_a: Any, store_b: Any, layers_a: Sequence[str] | None = None,
               layers_b: Sequence[str] | None = None, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> CrossCKA:
     """Linear CKA between layers of two feature sets of the same images, rows aligned by image_id.
 
-    Only the image ids present in both are used. When both list their ids in the same order the
-    two are streamed side by side; otherwise rows of B are fetched by id for each chunk of A.
+    Only the image ids present in both are used. When both list the same ids in the same order they
+    are streamed side by side; otherwise both are read by id (`get`), one chunk of common ids at a time.
     """
     layers_a, layers_b = _check_layers(store_a, layers_a), _check_layers(store_b, layers_b)
     ids_a, ids_b = image_ids(store_a), image_ids(store_b)

@@ -57,19 +57,27 @@ class LayerGeometry:
 
 # -- sampling ------------------------------------------------------------------------------------
 def sample_rows(source: Any, layer: str, n: int | None, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded subsample of rows (positions in index order, (m, d) float32), read block by block."""
+    """A seeded subsample of rows, read block by block: (image ids, (m, d) float32) in row order."""
     total = len(source.index())
     if n is None or n >= total:
         pos = np.arange(total)
     else:
         pos = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
     out = np.empty((len(pos), layer_dim(source, layer)), np.float32)
+    ids = np.empty(len(pos), dtype=object)
     start = 0
-    for ids, block in iter_blocks(source, layer):
-        lo, hi = np.searchsorted(pos, [start, start + len(ids)])
+    for block_ids, block in iter_blocks(source, layer):
+        lo, hi = np.searchsorted(pos, [start, start + len(block_ids)])
         out[lo:hi] = block[pos[lo:hi] - start]
-        start += len(ids)
-    return pos, out
+        ids[lo:hi] = block_ids[pos[lo:hi] - start]
+        start += len(block_ids)
+    return ids, out
+
+
+def labels_for(source: Any, ids: np.ndarray, task: str) -> np.ndarray:
+    """The task's labels of these image ids (object array, None/NaN where missing)."""
+    index = source.index()
+    return index[task].to_numpy(dtype=object)[pd.Index(index["image_id"]).get_indexer(ids)]
 
 
 def task_columns(source: Any, tasks: Sequence[str] | None) -> list[str]:
@@ -183,11 +191,10 @@ def cluster_quality(X: np.ndarray, labels: Sequence[Any], *, task: str = "", sam
 def layer_geometry(source: Any, layer: str, *, tasks: Sequence[str] | None = None, sample: int = ID_SAMPLE,
                    cluster_sample: int = CLUSTER_SAMPLE, seed: int = 0, k: int = 20) -> LayerGeometry:
     """Everything above for one layer of a feature set: PCA over all rows, the rest on seeded subsamples."""
-    pos, X = sample_rows(source, layer, max(sample, cluster_sample), seed=seed)
-    index = source.index()
+    ids, X = sample_rows(source, layer, max(sample, cluster_sample), seed=seed)
     clusters = {}
     for task in task_columns(source, tasks):
-        labels = index[task].to_numpy(dtype=object)[pos]
+        labels = labels_for(source, ids, task)
         clusters[task] = cluster_quality(X, labels, task=task, sample=cluster_sample, seed=seed)
     dim = intrinsic_dimension(X, sample=sample, seed=seed, k=k)
     return LayerGeometry(layer=layer, dimension=dim, pca=store_pca_spectrum(source, layer), clusters=clusters)

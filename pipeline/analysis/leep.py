@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
 from scipy.special import log_softmax, logsumexp
+
+from .cka import iter_blocks, layer_dim
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,26 @@ def _log_theta(block: np.ndarray, from_probs: bool) -> np.ndarray:
     return log_softmax(block, axis=1)
 
 
+def _leep_two_pass(blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], n_y: int, n_z: int,
+                   from_probs: bool) -> float:
+    """LEEP from a re-iterable source of (label codes, logits) chunks: pass 1 builds P(y, z), pass 2 scores."""
+    joint, n = np.zeros((n_y, n_z)), 0
+    for codes, block in blocks():
+        theta = np.exp(_log_theta(block, from_probs))
+        onehot = sparse.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_y, len(codes)))
+        joint += onehot @ theta
+        n += len(codes)
+    if n == 0:
+        raise ValueError("no labelled rows to compute LEEP on")
+    joint /= n
+    with np.errstate(divide="ignore"):
+        log_cond = np.log(joint) - np.log(np.maximum(joint.sum(axis=0, keepdims=True), EPS))  # log P(y|z)
+    total = 0.0
+    for codes, block in blocks():
+        total += float(logsumexp(log_cond[codes] + _log_theta(block, from_probs), axis=1).sum())
+    return total / n
+
+
 def leep(logits: np.ndarray, labels: Sequence[Any], *, from_probs: bool = False) -> float:
     """LEEP = (1/n) sum_i log sum_z P(y_i | z) theta(x_i)_z, with theta = softmax(logits) over source classes.
 
@@ -44,20 +66,12 @@ def leep(logits: np.ndarray, labels: Sequence[Any], *, from_probs: bool = False)
     codes, n_y = _codes(labels)
     if logits.ndim != 2 or len(logits) != len(codes) or len(codes) == 0:
         raise ValueError(f"logits must be (n, Z) with n = len(labels) > 0; got {logits.shape}, {len(codes)} labels")
-    n, n_z = logits.shape
-    joint = np.zeros((n_y, n_z))
-    for lo in range(0, n, _CHUNK):
-        theta = np.exp(_log_theta(logits[lo:lo + _CHUNK], from_probs))
-        rows = codes[lo:lo + _CHUNK]
-        joint += sparse.csr_matrix((np.ones(len(rows)), (rows, np.arange(len(rows)))), shape=(n_y, len(rows))) @ theta
-    joint /= n
-    with np.errstate(divide="ignore"):
-        log_cond = np.log(joint) - np.log(np.maximum(joint.sum(axis=0, keepdims=True), EPS))  # log P(y|z)
-    total = 0.0
-    for lo in range(0, n, _CHUNK):
-        log_theta = _log_theta(logits[lo:lo + _CHUNK], from_probs)
-        total += float(logsumexp(log_cond[codes[lo:lo + _CHUNK]] + log_theta, axis=1).sum())
-    return total / n
+
+    def blocks():
+        for lo in range(0, len(codes), _CHUNK):
+            yield codes[lo:lo + _CHUNK], logits[lo:lo + _CHUNK]
+
+    return _leep_two_pass(blocks, n_y, logits.shape[1], from_probs)
 
 
 def leep_chance(labels: Sequence[Any]) -> float:
@@ -79,9 +93,21 @@ def relative_leep(logits: np.ndarray, labels: Sequence[Any], *, from_probs: bool
     return 1.0 - leep(logits, labels, from_probs=from_probs) / chance
 
 
-def store_leep(store: Any, task: str, *, layer: str = "classifier") -> float:
-    """LEEP of a stored source-classifier layer (logits) against a label column; unlabelled rows dropped."""
-    labels = store.index()[task].to_numpy(dtype=object)
-    keep = pd.notna(labels)
-    logits = store.layer(layer) if hasattr(store, "layer") else store.features(layer)
-    return leep(np.asarray(logits)[keep], labels[keep])
+def store_leep(store: Any, task: str, *, layer: str = "classifier", from_probs: bool = False) -> float:
+    """LEEP of a stored source-classifier layer (logits) against a label column, streamed in two passes.
+
+    Rows without a label are left out.
+    """
+    index = store.index()
+    labels = pd.Series(index[task].to_numpy(dtype=object))
+    keep = labels.notna().to_numpy()
+    codes = np.full(len(labels), -1)
+    codes[keep], classes = pd.factorize(labels[keep])
+    code_of = dict(zip(index["image_id"].tolist(), codes.tolist()))
+
+    def blocks():
+        for ids, block in iter_blocks(store, layer):
+            c = np.array([code_of[i] for i in ids], dtype=np.int64)
+            yield c[c >= 0], block[c >= 0]
+
+    return _leep_two_pass(blocks, len(classes), layer_dim(store, layer), from_probs)

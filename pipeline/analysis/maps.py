@@ -13,15 +13,16 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
+from threadpoolctl import threadpool_limits
 
-from .geometry import sample_rows, task_columns
+from .geometry import labels_for, sample_rows, task_columns
 
 log = logging.getLogger(__name__)
 
 MAP_SAMPLE = 2_000
 _MISSING = "(missing)"
-PCA_BEFORE_EMBED = 50
-TSNE_EXACT_MAX = 500  # small maps: exact t-SNE is as fast as Barnes-Hut and needs no OpenMP threads  # the usual denoising and speed-up step before t-SNE on wide features
+PCA_BEFORE_EMBED = 50  # the usual denoising and speed-up step before t-SNE on wide features
+TSNE_EXACT_MAX = 500  # small maps: exact t-SNE is as fast as Barnes-Hut and needs no OpenMP threads
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,7 +35,7 @@ class LayerMap:
 
 
 def map_method(method: str = "auto") -> str:
-    """'umap' when requested-or-auto and importable, else 't-SNE'."""
+    """'umap' when asked for (or 'auto') and importable, else 'tsne'."""
     if method not in ("auto", "tsne", "umap"):
         raise ValueError(f"unknown map method {method!r}; choose 'auto', 'tsne' or 'umap'")
     has_umap = importlib.util.find_spec("umap") is not None
@@ -43,8 +44,16 @@ def map_method(method: str = "auto") -> str:
     return "umap" if method in ("auto", "umap") and has_umap else "tsne"
 
 
-def embed_2d(X: np.ndarray, *, method: str = "auto", seed: int = 0, perplexity: float = 30.0) -> tuple[np.ndarray, str]:
-    """(m, 2) coordinates of X and the method used; wide inputs are reduced to 50 PCA components first."""
+def embed_2d(X: np.ndarray, *, method: str = "auto", seed: int = 0, perplexity: float = 30.0,
+             threads: int | None = None) -> tuple[np.ndarray, str]:
+    """(m, 2) coordinates of X and the method used; wide inputs are reduced to 50 PCA components first.
+
+    `threads` caps BLAS/OpenMP threads for the call: Barnes-Hut t-SNE slows down several-fold when
+    its OpenMP threads compete with other work for the same cores.
+    """
+    if threads is not None:
+        with threadpool_limits(threads):
+            return embed_2d(X, method=method, seed=seed, perplexity=perplexity)
     X = np.asarray(X, dtype=np.float32)
     if len(X) < 3:
         raise ValueError(f"need at least 3 rows for a 2-D map; got {len(X)}")
@@ -64,14 +73,12 @@ def embed_2d(X: np.ndarray, *, method: str = "auto", seed: int = 0, perplexity: 
 
 
 def layer_map(source: Any, layer: str, *, tasks: Sequence[str] | None = None, sample: int = MAP_SAMPLE,
-              seed: int = 0, method: str = "auto") -> LayerMap:
+              seed: int = 0, method: str = "auto", threads: int | None = None) -> LayerMap:
     """A 2-D map of `sample` seeded rows of a layer, with their labels for every task."""
-    pos, X = sample_rows(source, layer, sample, seed=seed)
-    index = source.index()
-    coords, used = embed_2d(X, method=method, seed=seed)
-    labels = {t: index[t].to_numpy(dtype=object)[pos] for t in task_columns(source, tasks)}
-    return LayerMap(layer=layer, method=used, coords=coords,
-                    image_ids=index["image_id"].to_numpy(dtype=object)[pos], labels=labels)
+    ids, X = sample_rows(source, layer, sample, seed=seed)
+    coords, used = embed_2d(X, method=method, seed=seed, threads=threads)
+    labels = {t: labels_for(source, ids, t) for t in task_columns(source, tasks)}
+    return LayerMap(layer=layer, method=used, coords=coords, image_ids=ids, labels=labels)
 
 
 def draw_map(m: LayerMap, task: str, *, title: str | None = None, max_legend: int = 12) -> bytes:

@@ -87,8 +87,8 @@ def recommend(task: str, *, n_train: int, layer_accuracy: Mapping[str, float], n
                        f"frozen features avoids overfitting")
     elif n_train >= FULL_MIN_TRAIN and samples_per_class >= FINETUNE_MIN_PER_CLASS:
         size = "large"
-        reasons.append(f"{n_train:,} training samples ({samples_per_class:,.0f} per class): at least {FULL_MIN_TRAIN:,} "
-                       f"samples and {FINETUNE_MIN_PER_CLASS} per class, enough data to fine-tune the whole network")
+        reasons.append(f"{n_train:,} training samples ({samples_per_class:,.0f} per class): at least "
+                       f"{FULL_MIN_TRAIN:,} samples and {FINETUNE_MIN_PER_CLASS} per class, enough data to fine-tune the whole network")
     else:
         size = "medium"
         reasons.append(f"{n_train:,} training samples ({samples_per_class:,.0f} per class): between the frozen "

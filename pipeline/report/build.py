@@ -93,7 +93,7 @@ def analyse_store(store: FeatureStore, *, results: pd.DataFrame, map_sample: int
                               "best_probe_accuracy": float(matrix.loc[task].max())})
     recs = analysis.recommend_from_results(results, store.layers, leep=leep_by_task or None)
     for task in tasks[:3]:
-        m = analysis.layer_map(store, best_layer[task], tasks=[task], sample=map_sample)
+        m = analysis.layer_map(store, best_layer[task], tasks=[task], sample=map_sample, threads=1)
         figures.append((f"2-D map of {best_layer[task]} by {task}",
                         analysis.draw_map(m, task, title=f"{m.method} of {best_layer[task]}, coloured by {task}")))
     data = {

@@ -62,12 +62,15 @@ class FeatureStore:
         return list_versions(self.fs, self.base)
 
     @property
-    def layer_dims(self) -> dict[str, int]:
-        return dict(self.meta["layer_dims"])
+    def layers(self) -> list[str]:
+        """Layer names in network order (early -> late), as the encoder recorded them."""
+        dims = self.meta["layer_dims"]
+        order = [layer for layer in self.meta["provenance"].get("layers", []) if layer in dims]
+        return order + [layer for layer in dims if layer not in order]
 
     @property
-    def layers(self) -> list[str]:
-        return list(self.meta["layer_dims"])
+    def layer_dims(self) -> dict[str, int]:
+        return {layer: int(self.meta["layer_dims"][layer]) for layer in self.layers}
 
     @property
     def provenance(self) -> dict:
