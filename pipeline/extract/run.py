@@ -79,7 +79,7 @@ def execute(cfg: ExtractConfig, plan: ExtractPlan, writer: FeatureStoreWriter, e
     if skipped:
         log.info("resuming: %d of %d shards already committed", skipped, len(plan.shards))
     encoded = 0
-    for attempt in range(3):
+    for _ in range(3):  # an object store that loses acknowledged writes gets two more chances
         if not todo:
             break
         if sum(len(s.records) for s in todo) <= cfg.run.local_max_images:
