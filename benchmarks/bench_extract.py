@@ -242,6 +242,7 @@ def child_strata(args) -> dict:
         f"store.shard_rows={args.shard_rows}", f"store.chunk_rows={args.chunk_rows}",
         f"encoder.name={ENCODER}", f"encoder.layers=[{','.join(LAYERS)}]", "encoder.pooling=avg",
         "encoder.compute_dtype=fp32", f"encoder.batch_size={args.batch_size}",
+        "run.local_max_images=0",  # always the Ray Data pipeline: that is what is measured
         *args.override,
     ])
     t = time.perf_counter()
