@@ -30,11 +30,9 @@ Targets: strata/ceiling >= 0.8, strata/tutorial > 1, strata peak RSS(4N)/peak RS
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -43,6 +41,8 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from _machine import machine_header  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -453,26 +453,6 @@ def strata_breakdown(r: dict) -> list[str]:
     return lines
 
 
-def machine_header() -> str:
-    import ray
-    import torch
-    import torchvision
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"# bench_extract {_dt.datetime.now().astimezone().isoformat(timespec='seconds')} | {platform.node()} | "
-            f"{cpu} | cores={os.cpu_count()} | python {platform.python_version()} torch {torch.__version__} "
-            f"(threads {torch.get_num_threads()}) torchvision {torchvision.__version__} ray {ray.__version__} | "
-            f"load avg {load}")
-
-
 def _flag(ok: bool) -> str:
     return "ok" if ok else "MISS"
 
@@ -488,7 +468,7 @@ def main_parent(args) -> int:
     own_tmp = args.workdir is None
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_extract_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(machine_header())
+    print(machine_header("bench_extract"))
     print(f"# {ENCODER} (bundled pretrained) fp32 compute, layers {','.join(LAYERS)} avg-pooled, float16 features, "
           f"{IMAGE_SIZE} px PNGs; batch {args.batch_size}; tutorial num_workers={args.num_workers}; strata "
           f"shard_rows={args.shard_rows} chunk_rows={args.chunk_rows}, local store; workdir {workdir}", flush=True)
@@ -556,7 +536,7 @@ def main_parent(args) -> int:
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(
-                {"header": machine_header(), "args": vars(args),
+                {"header": machine_header("bench_extract"), "args": vars(args),
                  "results": [dict(r) for r in results.values()], "checks": checks}, indent=1, default=str))
             print(f"\nresults: {args.json}")
     finally:

@@ -30,16 +30,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _machine import machine_header  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -263,23 +263,6 @@ def check_noop(r: dict) -> list[str]:
 # report
 # ----------------------------------------------------------------------------------------------------------
 
-def machine_header() -> str:
-    import ray
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"# bench_refresh {_dt.datetime.now().astimezone().isoformat(timespec='seconds')} | {platform.node()} | "
-            f"{cpu} | cores={os.cpu_count()} | python {platform.python_version()} torch {torch.__version__} "
-            f"(threads {torch.get_num_threads()}) ray {ray.__version__} | load avg {load}")
-
 
 def _flag(ok: bool) -> str:
     return "ok" if ok else "MISS"
@@ -371,7 +354,7 @@ def main() -> int:
     own_tmp = args.workdir is None
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_refresh_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(machine_header())
+    print(machine_header("bench_refresh"))
     print(f"# {ENCODER} (bundled pretrained) fp32, layers {','.join(LAYERS)} avg-pooled, float16 features, "
           f"native 224 px preprocessing of {IMAGE_SIZE} px PNGs; batch {args.batch_size}; store shard_rows="
           f"{SHARD_ROWS} chunk_rows={CHUNK_ROWS}, local disk; N={n}; refresh touches {n_touch} "
@@ -465,7 +448,7 @@ def main() -> int:
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps({
-                "header": machine_header(), "args": vars(args), "n": n, "n_change": n_change, "n_add": n_add,
+                "header": machine_header("bench_refresh"), "args": vars(args), "n": n, "n_change": n_change, "n_add": n_add,
                 "ray_init": ray_init, "ray_shutdown": ray_shutdown, "import": t_import, "problems": problems,
                 "results": [{**{k: v for k, v in r.items() if k != "summary"}, "summary": str(r["summary"])}
                             for r in results.values()]}, indent=1, default=str))
