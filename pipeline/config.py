@@ -32,6 +32,7 @@ class EncoderSpec:
     device: str = "auto"
     batch_size: int = 64
     max_spatial_dim: int = 65536
+    fold_batchnorm: bool = True  # fold frozen BN into the preceding conv: same features, fewer passes
     # Only for checkpoints whose training preprocessing differs from the architecture's default;
     # recorded in the store, never implied.
     preprocessing: Preprocessing | None = None

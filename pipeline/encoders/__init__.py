@@ -46,4 +46,5 @@ def build_encoder(spec, *, device: str | None = None, storage_options: dict | No
         compute_dtype=spec.compute_dtype,
         device=device or spec.device,
         max_spatial_dim=spec.max_spatial_dim,
+        fold_bn=spec.fold_batchnorm,
     )

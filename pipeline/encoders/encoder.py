@@ -12,6 +12,7 @@ from torch import nn
 from . import pooling as P
 from .preprocess import Preprocessing
 from .registry import BuiltModel, build_model, resolve_entry
+from .fusion import fold_batchnorm
 from .taps import LayerTaps, execution_order, normalize_layers, tappable_layers
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class FrozenEncoder:
         device: str = "cpu",
         max_spatial_dim: int = 65536,
         channels_last: bool | None = None,
+        fold_bn: bool = True,
     ) -> None:
         self.name = name
         self.preprocessing: Preprocessing = built.preprocessing
@@ -92,6 +94,12 @@ class FrozenEncoder:
             P.check(self.pooling[n], self.kinds[n], layer=n, grid=self.grid, max_spatial_dim=max_spatial_dim)
         self.layer_dims = {n: P.pooled_dim(self.pooling[n], self.kinds[n], grid=self.grid) for n in self.layers}
         self.layer_shapes = {n: tuple(t.shape[1:]) for n, t in order}
+
+        probe = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+        # numerically the same network, so not part of the provenance (stores stay comparable)
+        self.folded_bn = fold_batchnorm(self.model, self.layers, probe) if fold_bn else 0
+        if self.folded_bn:
+            log.debug("%s: folded %d BatchNorm layers into their convolutions", name, self.folded_bn)
 
         if channels_last is None:
             channels_last = all(k.kind != "tokens" for k in self.kinds.values())
