@@ -4,24 +4,29 @@ Same images (procedural shapes, 224 px PNGs), same encoder (efficientnet_lite0, 
 weights, fp32 compute), same 4 layers (blocks.2, blocks.4, blocks.6, bn2; global average pooled),
 float16 features, all in one run:
 
-  ceiling   a bare loop over PRE-DECODED uint8 tensors (decoded and preprocessed with the encoder's own
-            `preprocessing.to_uint8` before the clock starts); only `encoder.encode(batch)` is timed,
-            batches of 64: what the model alone can do on this machine.
+  ceiling   a bare single-process loop over PRE-DECODED tensors: the model as loaded (timm's
+            tf_efficientnet_lite0 with the bundled weights, eval, channels_last, inference_mode) called as
+            `model(x)` on batches of 64 that were decoded, preprocessed and normalised before the clock
+            starts. What the model alone does on this machine.
+  encoder   strata's own FrozenEncoder over the same pre-decoded uint8 batches (`encoder.encode`: BatchNorm
+            folded into the convolutions, 4 taps pooled in hooks, forward stopped after bn2). No Ray, no
+            decode, no store: the part of strata the pipeline has to keep fed. strata/encoder is the
+            pipeline's own efficiency.
   tutorial  the common approach: torch DataLoader (num_workers=2, batch 64) over a Dataset that opens each
             PNG with PIL and applies a torchvision transform (Resize 256 bicubic, CenterCrop 224, ToTensor,
             Normalize with the encoder's mean/std); forward hooks on the 4 modules average-pool into Python
             lists; `numpy.save` at the end. Timed end to end (model build, loading, forward, save).
-  strata    `run_extract(cfg)` end to end (listing, decode tasks, encoder actor, store writes, commit) on a
-            local Ray started by the variant's process. images/s is over `run_extract`; `ray.init` is
-            reported on its own (and in an "incl. ray.init" rate). The Ray Data execution time is reported
-            against the total, plus a per-shard trace (decode / encode / commit times) to show where time goes.
+  strata    `run_extract(cfg)` end to end (listing, encoder build, decode tasks, encoder actor, store
+            writes, verification, commit) on a local Ray started by the variant's process. images/s is over
+            `run_extract`; `ray.init` is reported on its own (and in an "incl. ray.init" rate). A per-shard
+            trace (decode / encode / commit times) shows where the time goes.
 
 Each variant runs in its own subprocess; the parent samples the RSS of that subprocess's whole process
 tree (Ray's work happens in raylet-spawned worker processes, not the driver) every 0.2 s and reports the
 peak of the sum (and of the PSS sum, sampled every ~1 s, which does not double count shared pages).
 Everything runs at N and 4N images so that peak memory growth with N shows.
 
-    .venv/bin/python benchmarks/bench_extract.py               # N=256 and 1024 (a few minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_extract.py               # N=1024 and 4096 (about 12 minutes on 2 cores)
     .venv/bin/python benchmarks/bench_extract.py --quick       # N=64 and 256: checks that it all works
     .venv/bin/python benchmarks/bench_extract.py --n 512 --shard-rows 64 --json out/bench_extract.json
 
@@ -51,7 +56,7 @@ if str(REPO) not in sys.path:
 ENCODER = "efficientnet_lite0"
 LAYERS = ("blocks.2", "blocks.4", "blocks.6", "bn2")
 IMAGE_SIZE = 224
-VARIANTS = ("ceiling", "tutorial", "strata")
+VARIANTS = ("ceiling", "encoder", "tutorial", "strata")
 TARGET_VS_CEILING = 0.8
 TARGET_VS_TUTORIAL = 1.0
 TARGET_RSS_GROWTH = 1.5
@@ -71,22 +76,53 @@ def _encoder_spec(batch_size: int):
     return EncoderSpec(name=ENCODER, layers=LAYERS, pooling="avg", compute_dtype="fp32", batch_size=batch_size)
 
 
+def _predecoded(preprocessing, paths):
+    """(N, 3, H, W) uint8 torch tensor of the images, decoded and preprocessed (untimed)."""
+    import torch
+
+    from pipeline.images import decode_rgb
+
+    return torch.as_tensor(preprocessing.batch([decode_rgb(p.read_bytes()) for p in paths]))
+
+
+def _timed_loop(fn, batches) -> float:
+    fn(batches[0])  # warm-up (untimed): first-call allocations, oneDNN primitive creation
+    t0 = time.perf_counter()
+    for b in batches:
+        fn(b)
+    return time.perf_counter() - t0
+
+
 def child_ceiling(args) -> dict:
     import torch
 
+    from pipeline.encoders.registry import build_model, resolve_entry
+
+    built = build_model(resolve_entry(ENCODER))
+    model = built.model.eval().to(memory_format=torch.channels_last)
+    paths = _image_paths(Path(args.data))
+    pixels = _predecoded(built.preprocessing, paths)
+    bs = args.batch_size
+    batches = [built.preprocessing.normalize(pixels[i:i + bs]).contiguous(memory_format=torch.channels_last)
+               for i in range(0, len(pixels), bs)]  # float32, normalised: only model(x) is left to time
+    del pixels
+    with torch.inference_mode():
+        seconds = _timed_loop(model, batches)
+    return {"images": len(paths), "seconds": seconds, "torch_threads": torch.get_num_threads()}
+
+
+def child_encoder(args) -> dict:
+    import torch
+
     from pipeline.encoders import build_encoder
-    from pipeline.images import decode_rgb
 
     enc = build_encoder(_encoder_spec(args.batch_size), device="cpu")
     paths = _image_paths(Path(args.data))
-    pixels = enc.preprocessing.batch([decode_rgb(p.read_bytes()) for p in paths])  # untimed
+    pixels = _predecoded(enc.preprocessing, paths)
     bs = args.batch_size
-    enc.encode(pixels[:bs])  # warm-up (untimed): first-call allocations, oneDNN primitive creation
-    t0 = time.perf_counter()
-    for start in range(0, len(pixels), bs):
-        enc.encode(pixels[start:start + bs])
-    seconds = time.perf_counter() - t0
-    return {"images": len(paths), "seconds": seconds, "torch_threads": torch.get_num_threads()}
+    seconds = _timed_loop(enc.encode, [pixels[i:i + bs] for i in range(0, len(pixels), bs)])
+    return {"images": len(paths), "seconds": seconds, "torch_threads": torch.get_num_threads(),
+            "folded_bn": enc.folded_bn}
 
 
 def child_tutorial(args) -> dict:
@@ -181,11 +217,14 @@ def _install_instrumentation(timings: dict, trace_path: str | None) -> None:
         t_wall = time.time()
         return orig_pipeline(*a, **kw)
 
-    run_mod.prepare_encoder = timed("driver_encoder_build", run_mod.prepare_encoder)
-    run_mod.build_plan = timed("listing_and_plan", run_mod.build_plan)
+    run_mod.validate_extract = timed("validate", run_mod.validate_extract)
+    run_mod.list_records = timed("listing", run_mod.list_records)
+    run_mod.prepare_encoder = timed("driver_encoder_build", run_mod.prepare_encoder)  # in a thread, overlapped
+    run_mod.build_plan = timed("plan", run_mod.build_plan)
     run_mod.FeatureStoreWriter.prepare = timed("store_prepare", run_mod.FeatureStoreWriter.prepare)
     run_mod._run_pipeline = timed("ray_data_execution", run_pipeline)
     run_mod._commit_if_new = timed("commit", run_mod._commit_if_new)
+    run_mod._lost_shards = timed("verify", run_mod._lost_shards)
 
     if not trace_path:
         return
@@ -268,7 +307,8 @@ def child_strata(args) -> dict:
 
 
 def run_child(args) -> None:
-    fn = {"ceiling": child_ceiling, "tutorial": child_tutorial, "strata": child_strata}[args.variant]
+    fn = {"ceiling": child_ceiling, "encoder": child_encoder, "tutorial": child_tutorial,
+          "strata": child_strata}[args.variant]
     result = fn(args)
     Path(args.result).write_text(json.dumps(result))
 
@@ -412,14 +452,16 @@ def strata_breakdown(r: dict) -> list[str]:
     t = r["timings"]
     total = r["seconds"]
     exe = t.get("ray_data_execution", 0.0)
-    known = sum(t.get(k, 0.0) for k in ("driver_encoder_build", "listing_and_plan", "store_prepare",
-                                         "ray_data_execution", "commit"))
+    serial = ("validate", "listing", "driver_encoder_build", "plan", "store_prepare", "ray_data_execution",
+              "verify", "commit")
+    known = sum(t.get(k, 0.0) for k in serial)
     lines = [
         f"  N={r['n']}: ray.init {r['ray_init']:.1f} s (outside run_extract) | run_extract {total:.1f} s = "
-        f"driver encoder build {t.get('driver_encoder_build', 0):.1f} + listing/plan "
-        f"{t.get('listing_and_plan', 0):.2f} + store prepare {t.get('store_prepare', 0):.2f} + "
-        f"Ray Data execution {exe:.1f} ({exe / total:.0%} of run_extract) + commit {t.get('commit', 0):.2f} "
-        f"+ other (du, summary) {total - known:.2f} | ray.shutdown {t.get('ray_shutdown', 0):.1f} s"
+        f"validate {t.get('validate', 0):.2f} + listing {t.get('listing', 0):.2f} + driver encoder build "
+        f"{t.get('driver_encoder_build', 0):.1f} + plan {t.get('plan', 0):.2f} + store prepare "
+        f"{t.get('store_prepare', 0):.2f} + Ray Data execution {exe:.1f} ({exe / total:.0%} of run_extract) + "
+        f"verify {t.get('verify', 0):.2f} + commit {t.get('commit', 0):.2f} + other (du, summary) "
+        f"{total - known:.2f} | ray.shutdown {t.get('ray_shutdown', 0):.1f} s"
     ]
     start = t.get("ray_data_start_wall")
     events = r.get("trace") or []
@@ -496,7 +538,8 @@ def main_parent(args) -> int:
         for n in sizes:
             for v in variants:
                 r = results[(v, n)]
-                note = {"ceiling": "encode() only, pre-decoded tensors",
+                note = {"ceiling": "bare model(x), pre-decoded normalised tensors",
+                        "encoder": "strata encode() only (BN folded, taps), pre-decoded tensors",
                         "tutorial": "DataLoader + hooks + np.save, end to end",
                         "strata": ""}[v]
                 if v == "strata":
@@ -518,6 +561,9 @@ def main_parent(args) -> int:
                     ratio = s["ips"] / results[("tutorial", n)]["ips"]
                     parts.append(f"strata/tutorial = {ratio:.2f} (target > {TARGET_VS_TUTORIAL}: "
                                  f"{_flag(ratio > TARGET_VS_TUTORIAL)})")
+                if "encoder" in variants:
+                    parts.append(f"strata/encoder = {s['ips'] / results[('encoder', n)]['ips']:.2f} "
+                                 "(pipeline efficiency; no target)")
                 print(f"N={n:<5} " + "   ".join(parts))
         for v in variants:
             a, b = results[(v, sizes[0])], results[(v, sizes[1])]
@@ -554,7 +600,7 @@ def _default_chunk_rows(shard_rows: int) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=None, help="images in the small run; the big one has 4x (default 256)")
+    ap.add_argument("--n", type=int, default=None, help="images in the small run; the big one has 4x (default 1024)")
     ap.add_argument("--quick", action="store_true", help="N=64 (and 256): checks that everything works")
     ap.add_argument("--shard-rows", type=int, default=128, help="strata store.shard_rows (pipelining granularity)")
     ap.add_argument("--chunk-rows", type=int, default=None, help="strata store.chunk_rows (default: gcd(shard, 256))")
@@ -575,7 +621,7 @@ def main() -> int:
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.n is None:
-        args.n = 64 if args.quick else 256
+        args.n = 64 if args.quick else 1024
     if args.chunk_rows is None:
         args.chunk_rows = _default_chunk_rows(args.shard_rows)
     if args.shard_rows % args.chunk_rows:

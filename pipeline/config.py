@@ -172,14 +172,14 @@ def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[s
 
 def validate_extract(cfg: ExtractConfig) -> None:
     """Everything that can be checked without reading images; raises ConfigError."""
-    from .encoders import COMPUTE_DTYPES, resolve_entry
+    from .encoders.catalog import COMPUTE_DTYPE_NAMES, resolve_entry
 
     try:
         resolve_entry(cfg.encoder.name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.encoder.compute_dtype not in COMPUTE_DTYPES:
-        raise ConfigError(f"unknown compute_dtype {cfg.encoder.compute_dtype!r}; valid: {list(COMPUTE_DTYPES)}")
+    if cfg.encoder.compute_dtype not in COMPUTE_DTYPE_NAMES:
+        raise ConfigError(f"unknown compute_dtype {cfg.encoder.compute_dtype!r}; valid: {list(COMPUTE_DTYPE_NAMES)}")
     if cfg.store.dtype not in STORE_DTYPES:
         raise ConfigError(f"unknown store dtype {cfg.store.dtype!r}; valid: {list(STORE_DTYPES)}")
     if cfg.store.shard_rows % cfg.store.chunk_rows:

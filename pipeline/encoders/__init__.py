@@ -12,7 +12,7 @@ from .preprocess import Preprocessing
 _LAZY = {
     "COMPUTE_DTYPES": ".encoder", "FrozenEncoder": ".encoder", "LayerInfo": ".encoder",
     "describe_layers": ".encoder", "resolve_device": ".encoder", "POOLINGS": ".pooling",
-    "ENCODERS": ".registry", "EncoderEntry": ".registry", "build_model": ".registry", "resolve_entry": ".registry",
+    "ENCODERS": ".catalog", "EncoderEntry": ".catalog", "build_model": ".registry", "resolve_entry": ".catalog",
     "WeightsNotFoundError": ".weights",
 }
 

@@ -12,12 +12,13 @@ from torch import nn
 from . import pooling as P
 from .preprocess import Preprocessing
 from .registry import BuiltModel, build_model, resolve_entry
+from .catalog import COMPUTE_DTYPE_NAMES
 from .fusion import fold_batchnorm
 from .taps import LayerTaps, execution_order, normalize_layers, tappable_layers
 
 log = logging.getLogger(__name__)
 
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPUTE_DTYPES = {name: getattr(torch, attr) for name, attr in COMPUTE_DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)

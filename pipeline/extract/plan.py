@@ -71,11 +71,16 @@ def make_shards(records: list[dict], shard_rows: int, *, row_offset: int = 0, fi
     return shards
 
 
-def build_plan(cfg: ExtractConfig, provenance: dict) -> ExtractPlan:
-    source = build_source(cfg.source)
-    records = [record_dict(r) for r in source.list_images()]
+def list_records(spec: SourceSpec) -> list[dict]:
+    records = [record_dict(r) for r in build_source(spec).list_images()]
     if not records:
-        raise ValueError(f"source {cfg.source.kind}:{cfg.source.uri} listed no images")
+        raise ValueError(f"source {spec.kind}:{spec.uri} listed no images")
+    return records
+
+
+def build_plan(cfg: ExtractConfig, provenance: dict, records: list[dict] | None = None) -> ExtractPlan:
+    """Shards and target for the listing (`records`, or a fresh listing of the source)."""
+    records = list_records(cfg.source) if records is None else records
     name = cfg.store.featureset or featureset_name(dataset_name(cfg.source), provenance, cfg.store.dtype)
     target = StoreTarget(root=cfg.store.root, featureset=name, storage_options=dict(cfg.store.storage_options),
                          dtype=cfg.store.dtype, shard_rows=cfg.store.shard_rows, chunk_rows=cfg.store.chunk_rows,

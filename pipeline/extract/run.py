@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ray
@@ -11,7 +12,7 @@ from .. import storage
 from ..config import ConfigError, ExtractConfig, validate_extract
 from ..stores import FeatureStore, FeatureStoreWriter, label_schema
 from ..stores.reader import list_versions
-from .plan import ExtractPlan, build_plan, build_source
+from .plan import ExtractPlan, build_plan, build_source, list_records
 from .sink import ErrorBudget, ErrorBudgetExceeded, FeatureStoreDatasink
 from .stages import EncodeShard, decode_shard, encode_row, row_to_shard
 
@@ -53,8 +54,21 @@ def prepare_encoder(cfg: ExtractConfig):
 
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     validate_extract(cfg)
-    encoder = prepare_encoder(cfg)
-    return extract_plan(cfg, encoder, build_plan(cfg, encoder.provenance()))
+    # The driver's encoder build (mostly importing torch and timm) overlaps the listing and Ray's start-up,
+    # which mostly waits on new processes. Ray must start on this thread: its processes die with the
+    # thread that spawned them.
+    with ThreadPoolExecutor(1, thread_name_prefix="strata-encoder") as pool:
+        building = pool.submit(prepare_encoder, cfg)
+        try:
+            records = list_records(cfg.source)
+        except Exception:
+            building.result()  # a bad encoder config is reported before a bad source
+            raise
+        failed = building.done() and building.exception() is not None
+        if len(records) > cfg.run.local_max_images and not failed:
+            _ensure_ray(cfg.run.ray_address)
+        encoder = building.result()
+    return extract_plan(cfg, encoder, build_plan(cfg, encoder.provenance(), records))
 
 
 def extract_plan(cfg: ExtractConfig, encoder, plan: ExtractPlan) -> ExtractSummary:
