@@ -63,6 +63,8 @@ class RunSpec:
     gpus_per_encoder: float | None = None  # None: 1 when the cluster has GPUs, else 0
     decode_concurrency: int | None = None
     torch_threads: int | None = None  # per CPU encoder actor; None: the node's cores / num_encoders
+    # encoder actors keep freed activation memory in the heap (glibc mallopt) instead of mmap/munmap per batch
+    keep_freed_memory: bool = True
     # At most this many images to encode: do it in the driver with its encoder and skip Ray's start-up
     # (small refreshes, retries). 0 always uses Ray.
     local_max_images: int = 64

@@ -97,6 +97,37 @@ def test_extract_local_store(ray_local, images, tmp_path):
     assert again.version == 1 and again.encoded == 0 and again.skipped_shards == 4
 
 
+def test_extract_from_parquet_bytes(ray_local, images, tmp_path):
+    """An HF-style Parquet export (image bytes in row groups) through the Ray pipeline, bad rows included."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = sorted(images.rglob("*.png"))[:90] + [images / "bad" / "truncated.png"]
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [{"bytes": p.read_bytes(), "path": str(p.relative_to(images))} for p in paths] + [None]
+    table = pa.table({"image": pa.array(rows, type=image_type), "shape": [p.parent.name for p in paths] + ["x"]})
+    pq.write_table(table, str(tmp_path / "train.parquet"), row_group_size=16)
+    cfg = _config(str(tmp_path / "train.parquet"), str(tmp_path / "stores"), "source.kind=parquet",
+                  "run.max_error_fraction=0.1", "run.local_max_images=0")
+    summary = run_extract(cfg)
+    store = FeatureStore(summary.store_uri)
+    errors = store.errors().to_pandas()
+    assert summary.images == 92 and summary.errors == 2
+    # a null image has no path, so ids fall back to <file stem>/<row> for every row
+    assert dict(zip(errors.image_id, errors.stage)) == {"train/90": "decode", "train/91": "decode"}
+    stored = list(store.index().image_id)
+    assert sorted(stored, key=lambda i: int(i.split("/")[1])) == [f"train/{i}" for i in range(90)]
+    assert list(store.index().set_index("image_id").loc[["train/3", "train/40"], "shape"]) == \
+        [paths[3].parent.name, paths[40].parent.name]
+    sample = stored[::11]
+    files = {f"train/{i}": p for i, p in enumerate(paths)}
+    enc = build_encoder(cfg.encoder, device="cpu")
+    px = enc.preprocessing.batch([decode_rgb(files[i].read_bytes()) for i in sample])
+    for layer, ref in enc.encode(px).items():
+        np.testing.assert_allclose(store.get(sample, layer), ref.numpy().astype(np.float16).astype(np.float32),
+                                   rtol=2e-2, atol=2e-3)
+
+
 @pytest.mark.s3
 def test_extract_to_s3(ray_local, images, s3_bucket):
     cfg = _config(str(images), s3_bucket.url("features"), storage_options=s3_bucket.storage_options)

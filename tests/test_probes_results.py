@@ -65,6 +65,23 @@ def test_write_to_memory_filesystem(results):
     assert head.regression
 
 
+@pytest.mark.s3
+def test_write_to_s3_with_explicit_storage_options(results, s3_bucket, monkeypatch):
+    # the endpoint and keys come only from storage_options, never from the environment
+    for var in ("STRATA_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    res, table = results
+    out = s3_bucket.url("probes", "run1")
+    written = res.write(out, storage_options=s3_bucket.storage_options)
+    fs = fsspec.filesystem("s3", **s3_bucket.storage_options)
+    assert written[-1].endswith("_SUCCESS") and fs.exists(f"{s3_bucket.name}/probes/run1/_SUCCESS")
+    assert len(fs.find(f"{s3_bucket.name}/probes/run1/heads")) == 2 * len(res.heads)
+    head, meta = load_head(f"{out}/heads/kind/a/all/head.safetensors", storage_options=s3_bucket.storage_options)
+    want = res.head("kind", "a", None).predict(table.features("a"))
+    np.testing.assert_array_equal(head.predict(table.features("a")), want)
+
+
 def test_leaderboard_reports_best_layer_and_test_of_it(results):
     res, _ = results
     board = res.leaderboard()

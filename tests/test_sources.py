@@ -226,6 +226,39 @@ def test_parquet_bytes_glob_fallback_ids_and_plain_binary(memory_root: str):
         both.list_images()
 
 
+def test_parquet_bytes_read_many_across_row_groups_and_files(tmp_path: Path):
+    # 10 rows in row groups of 3, plus a second file; records without their inline bytes (as decode
+    # workers get them), asked for out of order, mixed with a row past the end and a missing file
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    images = pa.array([{"bytes": png(v), "path": f"{v}.png"} for v in range(10)], type=image_type)
+    pq.write_table(pa.table({"image": images}), str(tmp_path / "a.parquet"), row_group_size=3)
+    hf_parquet(str(tmp_path / "b.parquet"), [(png(50), "50.png", 0)])
+    assert pq.ParquetFile(str(tmp_path / "a.parquet")).num_row_groups == 4
+    source = ParquetBytesSource(str(tmp_path / "*.parquet"))
+    listed = {r.image_id: r for r in source.list_images()}
+    stripped = lambda r: ImageRecord(r.image_id, r.uri, r.fingerprint)  # noqa: E731
+    wanted = [listed[f"{v}.png"] for v in (9, 0, 50, 4, 3, 5, 8)]
+    a_uri = listed["0.png"].uri.rpartition("#")[0]
+    past_end = ImageRecord("x", f"{a_uri}#10", "sha256:0")
+    missing = ImageRecord("y", f"file://{tmp_path}/nope.parquet#0", "sha256:0")
+    out = source.read_many([stripped(r) for r in wanted] + [past_end, missing, wanted[1]])
+    assert out[:7] == [png(v) for v in (9, 0, 50, 4, 3, 5, 8)]
+    assert isinstance(out[7], IndexError) and "has 10 rows, no row 10" in str(out[7])
+    assert isinstance(out[8], FileNotFoundError)
+    assert out[9] == wanted[1].data  # inline bytes are used as they are
+    with pytest.raises(FileNotFoundError):
+        source.read_bytes(missing)
+
+
+def test_folder_read_many_reports_a_missing_file_in_place(folder: Path):
+    source = ImageFolderSource(str(folder))
+    records = source.list_images()
+    gone = ImageRecord("gone", records[0].uri + ".missing", "sha256:0")
+    out = source.read_many([records[0], gone, records[1]])
+    assert out[0] == source.read_bytes(records[0]) and out[2] == source.read_bytes(records[1])
+    assert isinstance(out[1], FileNotFoundError)
+
+
 def test_parquet_bytes_duplicate_paths_and_null_images(tmp_path: Path):
     hf_parquet(str(tmp_path / "x.parquet"), [(png(1), "same.png", 0), (png(2), "same.png", 1)])
     with pytest.raises(ValueError, match="duplicate image ids: 'same.png' x2; pass id_column="):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .catalog import ENCODERS, TIMM_PREFIX, EncoderEntry, resolve_entry  # noqa: F401 - re-exported
+from .catalog import ENCODERS, TIMM_PREFIX, EncoderEntry, resolve_entry
 from .preprocess import Preprocessing
 from .weights import (
     LoadedWeights,
@@ -19,6 +19,8 @@ from .weights import (
     parse_random_seed,
     state_dict_sha256,
 )
+
+__all__ = ["ENCODERS", "TIMM_PREFIX", "BuiltModel", "EncoderEntry", "build_model", "resolve_entry", "valid_weights"]
 
 log = logging.getLogger(__name__)
 

@@ -168,6 +168,15 @@ def _node_cpus() -> int:
     return int(max((n["Resources"].get("CPU", 1) for n in nodes), default=1))
 
 
+def _encoder_runtime_env(cfg: ExtractConfig) -> dict:
+    """Encoder actors start with glibc malloc keeping freed activations (pipeline.encoders.malloc)."""
+    if not cfg.run.keep_freed_memory:
+        return {}
+    from ..encoders.malloc import malloc_env
+
+    return {"runtime_env": {"env_vars": malloc_env()}}
+
+
 def _run_pipeline(cfg: ExtractConfig, todo, plan: ExtractPlan, *, layers, preprocessing) -> FeatureStoreDatasink:
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     gpus = cfg.run.gpus_per_encoder if cfg.run.gpus_per_encoder is not None else (1 if has_gpu else 0)
@@ -183,7 +192,7 @@ def _run_pipeline(cfg: ExtractConfig, todo, plan: ExtractPlan, *, layers, prepro
                                                     "storage_options": dict(cfg.store.storage_options) or None,
                                                     "torch_threads": threads},
                 compute=ray.data.ActorPoolStrategy(size=cfg.run.num_encoders), num_gpus=gpus,
-                num_cpus=0 if gpus else 1)
+                num_cpus=0 if gpus else 1, **_encoder_runtime_env(cfg))
     budget = ErrorBudget.remote(cfg.run.max_error_fraction, len(plan.records))
     sink = FeatureStoreDatasink(plan.target, layers, budget=budget)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.5})

@@ -21,12 +21,12 @@ log = logging.getLogger(__name__)
 FEATURE_PREFIX = "features/"
 
 
-def _decode_one(source, rec: dict, preprocessing: Preprocessing, max_pixels: int):
+def _decode_one(rec: dict, data: bytes | Exception, preprocessing: Preprocessing, max_pixels: int):
     """-> (uint8 tensor, None) or (None, error dict). A bad image is recorded, never raised."""
-    record = ImageRecord(rec["image_id"], rec["uri"], rec["fingerprint"], rec.get("labels") or {}, rec.get("split"))
     stage = "read"
     try:
-        data = source.read_bytes(record)
+        if isinstance(data, Exception):
+            raise data
         stage = "decode"
         image = decode_rgb(data, max_pixels=max_pixels)
         stage = "preprocess"
@@ -41,8 +41,14 @@ def _decode_one(source, rec: dict, preprocessing: Preprocessing, max_pixels: int
 def decode_shard(row: dict, *, source, preprocessing: Preprocessing, max_pixels: int, threads: int = 8) -> dict:
     """Shard row -> the same row plus `pixels` (n_ok, 3, H, W) uint8, `ok` mask and `errors`."""
     records = json.loads(row["records"])
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = list(pool.map(lambda r: _decode_one(source, r, preprocessing, max_pixels), records))
+    step = source.read_chunk or max(1, len(records))
+    results = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:  # PIL releases the GIL while decoding
+        for start in range(0, len(records), step):
+            chunk = records[start:start + step]
+            blobs = source.read_many([ImageRecord(r["image_id"], r["uri"], r["fingerprint"], r.get("labels") or {},
+                                                  r.get("split")) for r in chunk], threads=threads)
+            results += pool.map(lambda rd: _decode_one(*rd, preprocessing, max_pixels), zip(chunk, blobs))
     ok = np.array([t is not None for t, _ in results], dtype=bool)
     size = preprocessing.crop_size
     tensors = [t for t, _ in results if t is not None]

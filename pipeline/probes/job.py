@@ -29,5 +29,5 @@ def run_probes(store_uri: str, config: ProbeConfig, *, version: int | None = Non
     results = run_probe_grid(store, config, use_ray=use_ray)
     out = out_uri or f"{store.uri}/probes/v{store.version}-{stable_hash(config.to_dict())[:10]}"
     results.config = {**(results.config or {}), "store": store.summary()}
-    results.write(out)
+    results.write(out, storage_options=storage_options)
     return ProbeRun(results, out, store.version)

@@ -6,14 +6,15 @@ import io
 import json
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 import safetensors.torch
 import torch
 
+from pipeline import storage
 from pipeline.probes.grid import SavedHead
 from pipeline.probes.heads import ProbeHead, build_head
 
@@ -76,20 +77,21 @@ class ProbeResults:
                 return build_head(m, {k: torch.from_numpy(v) for k, v in h.state.items()})
         raise KeyError(f"no selected head for task={task!r} layer={layer!r} few_shot={few_shot}")
 
-    def write(self, out_uri: str) -> list[str]:
+    def write(self, out_uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
         """Write config.json, heads/<task>/<layer>/<k>/head.{safetensors,json}, results.parquet, then _SUCCESS.
 
-        Any fsspec URI; re-writing overwrites the same names. Returns the written paths.
+        Any fsspec URI (S3 endpoint and credentials from `storage_options` or the environment); each file
+        is written whole (retried on transient store errors), and `_SUCCESS` last. Re-writing overwrites
+        the same names. Returns the written paths.
         """
-        fs, root = fsspec.core.url_to_fs(out_uri)
+        fs, root = storage.resolve(out_uri, storage_options)
         root = root.rstrip("/")
         written: list[str] = []
 
         def put(rel: str, data: bytes) -> None:
             path = f"{root}/{rel}"
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            with fs.open(path, "wb") as f:
-                f.write(data)
+            storage.retrying(lambda: storage.atomic_write_bytes(fs, path, data), what=f"write {rel}")
             written.append(path)
 
         if self.config is not None:
@@ -104,7 +106,7 @@ class ProbeResults:
         self.table.to_parquet(buf, index=False)
         put("results.parquet", buf.getvalue())
         put("_SUCCESS", b"")
-        log.info("probe results written to %s (%d heads)", out_uri, len(self.heads))
+        log.info("probe results written to %s (%d heads)", storage.redact_uri(out_uri), len(self.heads))
         return written
 
 
@@ -114,15 +116,14 @@ def head_path(task: str, layer: str, few_shot: int | None) -> str:
     return f"heads/{slug(task)}/{slug(layer)}/{'all' if few_shot is None else f'k{few_shot}'}/head"
 
 
-def load_head(uri: str) -> tuple[ProbeHead, dict[str, Any]]:
+def load_head(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[ProbeHead, dict[str, Any]]:
     """Load a saved head (`.../head.safetensors`, sidecar `.../head.json` next to it): (module, meta).
 
     `module.predict(raw_features)` returns class codes; `meta["classes"][code]` is the label.
     """
-    with fsspec.open(uri, "rb") as f:
-        state = safetensors.torch.load(f.read())
-    with fsspec.open(re.sub(r"\.safetensors$", ".json", uri), "r") as f:
-        meta = json.load(f)
+    fs, path = storage.resolve(uri, storage_options)
+    state = safetensors.torch.load(fs.cat_file(path))
+    meta = json.loads(fs.cat_file(re.sub(r"\.safetensors$", ".json", path)))
     return build_head(meta, state), meta
 
 

@@ -8,7 +8,8 @@ import hashlib
 import logging
 import posixpath
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,8 @@ class Source(ABC):
     """A listing of images. Subclasses hold only URIs and options, so they pickle to Ray workers."""
 
     storage_options: Mapping[str, Any]
+    # records read (then decoded) at a time: bounds the raw bytes a decode task holds; None: a whole shard
+    read_chunk: int | None = 32
 
     @abstractmethod
     def list_images(self) -> list[ImageRecord]:
@@ -74,6 +77,23 @@ class Source(ABC):
             return record.data
         fs, path = url_to_fs(record.uri, self.storage_options)
         return fs.cat_file(path)
+
+    def read_many(self, records: Sequence[ImageRecord], *, threads: int = 8) -> list[bytes | Exception]:
+        """Each record's bytes, or the exception reading it raised (one bad file is data, not a crash).
+
+        Reads run concurrently: reading from an object store is latency-bound. Sources whose records
+        share files override this to read each file once.
+        """
+        def one(record: ImageRecord) -> bytes | Exception:
+            try:
+                return self.read_bytes(record)
+            except Exception as e:  # noqa: BLE001
+                return e
+
+        if len(records) <= 1:
+            return [one(r) for r in records]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(one, records))
 
 
 def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import posixpath
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,7 @@ class ParquetBytesSource(Source):
     label_columns: Sequence[str] | None = None
     split_column: str | None = "split"
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+    read_chunk = None  # rows of a shard share row groups: read them in one pass
 
     def __post_init__(self) -> None:
         if self.label_columns is not None:
@@ -76,13 +78,50 @@ class ParquetBytesSource(Source):
 
     def read_bytes(self, record: ImageRecord) -> bytes:
         """Inline bytes, or (for a record that lost them) the row re-read from its file."""
-        if record.data is not None:
-            return record.data
-        file_uri, _, row = record.uri.rpartition("#")
+        result = self.read_many([record])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def read_many(self, records: Sequence[ImageRecord], *, threads: int = 8) -> list[bytes | Exception]:
+        """Rows grouped by file and row group: each needed row group's image column is read once.
+
+        Records travel to decode workers without their inline bytes, so a shard of rows from one
+        big file costs one pass over the row groups it touches, not one read of the file per row.
+        """
+        out: list[bytes | Exception | None] = [r.data for r in records]
+        by_file: dict[str, list[tuple[int, int]]] = {}
+        for i, r in enumerate(records):
+            if r.data is None:
+                file_uri, _, row = r.uri.rpartition("#")
+                by_file.setdefault(file_uri, []).append((i, int(row)))
+        for file_uri, wanted in by_file.items():
+            try:
+                self._read_rows(file_uri, wanted, out)
+            except Exception as e:  # noqa: BLE001 - an unreadable file fails its rows only
+                for i, _ in wanted:
+                    out[i] = out[i] if out[i] is not None else e
+        return out
+
+    def _read_rows(self, file_uri: str, wanted: list[tuple[int, int]], out: list) -> None:
         fs, path = url_to_fs(file_uri, self.storage_options)
         with fs.open(path, "rb") as f:
-            column = pq.read_table(f, columns=[self.image_column]).column(self.image_column)
-        return _image_bytes(column.slice(int(row), 1))[0][0] or b""
+            parquet = pq.ParquetFile(f)
+            starts = [0]
+            for g in range(parquet.num_row_groups):
+                starts.append(starts[-1] + parquet.metadata.row_group(g).num_rows)
+            by_group: dict[int, list[tuple[int, int]]] = {}
+            for i, row in wanted:
+                if not 0 <= row < starts[-1]:
+                    out[i] = IndexError(f"{file_uri} has {starts[-1]} rows, no row {row}")
+                    continue
+                g = bisect.bisect_right(starts, row) - 1
+                by_group.setdefault(g, []).append((i, row - starts[g]))
+            for g, rows in sorted(by_group.items()):
+                column = parquet.read_row_group(g, columns=[self.image_column]).column(self.image_column)
+                blobs, _ = _image_bytes(column.take([r for _, r in rows]))
+                for (i, _), blob in zip(rows, blobs):
+                    out[i] = blob or b""
 
     def _read(self, fs: AbstractFileSystem, path: str) -> tuple[list, list, pa.Table]:
         with fs.open(path, "rb") as f:
