@@ -231,7 +231,7 @@ def _install_instrumentation(timings: dict, trace_path: str | None) -> None:
     run_mod.FeatureStoreWriter.prepare = timed("store_prepare", run_mod.FeatureStoreWriter.prepare)
     run_mod._run_pipeline = timed("ray_data_execution", run_pipeline)
     run_mod._commit_if_new = timed("commit", run_mod._commit_if_new)
-    run_mod._lost_shards = timed("verify", run_mod._lost_shards)
+    run_mod._verify = timed("verify", run_mod._verify)
 
     if not trace_path:
         return

@@ -117,7 +117,7 @@ def instrumented(timings: dict, counts: dict, trace_path: str | None):
         return orig_pipeline(*a, **kw)
 
     patch(run_mod, "_run_pipeline", timed("ray_data", run_pipeline))
-    patch(run_mod, "_lost_shards", timed("verify", run_mod._lost_shards))
+    patch(run_mod, "_verify", timed("verify", run_mod._verify))
     patch(run_mod, "_commit_if_new", timed("commit", run_mod._commit_if_new))
 
     if trace_path:

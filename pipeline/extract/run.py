@@ -34,7 +34,7 @@ class ExtractSummary:
         rate = self.encoded / self.seconds if self.seconds else 0.0
         return (f"store {storage.redact_uri(self.store_uri)} version {self.version}: {self.images} images, "
                 f"{self.errors} errors, {self.encoded} encoded at {rate:.1f} images/s, "
-                f"{self.skipped_shards} shards already committed, {self.bytes_written / 1e6:.1f} MB in the store")
+                f"{self.skipped_shards} shards already committed, {self.bytes_written / 1e6:.1f} MB written")
 
 
 def _ensure_ray(address: str | None) -> None:
@@ -92,34 +92,33 @@ def execute(cfg: ExtractConfig, plan: ExtractPlan, writer: FeatureStoreWriter, e
     skipped = len(plan.shards) - len(todo)
     if skipped:
         log.info("resuming: %d of %d shards already committed", skipped, len(plan.shards))
-    encoded = 0
+    encoded = written = 0
     for _ in range(3):  # an object store that loses acknowledged writes gets two more chances
         if not todo:
             break
         if sum(len(s.records) for s in todo) <= cfg.run.local_max_images:
-            records = _run_local(cfg, todo, writer, encoder)
+            fresh = _run_local(cfg, todo, writer, encoder)
         else:
             _ensure_ray(cfg.run.ray_address)
-            records = _run_pipeline(cfg, todo, plan, layers=list(encoder.layers),
-                                    preprocessing=encoder.preprocessing).records
-        encoded += sum(r["n_ok"] for r in records)
-        todo = _lost_shards(writer, todo)
+            fresh = _run_pipeline(cfg, todo, plan, layers=list(encoder.layers),
+                                  preprocessing=encoder.preprocessing).records
+        encoded += sum(r["n_ok"] for r in fresh)
+        todo, verified, nbytes = _verify(writer, todo, {int(r["shard_id"]): r for r in fresh})
+        committed.update(verified)
+        written += nbytes
     if todo:
         raise RuntimeError(f"shards {[s.shard_id for s in todo]} lost files after being written three times; "
                            f"check the object store behind {storage.redact_uri(plan.target.uri)}")
     all_shards = sorted({*keep_shards, *(s.shard_id for s in plan.shards)})
-    records = writer.committed_shards()
-    n_rows = sum(records[s.shard_id]["n_rows"] for s in plan.shards)
-    n_errors = sum(records[s.shard_id]["n_errors"] for s in plan.shards)
+    n_rows = sum(committed[s.shard_id]["n_rows"] for s in plan.shards)
+    n_errors = sum(committed[s.shard_id]["n_errors"] for s in plan.shards)
     if n_rows and n_errors > cfg.run.max_error_fraction * n_rows:
         raise ErrorBudgetExceeded(
             f"{n_errors} of {n_rows} images failed ({n_errors / n_rows:.1%}), above run.max_error_fraction="
             f"{cfg.run.max_error_fraction}; see {plan.target.uri}/errors/*.parquet; nothing was published")
-    version = _commit_if_new(writer, plan, all_shards, cfg, tombstone_rows)
-    seconds = time.perf_counter() - t0
-    fs, base = storage.resolve(plan.target.uri, plan.target.storage_options)
-    summary = ExtractSummary(plan.target.uri, version, n_rows, encoded, n_errors, skipped, seconds,
-                             int(fs.du(base)) if fs.exists(base) else 0)
+    version = _commit_if_new(writer, plan, all_shards, cfg, tombstone_rows, committed)
+    summary = ExtractSummary(plan.target.uri, version, n_rows, encoded, n_errors, skipped,
+                             time.perf_counter() - t0, written)
     log.info("%s", summary)
     return summary
 
@@ -138,20 +137,23 @@ def _run_local(cfg: ExtractConfig, todo, writer: FeatureStoreWriter, encoder) ->
     return records
 
 
-def _lost_shards(writer: FeatureStoreWriter, shards) -> list:
-    """Shards whose record exists but whose files do not (an object store that lost acknowledged writes)."""
-    records = writer.committed_shards()
-    lost = []
+def _verify(writer: FeatureStoreWriter, shards, records: dict[int, dict]) -> tuple[list, dict[int, dict], int]:
+    """(shards to write again, records of the good ones, their bytes): every file of every shard just written
+    must be in the store, its record included (an object store can lose acknowledged writes)."""
+    lost, good, nbytes = [], {}, 0
     for shard in shards:
-        missing = writer.verify_shard(records[shard.shard_id]) if shard.shard_id in records else ["record"]
+        record = records.get(shard.shard_id)
+        missing, size = writer.check_shard(record) if record else (["record"], 0)
         if missing:
             log.warning("shard %d is missing %s after its commit; writing it again", shard.shard_id, missing[:3])
             writer.uncommit_shard(shard.shard_id)
             lost.append(shard)
-    return lost
+        else:
+            good[shard.shard_id], nbytes = record, nbytes + size
+    return lost, good, nbytes
 
 
-def _commit_if_new(writer, plan, shards, cfg, tombstone_rows) -> int:
+def _commit_if_new(writer, plan, shards, cfg, tombstone_rows, records) -> int:
     versions = list_versions(writer.fs, writer.base)
     if versions:
         latest = FeatureStore(plan.target.uri, storage_options=plan.target.storage_options).manifest
@@ -160,7 +162,7 @@ def _commit_if_new(writer, plan, shards, cfg, tombstone_rows) -> int:
             log.info("nothing changed since version %d; no new version committed", latest["version"])
             return latest["version"]
     return writer.commit_version(shards, dataset_fingerprint=plan.dataset_fingerprint, config=cfg.to_dict(),
-                                 tombstone_rows=tombstone_rows)
+                                 tombstone_rows=tombstone_rows, records=records)
 
 
 def _node_cpus() -> int:

@@ -81,6 +81,7 @@ class FeatureStoreWriter:
     def __init__(self, target: StoreTarget) -> None:
         self.target = target
         self.fs, self.base = storage.resolve(target.uri, target.storage_options)
+        self._layer_names: list[str] | None = None
 
     # -- driver side -------------------------------------------------------------------------
     def prepare(self, *, n_rows: int, layer_dims: Mapping[str, int], provenance: Mapping[str, Any],
@@ -99,6 +100,7 @@ class FeatureStoreWriter:
             "library": _library_version(),
         }
         meta = json.loads(json.dumps(meta))  # tuples -> lists, as it will read back
+        self._layer_names = list(meta["layer_dims"])
         path = layout.featureset_json(self.base)
         if self.fs.exists(path):
             old = storage.read_json(self.fs, path)
@@ -138,29 +140,44 @@ class FeatureStoreWriter:
         group.attrs.update({k: meta[k] for k in ("featureset", "dtype", "layer_dims", "provenance", "library")})
 
     def committed_shards(self) -> dict[int, dict]:
-        """Shard records already written, by shard id (what a re-run may skip)."""
-        out = {}
-        for path in _ls(self.fs, f"{self.base}/{layout.MANIFEST_DIR}/shards"):
-            if path.endswith(".json"):
-                rec = storage.read_json(self.fs, path)
-                out[int(rec["shard_id"])] = rec
-        return out
+        """Shard records already written, by shard id (what a re-run may skip). One batched read."""
+        paths = [p for p in _ls(self.fs, f"{self.base}/{layout.MANIFEST_DIR}/shards") if p.endswith(".json")]
+        if not paths:
+            return {}
+        blobs = storage.retrying(lambda: self.fs.cat(paths), what="read shard records")  # concurrent on S3
+        return {int(rec["shard_id"]): rec for rec in (json.loads(b) for b in blobs.values())}
 
     def shard_files(self, record: Mapping) -> list[str]:
-        """Every object a committed shard needs."""
+        """Every object a committed shard needs, its record included."""
         sid = int(record["shard_id"])
-        paths = [layout.index_path(self.base, sid), layout.errors_path(self.base, sid),
+        paths = [layout.shard_record_path(self.base, sid), layout.index_path(self.base, sid),
+                 layout.errors_path(self.base, sid),
                  *(f"{self.base}/{p}" for p in record.get("files", {}).get("parquet", {}).values())]
         if "zarr" in self.target.formats:
             zarr_key = record["row_start"] // self.target.shard_rows
-            meta = storage.read_json(self.fs, layout.featureset_json(self.base))
-            paths += [f"{self.base}/{layout.ZARR_DIR}/{layer}/c/{zarr_key}/0" for layer in meta["layer_dims"]]
+            paths += [f"{self.base}/{layout.ZARR_DIR}/{layer}/c/{zarr_key}/0" for layer in self._layers()]
         return paths
+
+    def _layers(self) -> list[str]:
+        if self._layer_names is None:
+            meta = storage.read_json(self.fs, layout.featureset_json(self.base))
+            self._layer_names = list(meta["layer_dims"])
+        return self._layer_names
+
+    def check_shard(self, record: Mapping) -> tuple[list[str], int]:
+        """(files of a committed shard the store does not have, bytes of those it has): one HEAD per file."""
+        self.fs.invalidate_cache()
+        missing, size = [], 0
+        for path in self.shard_files(record):
+            try:
+                size += int(self.fs.info(path).get("size") or 0)
+            except FileNotFoundError:
+                missing.append(path)
+        return missing, size
 
     def verify_shard(self, record: Mapping) -> list[str]:
         """Files of a committed shard that the store does not have (an object store that lost writes)."""
-        self.fs.invalidate_cache()
-        return [p for p in self.shard_files(record) if not self.fs.exists(p)]
+        return self.check_shard(record)[0]
 
     def uncommit_shard(self, shard_id: int) -> None:
         """Drop a shard's record so the next run writes it again."""
@@ -169,12 +186,14 @@ class FeatureStoreWriter:
             self.fs.rm(path)
 
     def commit_version(self, shard_ids: Sequence[int], *, dataset_fingerprint: str, config: Mapping,
-                       tombstone_rows: Sequence[int] = (), stats: Mapping | None = None) -> int:
+                       tombstone_rows: Sequence[int] = (), stats: Mapping | None = None,
+                       records: Mapping[int, Mapping] | None = None) -> int:
         """Publish a new version listing `shard_ids`; readers switch to it atomically.
 
         `tombstone_rows` hides rows of those shards (deleted images, and old rows of changed ones).
+        `records`: the shard records the caller has just read and verified (else read here).
         """
-        records = self.committed_shards()
+        records = self.committed_shards() if records is None else records
         missing = sorted(set(shard_ids) - set(records))
         if missing:
             raise RuntimeError(f"cannot commit: shards {missing[:10]} have no commit record")
