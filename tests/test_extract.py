@@ -5,13 +5,11 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from pipeline.config import ConfigError, EncoderSpec, ExtractConfig, load_config
-from pipeline.encoders import Preprocessing, build_encoder
+from pipeline.config import ConfigError, ExtractConfig, load_config
+from pipeline.encoders import build_encoder
 from pipeline.extract import run_extract
-from pipeline.extract.sink import ErrorBudgetExceeded
 from pipeline.images import decode_rgb
 from pipeline.sources.demo import write_shapes
 from pipeline.stores import FeatureStore
@@ -42,7 +40,7 @@ def images(tmp_path_factory):
 
 
 def _config(source_uri, store_root, *extra, storage_options=None):
-    cfg = load_config(ExtractConfig, None, [f"source.kind=folder", f"source.uri={source_uri}",
+    cfg = load_config(ExtractConfig, None, ["source.kind=folder", f"source.uri={source_uri}",
                                             f"store.root={store_root}", "run.max_image_pixels=100000000",
                                             "run.max_error_fraction=0.05", *TINY, *extra])
     if storage_options:

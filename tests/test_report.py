@@ -12,7 +12,7 @@ from pipeline.cli import main
 from pipeline.probes.config import ProbeConfig
 from pipeline.probes.job import run_probes
 from pipeline.report import build_report
-from pipeline.stores import FeatureStore, FeatureStoreWriter, StoreTarget, label_schema, shard_plan_hash
+from pipeline.stores import FeatureStoreWriter, StoreTarget, label_schema, shard_plan_hash
 from pipeline.stores.writer import EncodedShard
 
 N, SHARD = 240, 80

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import threading
-import time
 import traceback
 import uuid
 from collections.abc import Iterator

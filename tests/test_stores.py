@@ -4,7 +4,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from pipeline.stores import (
