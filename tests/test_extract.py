@@ -95,6 +95,23 @@ def test_extract_local_store(ray_local, images, tmp_path):
     assert again.version == 1 and again.encoded == 0 and again.skipped_shards == 4
 
 
+def test_encoder_cpus_leave_room_for_decode_and_write_tasks():
+    from pipeline.extract.run import encoder_cpus
+
+    assert encoder_cpus(16, 4) == 1.0
+    assert encoder_cpus(2, 1) == 1.0
+    assert encoder_cpus(2, 2) == 0.5  # two whole CPUs would starve the decode tasks: the job would hang
+    assert encoder_cpus(1, 1) == 0.0
+
+
+@pytest.mark.timeout(300)
+def test_as_many_encoders_as_cpus_still_finishes(ray_local, images, tmp_path):
+    # the local Ray has 2 CPUs; 2 encoder actors holding one each used to leave decode waiting forever
+    cfg = _config(str(images), str(tmp_path / "stores"), "run.num_encoders=2")
+    summary = run_extract(cfg)
+    assert summary.images == 200 and summary.encoded == 196 and summary.errors == 4
+
+
 def test_extract_from_parquet_bytes(ray_local, images, tmp_path):
     """An HF-style Parquet export (image bytes in row groups) through the Ray pipeline, bad rows included."""
     import pyarrow as pa

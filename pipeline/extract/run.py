@@ -170,6 +170,19 @@ def _node_cpus() -> int:
     return int(max((n["Resources"].get("CPU", 1) for n in nodes), default=1))
 
 
+# Ray CPUs kept free of CPU encoder actors: decode tasks and write tasks take 0.5 each
+TASK_CPUS = 1.0
+
+
+def encoder_cpus(cluster_cpus: float, num_encoders: int) -> float:
+    """Ray CPUs per CPU encoder actor: 1, or less where a whole CPU each would leave no room for the
+    decode and write tasks (a pipeline whose actors hold every CPU never gets an image decoded).
+
+    Only Ray's scheduling; the actor's torch threads are set on their own (`run.torch_threads`).
+    """
+    return max(0.0, min(1.0, (cluster_cpus - TASK_CPUS) / num_encoders))
+
+
 def _encoder_runtime_env(cfg: ExtractConfig) -> dict:
     """Encoder actors start with glibc malloc keeping freed activations (pipeline.encoders.malloc)."""
     if not cfg.run.keep_freed_memory:
@@ -184,6 +197,10 @@ def _run_pipeline(cfg: ExtractConfig, todo, plan: ExtractPlan, *, layers, prepro
     gpus = cfg.run.gpus_per_encoder if cfg.run.gpus_per_encoder is not None else (1 if has_gpu else 0)
     device = "cuda" if gpus else "cpu"
     threads = cfg.run.torch_threads or (None if gpus else max(1, _node_cpus() // cfg.run.num_encoders))
+    actor_cpus = encoder_cpus(ray.cluster_resources().get("CPU", 0), cfg.run.num_encoders)
+    if not gpus and actor_cpus < 1:
+        log.info("%d CPU encoder actors on %g cluster CPUs: %.2f Ray CPUs each, so decode and write tasks "
+                 "still get %g", cfg.run.num_encoders, ray.cluster_resources().get("CPU", 0), actor_cpus, TASK_CPUS)
     source = build_source(cfg.source)
     ds = ray.data.from_items([s.to_item() for s in todo], override_num_blocks=len(todo))
     ds = ds.map(decode_shard, fn_kwargs={"source": source, "preprocessing": preprocessing,
@@ -194,7 +211,7 @@ def _run_pipeline(cfg: ExtractConfig, todo, plan: ExtractPlan, *, layers, prepro
                                                     "storage_options": dict(cfg.store.storage_options) or None,
                                                     "torch_threads": threads},
                 compute=ray.data.ActorPoolStrategy(size=cfg.run.num_encoders), num_gpus=gpus,
-                num_cpus=0 if gpus else 1, **_encoder_runtime_env(cfg))
+                num_cpus=0 if gpus else actor_cpus, **_encoder_runtime_env(cfg))
     budget = ErrorBudget.remote(cfg.run.max_error_fraction, len(plan.records))
     sink = FeatureStoreDatasink(plan.target, layers, budget=budget)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.5})
