@@ -99,7 +99,7 @@ class ProbeResults:
         for h in self.heads:
             rel = head_path(h.meta["task"], h.meta["layer"], h.meta["few_shot"])
             sidecar = json.dumps(h.meta, indent=1, default=_json_default)
-            tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in h.state.items()}
+            tensors = {k: torch.from_numpy(np.array(v, order="C")) for k, v in h.state.items()}  # a writable copy
             put(rel + ".safetensors", safetensors.torch.save(tensors, metadata={"strata_probe": sidecar}))
             put(rel + ".json", sidecar.encode())
         buf = io.BytesIO()
