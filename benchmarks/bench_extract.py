@@ -54,6 +54,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from _machine import machine_header  # benchmarks/ is on sys.path when run as a script
+from _trace import read_trace, stage_lines, traced_stages
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -191,11 +192,6 @@ def child_tutorial(args) -> dict:
             "outputs": str(out)}
 
 
-def _append_trace(path: str, event: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(event) + "\n")
-
-
 def _install_instrumentation(timings: dict, trace_path: str | None) -> None:
     """Wall-clock phases of run_extract (driver) and, with a trace path, per-shard decode/encode events.
 
@@ -203,7 +199,6 @@ def _install_instrumentation(timings: dict, trace_path: str | None) -> None:
     in the module at call time, so replacing the module attributes is enough.
     """
     from pipeline.extract import run as run_mod
-    from pipeline.extract import stages
 
     def timed(name, fn):
         def wrapper(*a, **kw):
@@ -233,34 +228,8 @@ def _install_instrumentation(timings: dict, trace_path: str | None) -> None:
     run_mod._commit_if_new = timed("commit", run_mod._commit_if_new)
     run_mod._verify = timed("verify", run_mod._verify)
 
-    if not trace_path:
-        return
-    orig_decode = stages.decode_shard
-
-    def decode_shard(row, **kw):
-        t = time.time()
-        out = orig_decode(row, **kw)
-        _append_trace(trace_path, {"ev": "decode", "shard": int(row["shard_id"]), "t0": t, "t1": time.time(),
-                                   "pid": os.getpid(), "n": int(len(out["ok"]))})
-        return out
-
-    base = stages.EncodeShard
-
-    class EncodeShard(base):
-        def __init__(self, **kw):
-            t = time.time()
-            base.__init__(self, **kw)
-            _append_trace(trace_path, {"ev": "actor_init", "t0": t, "t1": time.time(), "pid": os.getpid()})
-
-        def __call__(self, row):
-            t = time.time()
-            out = base.__call__(self, row)
-            _append_trace(trace_path, {"ev": "encode", "shard": int(row["shard_id"]), "t0": t, "t1": time.time(),
-                                       "pid": os.getpid(), "n": int(len(row["ok"]))})
-            return out
-
-    run_mod.decode_shard = decode_shard
-    run_mod.EncodeShard = EncodeShard
+    if trace_path:
+        run_mod.decode_shard, run_mod.EncodeShard = traced_stages(trace_path)
 
 
 def _shard_commit_times(store_uri: str) -> list[float]:
@@ -303,9 +272,7 @@ def child_strata(args) -> dict:
         t = time.perf_counter()
         ray.shutdown()
         timings["ray_shutdown"] = time.perf_counter() - t
-    events = []
-    if trace and Path(trace).exists():
-        events = [json.loads(line) for line in Path(trace).read_text().splitlines() if line.strip()]
+    events = read_trace(trace)
     return {"images": summary.images, "encoded": summary.encoded, "errors": summary.errors,
             "seconds": seconds, "ray_init": ray_init, "import": t_import, "timings": timings,
             "trace": events, "commit_times": _shard_commit_times(summary.store_uri),
@@ -471,37 +438,18 @@ def strata_breakdown(r: dict) -> list[str]:
         f"validate {t.get('validate', 0):.2f} + max(listing {t.get('listing', 0):.2f}, driver encoder build "
         f"{t.get('driver_encoder_build', 0):.1f}; overlapped) + plan {t.get('plan', 0):.2f} + store prepare "
         f"{t.get('store_prepare', 0):.2f} + Ray Data execution {exe:.1f} ({exe / total:.0%} of run_extract) + "
-        f"verify {t.get('verify', 0):.2f} + commit {t.get('commit', 0):.2f} + other (du, summary) "
+        f"verify {t.get('verify', 0):.2f} + commit {t.get('commit', 0):.2f} + other (summary) "
         f"{total - known:.2f} | ray.shutdown {t.get('ray_shutdown', 0):.1f} s"
     ]
     start = t.get("ray_data_start_wall")
     events = r.get("trace") or []
     if not start or not events:
         return lines
-    rel = lambda x: x - start  # noqa: E731
-    dec = sorted((e for e in events if e["ev"] == "decode"), key=lambda e: e["t1"])
-    enc = sorted((e for e in events if e["ev"] == "encode"), key=lambda e: e["t1"])
-    init = [e for e in events if e["ev"] == "actor_init"]
+    parts = stage_lines(events, start, exe)
     commits = r.get("commit_times") or []
-    parts = []
-    if init:
-        a = init[0]
-        parts.append(f"encoder actor __init__ +{rel(a['t0']):.1f}..+{rel(a['t1']):.1f} s "
-                     f"(process start + imports before it: {rel(a['t0']):.1f} s; build {a['t1'] - a['t0']:.1f} s)")
-    if dec:
-        busy = sum(e["t1"] - e["t0"] for e in dec)
-        parts.append(f"decode: first shard done +{rel(dec[0]['t1']):.1f} s, last +{rel(dec[-1]['t1']):.1f} s, "
-                     f"{busy:.1f} task-s for {sum(e['n'] for e in dec)} images "
-                     f"({sum(e['n'] for e in dec) / busy:.0f} img/s per task)")
-    if enc:
-        busy = sum(e["t1"] - e["t0"] for e in enc)
-        n_enc = sum(e["n"] for e in enc)
-        parts.append(f"encode: first shard starts +{rel(enc[0]['t0']):.1f} s, ends +{rel(enc[0]['t1']):.1f} s, last "
-                     f"ends +{rel(enc[-1]['t1']):.1f} s; actor busy {busy:.1f} s = {busy / exe:.0%} of execution, "
-                     f"{n_enc / busy:.1f} img/s while busy")
     if commits:
-        parts.append(f"commits: first shard +{rel(commits[0]):.1f} s, last +{rel(commits[-1]):.1f} s "
-                     f"({len(commits)} shards); execution ends +{exe:.1f} s")
+        parts.append(f"commits: first shard +{commits[0] - start:.1f} s, last +{commits[-1] - start:.1f} s "
+                     f"({len(commits)} shards)")
     lines += [f"      {p}" for p in parts]
     return lines
 

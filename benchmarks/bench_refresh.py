@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from _machine import machine_header  # benchmarks/ is on sys.path when run as a script
+from _trace import read_trace, stage_lines, traced_stages
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -68,11 +69,6 @@ PHASES = (  # (key, label) in the order a run goes through them
 # ----------------------------------------------------------------------------------------------------------
 # instrumentation: wrappers around the pipeline's own functions (restored afterwards)
 # ----------------------------------------------------------------------------------------------------------
-
-def _append_trace(path: str, event: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(event) + "\n")
-
 
 @contextlib.contextmanager
 def instrumented(timings: dict, counts: dict, trace_path: str | None):
@@ -121,32 +117,7 @@ def instrumented(timings: dict, counts: dict, trace_path: str | None):
     patch(run_mod, "_commit_if_new", timed("commit", run_mod._commit_if_new))
 
     if trace_path:
-        orig_decode = run_mod.decode_shard
-        base = run_mod.EncodeShard
-
-        def decode_shard(row, **kw):
-            t = time.time()
-            out = orig_decode(row, **kw)
-            _append_trace(trace_path, {"ev": "decode", "shard": int(row["shard_id"]), "t0": t, "t1": time.time(),
-                                       "pid": os.getpid(), "n": int(len(out["ok"]))})
-            return out
-
-        class EncodeShard(base):
-            def __init__(self, **kw):
-                t = time.time()
-                import torch  # noqa: F401 - what base.__init__ imports first, timed on its own
-                t_imp = time.time()
-                base.__init__(self, **kw)
-                _append_trace(trace_path, {"ev": "actor_init", "t0": t, "t_import": t_imp, "t1": time.time(),
-                                           "pid": os.getpid()})
-
-            def __call__(self, row):
-                t = time.time()
-                out = base.__call__(self, row)
-                _append_trace(trace_path, {"ev": "encode", "shard": int(row["shard_id"]), "t0": t,
-                                           "t1": time.time(), "pid": os.getpid(), "n": int(len(row["ok"]))})
-                return out
-
+        decode_shard, EncodeShard = traced_stages(trace_path)
         patch(run_mod, "decode_shard", decode_shard)
         patch(run_mod, "EncodeShard", EncodeShard)
     try:
@@ -170,9 +141,7 @@ def timed_refresh(label: str, cfg, workdir: Path, trace: bool) -> dict:
         t = time.perf_counter()
         summary = run_refresh(cfg)
         seconds = time.perf_counter() - t
-    events = []
-    if trace_path and Path(trace_path).exists():
-        events = [json.loads(line) for line in Path(trace_path).read_text().splitlines() if line.strip()]
+    events = read_trace(trace_path)
     encoded = summary.extract.encoded if summary.extract is not None else 0
     return {"variant": label, "summary": summary, "seconds": seconds, "encoded": encoded,
             "timings": timings, "counts": counts, "trace": events}
@@ -278,34 +247,13 @@ def breakdown(r: dict) -> list[str]:
             times = f" ({'+'.join(f'{x:.2f}' for x in calls)})" if 1 < len(calls) <= 3 else (
                 f" ({len(calls)} calls)" if len(calls) > 3 else "")
             parts.append(f"{label} {t[key]:.3f}{times}")
-    parts.append(f"other (diff, du, summary) {total - known:.3f}")
+    parts.append(f"other (diff, summary) {total - known:.3f}")
     lines = [f"  {r['variant']:<8} {total:6.2f} s = " + " + ".join(parts)]
     start = t.get("ray_data_start_wall")
     events = r.get("trace") or []
     if not start or not events:
         return lines
-    exe = t.get("ray_data", 0.0)
-    rel = lambda x: x - start  # noqa: E731
-    dec = sorted((e for e in events if e["ev"] == "decode"), key=lambda e: e["t1"])
-    enc = sorted((e for e in events if e["ev"] == "encode"), key=lambda e: e["t1"])
-    init = [e for e in events if e["ev"] == "actor_init"]
-    sub = []
-    if init:
-        a = init[0]
-        sub.append(f"encoder actor: __init__ starts +{rel(a['t0']):.1f} s (worker process start), import torch "
-                   f"{a['t_import'] - a['t0']:.1f} s, build encoder {a['t1'] - a['t_import']:.1f} s, "
-                   f"ready +{rel(a['t1']):.1f} s")
-    if dec:
-        busy = sum(e["t1"] - e["t0"] for e in dec)
-        n_dec = sum(e["n"] for e in dec)
-        sub.append(f"decode: {len(dec)} shard(s), first done +{rel(dec[0]['t1']):.1f} s, "
-                   f"last +{rel(dec[-1]['t1']):.1f} s, {busy:.1f} task-s for {n_dec} images")
-    if enc:
-        busy = sum(e["t1"] - e["t0"] for e in enc)
-        n_enc = sum(e["n"] for e in enc)
-        sub.append(f"encode: first shard starts +{rel(enc[0]['t0']):.1f} s, last ends +{rel(enc[-1]['t1']):.1f} s; "
-                   f"actor busy {busy:.1f} s ({busy / exe:.0%} of the execution), "
-                   f"{n_enc / busy if busy else 0:.1f} images/s while busy; execution ends +{exe:.1f} s")
+    sub = stage_lines(events, start, t.get("ray_data", 0.0))
     return lines + [f"      {p}" for p in sub]
 
 

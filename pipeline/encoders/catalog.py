@@ -41,6 +41,7 @@ ENCODERS: dict[str, EncoderEntry] = {
 
 TIMM_PREFIX = "timm:"
 
+
 def resolve_entry(name: str) -> EncoderEntry:
     """Registry entry for a name, or a dynamic one for `timm:<model>`."""
     if name in ENCODERS:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .taps import LayerTaps
+
 log = logging.getLogger(__name__)
 
 # relative to the largest activation of a layer: folding reorders fp32 products (1e-6 to 1e-4 after
@@ -110,21 +112,10 @@ def _fold_pair(model: nn.Module, conv_name: str, bn_name: str) -> _Fold:
 
 
 def _activations(model: nn.Module, layers: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each tapped layer's first activation, plus the model's output, from one full forward."""
     out: dict[str, torch.Tensor] = {}
-    modules = dict(model.named_modules())
-
-    def hook(name):
-        def record(_m, _i, output):
-            out.setdefault(name, (output[0] if isinstance(output, (tuple, list)) else output).detach().clone())
-        return record
-
-    handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
-    try:
-        with torch.inference_mode():
-            final = model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.inference_mode(), LayerTaps(model, layers, lambda n, t: out.setdefault(n, t.detach().clone())):
+        final = model(x)
     if isinstance(final, torch.Tensor):
         out.setdefault("<output>", final)
     return out

@@ -193,14 +193,15 @@ def _encoder_runtime_env(cfg: ExtractConfig) -> dict:
 
 
 def _run_pipeline(cfg: ExtractConfig, todo, plan: ExtractPlan, *, layers, preprocessing) -> FeatureStoreDatasink:
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    resources = ray.cluster_resources()
+    has_gpu = resources.get("GPU", 0) > 0
     gpus = cfg.run.gpus_per_encoder if cfg.run.gpus_per_encoder is not None else (1 if has_gpu else 0)
     device = "cuda" if gpus else "cpu"
     threads = cfg.run.torch_threads or (None if gpus else max(1, _node_cpus() // cfg.run.num_encoders))
-    actor_cpus = encoder_cpus(ray.cluster_resources().get("CPU", 0), cfg.run.num_encoders)
+    actor_cpus = encoder_cpus(resources.get("CPU", 0), cfg.run.num_encoders)
     if not gpus and actor_cpus < 1:
         log.info("%d CPU encoder actors on %g cluster CPUs: %.2f Ray CPUs each, so decode and write tasks "
-                 "still get %g", cfg.run.num_encoders, ray.cluster_resources().get("CPU", 0), actor_cpus, TASK_CPUS)
+                 "still get %g", cfg.run.num_encoders, resources.get("CPU", 0), actor_cpus, TASK_CPUS)
     source = build_source(cfg.source)
     ds = ray.data.from_items([s.to_item() for s in todo], override_num_blocks=len(todo))
     ds = ds.map(decode_shard, fn_kwargs={"source": source, "preprocessing": preprocessing,

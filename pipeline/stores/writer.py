@@ -175,10 +175,6 @@ class FeatureStoreWriter:
                 missing.append(path)
         return missing, size
 
-    def verify_shard(self, record: Mapping) -> list[str]:
-        """Files of a committed shard that the store does not have (an object store that lost writes)."""
-        return self.check_shard(record)[0]
-
     def uncommit_shard(self, shard_id: int) -> None:
         """Drop a shard's record so the next run writes it again."""
         path = layout.shard_record_path(self.base, shard_id)
