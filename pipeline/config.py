@@ -68,6 +68,9 @@ class RunSpec:
     # At most this many images to encode: do it in the driver with its encoder and skip Ray's start-up
     # (small refreshes, retries). 0 always uses Ray.
     local_max_images: int = 64
+    # CPU encoders: decode threads run this much nicer (Linux), so they use what the encoders leave of shared
+    # cores instead of slowing them; 0 = the same priority
+    decode_niceness: int = 10
     max_error_fraction: float = 0.05
     max_image_pixels: int = 89_478_485
     ray_address: str | None = None
@@ -194,5 +197,8 @@ def validate_extract(cfg: ExtractConfig) -> None:
         raise ConfigError(f"unknown store format(s) {bad_formats}; valid: ['zarr', 'parquet']")
     if not 0.0 <= cfg.run.max_error_fraction <= 1.0:
         raise ConfigError(f"run.max_error_fraction must be within [0, 1], got {cfg.run.max_error_fraction}")
+    if not 0 <= cfg.run.decode_niceness <= 19:
+        raise ConfigError(f"run.decode_niceness must be within [0, 19] (a nice increment), got "
+                          f"{cfg.run.decode_niceness}")
     if cfg.encoder.batch_size < 1 or cfg.run.num_encoders < 1:
         raise ConfigError("encoder.batch_size and run.num_encoders must be >= 1")

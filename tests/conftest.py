@@ -7,7 +7,18 @@ from collections.abc import Iterator
 
 import pytest
 
+from pipeline.encoders.card import CACHE_ENV
 from s3server import S3Bucket, SeaweedS3Server, find_weed
+
+
+@pytest.fixture(scope="session", autouse=True)
+def encoder_card_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Encoder cards of the whole session go to its own directory, never to the user's ~/.cache; later
+    extractions of a spec read the card that the first one cached, as on a user's machine."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("strata-cache")))
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

