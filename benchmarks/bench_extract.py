@@ -7,10 +7,13 @@ float16 features, all in one run:
   bare      a bare single-process loop over PRE-DECODED tensors: the model as loaded (timm's
             tf_efficientnet_lite0 with the bundled weights, eval, channels_last, inference_mode) called as
             `model(x)` on batches of 64 that were decoded, preprocessed and normalised before the clock
-            starts, in a default process. What you get by writing that loop.
+            starts, in a default process. What you get by writing that loop: the issue's ceiling, which
+            the 0.8x target is checked against.
   ceiling   the same loop in a process started with the malloc settings strata gives its encoder actors
             (pipeline.encoders.malloc: without them glibc munmaps and re-faults every activation, and
-            the loop runs at about half speed). The targets are against this, the stricter one.
+            the loop runs at about half speed): a stricter ceiling, since strata found that fix. Printed
+            end to end and "once running" (strata's start-up aside, as the loop's own imports and model
+            build are outside its clock); no target.
   encoder   strata's own FrozenEncoder over the same pre-decoded uint8 batches (`encoder.encode`: BatchNorm
             folded into the convolutions, 4 taps pooled in hooks, forward stopped after bn2), with the
             same malloc settings. No Ray, no
@@ -39,8 +42,8 @@ Everything runs at N and 4N images so that peak memory growth with N shows.
     .venv/bin/python benchmarks/bench_extract.py --quick       # N=64 and 256: checks that it all works
     .venv/bin/python benchmarks/bench_extract.py --n 512 --shard-rows 64 --json out/bench_extract.json
 
-Targets: strata/ceiling >= 0.8 (strata/bare is printed too), strata/tutorial > 1, strata peak RSS(4N)/peak RSS(N)
-< 1.5. strata pays a fixed start-up (Ray starts the encoder actor, which imports torch and timm and builds
+Targets (the issue's): strata/bare >= 0.8, strata/tutorial > 1, strata peak RSS(4N)/peak RSS(N) < 1.5; the
+stricter strata/ceiling is printed beside them. strata pays a fixed start-up (Ray starts the encoder actor, which imports torch and timm and builds
 the model; strata_cold's driver does the same first), so its ratios grow with N; the breakdown at the end
 shows it.
 """
@@ -531,7 +534,7 @@ def main_parent(args) -> int:
                 checks[n] = check_same_features(results[("tutorial", n)], results[("strata", n)])
 
         print()
-        print(f"{'variant':<9} {'N':>5} {'seconds':>8} {'images/s':>9} {'peak RSS MB':>12} {'peak anon MB':>13} "
+        print(f"{'variant':<11} {'N':>5} {'seconds':>8} {'images/s':>9} {'peak RSS MB':>12} {'peak anon MB':>13} "
               f"{'peak PSS MB':>12} {'procs':>6}  notes")
         for n in sizes:
             for v in variants:
@@ -546,23 +549,24 @@ def main_parent(args) -> int:
                     note = (f"run_extract end to end{' (no encoder card: first run)' if v == 'strata_cold' else ''}; "
                             f"+ray.init {r['ray_init']:.1f} s -> {incl:.1f} images/s; steady "
                             f"{steady_ips(r):.1f} images/s; {r['errors']} errors")
-                print(f"{v:<9} {n:>5} {r['seconds']:>8.1f} {r['ips']:>9.1f} {r['peak_rss_mb']:>12.0f} "
+                print(f"{v:<11} {n:>5} {r['seconds']:>8.1f} {r['ips']:>9.1f} {r['peak_rss_mb']:>12.0f} "
                       f"{r['peak_anon_mb']:>13.0f} {r['peak_pss_mb']:>12.0f} {r['max_procs']:>6}  {note}")
         print()
         for sv, n in [(sv, n) for sv in STRATA if sv in variants for n in sizes]:
             s = results[(sv, n)]
             parts = []
-            if "ceiling" in variants:
-                ratio = s["ips"] / results[("ceiling", n)]["ips"]
-                parts.append(f"{sv}/ceiling = {ratio:.2f} (target >= {TARGET_VS_CEILING}: "
-                             f"{_flag(ratio >= TARGET_VS_CEILING)}; once running "
-                             f"{steady_ips(s) / results[('ceiling', n)]['ips']:.2f})")
+            if "bare" in variants:
+                ratio = s["ips"] / results[("bare", n)]["ips"]
+                parts.append(f"{sv}/bare = {ratio:.2f} (target >= {TARGET_VS_CEILING}: "
+                             f"{_flag(ratio >= TARGET_VS_CEILING)})")
             if "tutorial" in variants:
                 ratio = s["ips"] / results[("tutorial", n)]["ips"]
                 parts.append(f"{sv}/tutorial = {ratio:.2f} (target > {TARGET_VS_TUTORIAL}: "
                              f"{_flag(ratio > TARGET_VS_TUTORIAL)})")
-            if "bare" in variants:
-                parts.append(f"{sv}/bare = {s['ips'] / results[('bare', n)]['ips']:.2f}")
+            if "ceiling" in variants:
+                tuned = results[("ceiling", n)]["ips"]
+                parts.append(f"{sv}/tuned ceiling = {s['ips'] / tuned:.2f} end to end, "
+                             f"{steady_ips(s) / tuned:.2f} once running (stricter; no target)")
             if "encoder" in variants:
                 parts.append(f"{sv}/encoder = {s['ips'] / results[('encoder', n)]['ips']:.2f} "
                              "(pipeline efficiency; no target)")
