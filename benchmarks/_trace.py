@@ -55,6 +55,11 @@ def read_trace(path: str | None) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _busy(events: list[dict]) -> tuple[float, int]:
+    """(seconds spent in these per-shard events, images they handled)."""
+    return sum(e["t1"] - e["t0"] for e in events), sum(e["n"] for e in events)
+
+
 def stage_lines(events: list[dict], start: float, execution: float) -> list[str]:
     """Actor start-up, decode and encode, as offsets from `start` (wall clock of the Ray Data execution)."""
     rel = lambda x: x - start  # noqa: E731
@@ -68,14 +73,12 @@ def stage_lines(events: list[dict], start: float, execution: float) -> list[str]
                      f"before it: {rel(a['t0']):.1f} s; import torch {a['t_import'] - a['t0']:.1f} s, build "
                      f"{a['t1'] - a['t_import']:.1f} s)")
     if dec:
-        busy = sum(e["t1"] - e["t0"] for e in dec)
-        n_dec = sum(e["n"] for e in dec)
+        busy, n_dec = _busy(dec)
         lines.append(f"decode: {len(dec)} shard(s), first done +{rel(dec[0]['t1']):.1f} s, last "
                      f"+{rel(dec[-1]['t1']):.1f} s, {busy:.1f} task-s for {n_dec} images "
                      f"({n_dec / busy if busy else 0:.0f} img/s per task)")
     if enc:
-        busy = sum(e["t1"] - e["t0"] for e in enc)
-        n_enc = sum(e["n"] for e in enc)
+        busy, n_enc = _busy(enc)
         lines.append(f"encode: first shard starts +{rel(enc[0]['t0']):.1f} s, ends +{rel(enc[0]['t1']):.1f} s, last "
                      f"ends +{rel(enc[-1]['t1']):.1f} s; actor busy {busy:.1f} s = "
                      f"{busy / execution if execution else 0:.0%} of the execution, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import json
 import logging
@@ -118,6 +119,23 @@ def resolve(
             f"cannot open storage {redact_uri(uri)!r} with options {redact(options)}: "
             f"{type(exc).__name__}: {scrub(str(exc), _secret_values(options))}"
         ) from None
+
+
+def fingerprint_from_info(info: Mapping[str, Any]) -> str | None:
+    """``etag:<etag>`` (object stores) or ``size:<n>-mtime:<ns>`` (file systems), else None.
+
+    Cheap because listings already return this; content hashing is the fallback.
+    """
+    for key in ("ETag", "etag", "Etag"):
+        etag = info.get(key)
+        if etag:
+            return "etag:" + str(etag).strip('"')
+    size, mtime = info.get("size"), info.get("mtime")
+    if size is None or mtime is None:
+        return None
+    if isinstance(mtime, dt.datetime):
+        mtime = mtime.timestamp()
+    return f"size:{int(size)}-mtime:{int(float(mtime) * 1_000_000_000)}"
 
 
 def zarr_store(

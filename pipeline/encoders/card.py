@@ -104,18 +104,13 @@ def card_key(spec) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def file_identity(uri: str, storage_options: dict | None = None) -> dict | None:
-    """Size and mtime (local) or size and ETag/mtime (object store) of a weights file; None if unreadable."""
-    try:
-        if "://" not in uri or uri.startswith("file://"):
-            st = os.stat(uri.removeprefix("file://"))
-            return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        import fsspec
+def file_identity(uri: str, storage_options: dict | None = None) -> str | None:
+    """The weights file's fingerprint as sources take it (ETag, or size and mtime); None if unreadable."""
+    from ..storage import fingerprint_from_info, resolve
 
-        fs, path = fsspec.url_to_fs(uri, **(storage_options or {}))
-        info = fs.info(path)
-        stamp = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
-        return {"size": info.get("size"), "stamp": str(stamp)}
+    try:
+        fs, path = resolve(uri, storage_options)
+        return fingerprint_from_info(fs.info(path))
     except (OSError, ValueError) as e:
         log.debug("no identity for weights file %s: %s", uri, e)
         return None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import datetime as dt
 import hashlib
 import logging
 import posixpath
@@ -15,6 +14,8 @@ from typing import Any
 
 import fsspec.core
 from fsspec import AbstractFileSystem
+
+from ..storage import fingerprint_from_info
 
 __all__ = [
     "GLOB_CHARS",
@@ -116,23 +117,6 @@ def relative_id(path: str, root: str) -> str:
     if root and path.startswith(root + "/"):
         return path[len(root) + 1 :]
     return posixpath.normpath(path).lstrip("/")
-
-
-def fingerprint_from_info(info: Mapping[str, Any]) -> str | None:
-    """``etag:<etag>`` (object stores) or ``size:<n>-mtime:<ns>`` (file systems), else None.
-
-    Cheap because listings already return this; content hashing is the fallback.
-    """
-    for key in ("ETag", "etag", "Etag"):
-        etag = info.get(key)
-        if etag:
-            return "etag:" + str(etag).strip('"')
-    size, mtime = info.get("size"), info.get("mtime")
-    if size is None or mtime is None:
-        return None
-    if isinstance(mtime, dt.datetime):
-        mtime = mtime.timestamp()
-    return f"size:{int(size)}-mtime:{int(float(mtime) * 1_000_000_000)}"
 
 
 def fingerprint_bytes(data: bytes) -> str:
