@@ -1,0 +1,108 @@
+"""URIs: fsspec filesystems and zarr stores for any URI, with object-store options from the environment."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from .redaction import redact, redact_uri, scrub, secret_values
+
+if TYPE_CHECKING:
+    from zarr.abc.store import Store
+
+#: Environment variables that name an S3 endpoint, highest priority first.
+ENDPOINT_ENV_VARS: tuple[str, ...] = (
+    "STRATA_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+)
+S3_PROTOCOLS = frozenset({"s3", "s3a"})
+
+
+def protocol_of(uri: str) -> str:
+    """The fsspec protocol of ``uri``; plain paths are ``file``."""
+    protocol, _ = fsspec.core.split_protocol(uri)
+    return protocol or "file"
+
+
+def storage_options_for(
+    uri: str, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Options for ``uri`` with environment defaults filled in; explicit options win.
+
+    Only the S3 endpoint is merged from the environment (``STRATA_S3_ENDPOINT_URL``,
+    then ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``). Credentials stay in the
+    environment, where botocore reads them itself, so they are not copied around.
+    """
+    options = dict(storage_options or {})
+    if protocol_of(uri) not in S3_PROTOCOLS:
+        return options
+    client_kwargs = dict(options.get("client_kwargs") or {})
+    if "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
+        endpoint = next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+            options["client_kwargs"] = client_kwargs
+    return options
+
+
+def resolve(
+    uri: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and in-filesystem path for ``uri`` (plain path, file://, s3://, memory://...)."""
+    options = storage_options_for(uri, storage_options)
+    try:
+        return url_to_fs(uri, **options)
+    except (ValueError, TypeError, ImportError) as exc:
+        # The original message may echo arguments; say what failed without them.
+        raise ValueError(
+            f"cannot open storage {redact_uri(uri)!r} with options {redact(options)}: "
+            f"{type(exc).__name__}: {scrub(str(exc), secret_values(options))}"
+        ) from None
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for the local POSIX filesystem, where rename and link give atomicity."""
+    return isinstance(fs, LocalFileSystem)
+
+
+def fingerprint_from_info(info: Mapping[str, Any]) -> str | None:
+    """``etag:<etag>`` (object stores) or ``size:<n>-mtime:<ns>`` (file systems), else None.
+
+    Cheap because listings already return this; content hashing is the fallback.
+    """
+    for key in ("ETag", "etag", "Etag"):
+        etag = info.get(key)
+        if etag:
+            return "etag:" + str(etag).strip('"')
+    size, mtime = info.get("size"), info.get("mtime")
+    if size is None or mtime is None:
+        return None
+    if isinstance(mtime, dt.datetime):
+        mtime = mtime.timestamp()
+    return f"size:{int(size)}-mtime:{int(float(mtime) * 1_000_000_000)}"
+
+
+def zarr_store(
+    uri: str, storage_options: Mapping[str, Any] | None = None, *, read_only: bool
+) -> Store:
+    """A zarr-python 3 store for ``uri``.
+
+    Local paths get ``zarr.storage.LocalStore`` (native, writes through temp + rename).
+    Everything else gets ``FsspecStore.from_url``, which needs an *asynchronous*
+    filesystem: ``from_url`` adds ``asynchronous=True`` itself for async backends such
+    as s3fs and wraps sync ones (memory://) in ``AsyncFileSystemWrapper``. Do not build
+    the store from the sync instance that :func:`resolve` returns.
+    """
+    import zarr.storage
+
+    if protocol_of(uri) in ("file", "local"):
+        _, path = resolve(uri)
+        return zarr.storage.LocalStore(path, read_only=read_only)
+    options = storage_options_for(uri, storage_options)
+    return zarr.storage.FsspecStore.from_url(uri, storage_options=options, read_only=read_only)
