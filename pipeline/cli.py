@@ -104,18 +104,28 @@ def _cmd_versions(args: argparse.Namespace) -> int:
 
     latest = FeatureStore.open(args.uri)
     for v in latest.versions():
-        m = FeatureStore.open(args.uri, version=v).manifest
-        print(f"v{v:<5} {m['created_at']}  shards {len(m['shards']):<5} rows {m['n_rows']:<8} "
-              f"tombstoned {len(m.get('tombstone_rows', [])):<6} dataset {m['dataset_fingerprint'][:12]}")
+        m = FeatureStore.open(args.uri, version=v).info
+        print(f"v{v:<5} {m.created_at}  {m.operation or '-':<8} parent {str(m.parent):<5} "
+              f"segments {len(m.segments):<5} rows {m.n_rows:<8} deleted {sum(len(s.deleted) for s in m.segments):<6} "
+              f"dataset {m.dataset_fingerprint[:12]}")
     return 0
 
 
 def _cmd_retain(args: argparse.Namespace) -> int:
     from .stores.retention import retain
 
-    r = retain(args.uri, keep=args.keep, dry_run=args.dry_run)
+    r = retain(args.uri, keep=args.keep, dry_run=args.dry_run, compact_first=not args.no_compact,
+               min_deleted=args.min_deleted, grace=args.grace_hours * 3600)
     verb = "would remove" if args.dry_run else "removed"
-    print(f"kept versions {r.kept_versions}; {verb} versions {r.removed_versions} and shards {r.removed_shards}")
+    if r.compaction is not None and r.compaction.segments_rewritten:
+        c = r.compaction
+        print(f"{'would compact' if args.dry_run else 'compacted'} {len(c.segments_rewritten)} segment(s) "
+              f"({c.rows_moved} live rows){'' if args.dry_run else f' into version {c.version}'}")
+    print(f"kept versions {r.kept_versions}; {verb} versions {r.removed_versions}, {r.files_removed} files "
+          f"({r.bytes_freed / 1e6:.2f} MB freed) of {len(r.removed_shards)} blocks")
+    if r.kept_recent:
+        print(f"{r.kept_recent} unreferenced file(s) younger than {args.grace_hours:g} h left alone "
+              f"(a job may still be writing them)")
     return 0
 
 
@@ -191,10 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("uri")
     s.set_defaults(func=_cmd_versions)
 
-    s = sub.add_parser("retain", help="keep the newest N versions, delete older ones and their unused shards")
+    s = sub.add_parser("retain", help="compact, keep the newest N versions, delete what no kept version uses")
     s.add_argument("uri")
     s.add_argument("--keep", type=int, required=True)
     s.add_argument("--dry-run", action="store_true")
+    s.add_argument("--no-compact", action="store_true", help="do not rewrite mostly-deleted segments first")
+    s.add_argument("--min-deleted", type=float, default=0.5,
+                   help="compact segments with at least this fraction of rows deleted (default 0.5)")
+    s.add_argument("--grace-hours", type=float, default=24.0,
+                   help="files no version references are deleted only when older than this (default 24): "
+                        "a running job may still commit them")
     s.set_defaults(func=_cmd_retain)
 
     s = sub.add_parser("report", help="write the transferability report (static HTML + JSON)")

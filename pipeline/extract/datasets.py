@@ -5,7 +5,6 @@ import ray
 
 from .. import storage
 from ..stores import FeatureStore
-from ..stores import layout
 
 
 def read_layer(store: FeatureStore, layer: str, *, with_labels: bool = True) -> "ray.data.Dataset":
@@ -14,12 +13,12 @@ def read_layer(store: FeatureStore, layer: str, *, with_labels: bool = True) -> 
         raise ValueError(f"layer {layer!r} not in this feature set; layers: {store.layers}")
     if "parquet" not in store.meta["formats"]:
         raise ValueError("this feature set was written without Parquet; read it with FeatureStore.iter_layer")
-    paths = [layout.parquet_path(store.base, layer, s) for s in store.manifest["shards"]]
+    paths = [f"{store.base}/{s.parquet[layer]}" for s in store.info.segments]
     filesystem = None if storage.is_local(store.fs) else store.fs
     ds = ray.data.read_parquet(paths, filesystem=filesystem)
-    tomb = set(store.manifest.get("tombstone_rows", []))
-    if tomb:
-        ds = ds.filter(lambda r: r["row"] not in tomb)
+    deleted = {r for s in store.info.segments for r in s.deleted}
+    if deleted:
+        ds = ds.filter(lambda r: r["row"] not in deleted)
     columns = store.label_columns
     if with_labels and columns:
         labels = store.index_table().select(["image_id", *columns]).to_pylist()

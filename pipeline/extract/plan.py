@@ -1,18 +1,20 @@
-"""The extraction plan: listing -> shards with fixed row ranges, and what an earlier run already committed.
+"""The extraction plan: listing -> blocks of rows, each block one shard written by one task.
 
-Plain Python: no Ray, no torch models. Shards are contiguous row ranges of the sorted listing, so a
-re-run of the same listing gets the same shards and can skip the committed ones.
+Plain Python: no Ray, no torch models. A job's new rows are cut into chunks of `shard_rows` (sorted by image id,
+so the same work always gives the same chunks and content hashes); the store's allocator then gives the job a
+fresh run of blocks, and chunk k goes to the k-th block.
 """
 from __future__ import annotations
 
 import json
 import logging
 import posixpath
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..config import ExtractConfig, SourceSpec
 from ..sources import ImageRecord, make_source
-from ..stores import StoreTarget, featureset_name, shard_plan_hash
+from ..stores import StoreTarget, featureset_name
 from ..stores.layout import stable_hash
 
 log = logging.getLogger(__name__)
@@ -20,7 +22,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ShardTask:
-    shard_id: int
+    shard_id: int  # the block number
     row_start: int
     records: tuple[dict, ...]
     plan_hash: str
@@ -32,10 +34,15 @@ class ShardTask:
 
 @dataclass(frozen=True)
 class ExtractPlan:
-    records: tuple[dict, ...]
-    shards: tuple[ShardTask, ...]
+    """The blocks one job writes into one feature set."""
+
     target: StoreTarget
+    shards: tuple[ShardTask, ...]
     dataset_fingerprint: str
+
+    @property
+    def n_rows(self) -> int:
+        return sum(len(s.records) for s in self.shards)
 
 
 def build_source(spec: SourceSpec):
@@ -55,20 +62,12 @@ def dataset_fingerprint(records) -> str:
 
 
 def dataset_name(spec: SourceSpec) -> str:
-    path = spec.uri.rstrip("/").split("://", 1)[-1]
+    path = spec.uri.rstrip("/").split("://", 1)[-1].split("?", 1)[0]
     head = path.split("*", 1)[0].rstrip("/")
     stem = posixpath.splitext(posixpath.basename(head))[0]
     if spec.kind == "manifest" or stem in ("", "images"):
         stem = posixpath.basename(posixpath.dirname(head)) or stem  # data/digits/manifest.csv -> digits
     return stem or "dataset"
-
-
-def make_shards(records: list[dict], shard_rows: int, *, row_offset: int = 0, first_shard: int = 0) -> list[ShardTask]:
-    shards = []
-    for k, start in enumerate(range(0, len(records), shard_rows)):
-        chunk = tuple(records[start:start + shard_rows])
-        shards.append(ShardTask(first_shard + k, row_offset + start, chunk, shard_plan_hash(chunk)))
-    return shards
 
 
 def list_records(spec: SourceSpec) -> list[dict]:
@@ -78,14 +77,13 @@ def list_records(spec: SourceSpec) -> list[dict]:
     return records
 
 
-def build_plan(cfg: ExtractConfig, provenance: dict, records: list[dict] | None = None) -> ExtractPlan:
-    """Shards and target for the listing (`records`, or a fresh listing of the source)."""
-    records = list_records(cfg.source) if records is None else records
+def build_target(cfg: ExtractConfig, provenance: dict) -> StoreTarget:
     name = cfg.store.featureset or featureset_name(dataset_name(cfg.source), provenance, cfg.store.dtype)
-    target = StoreTarget(root=cfg.store.root, featureset=name, storage_options=dict(cfg.store.storage_options),
-                         dtype=cfg.store.dtype, shard_rows=cfg.store.shard_rows, chunk_rows=cfg.store.chunk_rows,
-                         formats=tuple(cfg.store.formats))
-    shards = make_shards(records, cfg.store.shard_rows)
-    log.info("plan: %d images in %d shards of %d rows -> %s", len(records), len(shards), cfg.store.shard_rows,
-             target.featureset)
-    return ExtractPlan(tuple(records), tuple(shards), target, dataset_fingerprint(records))
+    return StoreTarget(root=cfg.store.root, featureset=name, storage_options=dict(cfg.store.storage_options),
+                       dtype=cfg.store.dtype, shard_rows=cfg.store.shard_rows, chunk_rows=cfg.store.chunk_rows,
+                       formats=tuple(cfg.store.formats))
+
+
+def assign_blocks(chunks: Sequence[tuple[tuple[dict, ...], str]], first_block: int, shard_rows: int) -> list[ShardTask]:
+    return [ShardTask(first_block + k, (first_block + k) * shard_rows, recs, digest)
+            for k, (recs, digest) in enumerate(chunks)]

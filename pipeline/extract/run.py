@@ -1,19 +1,18 @@
-"""Wires sources -> decode tasks -> encoder actors -> feature store sink on Ray Data, then commits."""
+"""Writes a plan's blocks: decode tasks -> encoder actors -> feature store sink on Ray Data (or in the driver
+for a handful of images), then checks every file of every block."""
 from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ray
 
 from .. import storage
-from ..config import ConfigError, ExtractConfig, validate_extract
+from ..config import ConfigError, ExtractConfig
 from ..encoders.card import EncoderCard
-from ..stores import FeatureStore, FeatureStoreWriter, label_schema
-from ..stores.reader import list_versions
-from .plan import ExtractPlan, build_plan, build_source, list_records
+from ..stores import FeatureStoreWriter, Segment
+from .plan import ExtractPlan, build_source
 from .sink import ErrorBudget, ErrorBudgetExceeded, FeatureStoreDatasink
 from .stages import EncodeShard, check_encoder_matches, decode_shard, encode_row, row_to_shard
 
@@ -35,7 +34,7 @@ class ExtractSummary:
         rate = self.encoded / self.seconds if self.seconds else 0.0
         return (f"store {storage.redact_uri(self.store_uri)} version {self.version}: {self.images} images, "
                 f"{self.errors} errors, {self.encoded} encoded at {rate:.1f} images/s, "
-                f"{self.skipped_shards} shards already committed, {self.bytes_written / 1e6:.1f} MB written")
+                f"{self.skipped_shards} shards already written, {self.bytes_written / 1e6:.1f} MB written")
 
 
 def _ensure_ray(address: str | None) -> None:
@@ -68,75 +67,59 @@ def build_driver_encoder(cfg: ExtractConfig):
         raise ConfigError(str(e)) from None
 
 
-def run_extract(cfg: ExtractConfig) -> ExtractSummary:
-    validate_extract(cfg)
-    # The driver's encoder build (mostly importing torch and timm) overlaps the listing and Ray's start-up,
-    # which mostly waits on new processes. Ray must start on this thread: its processes die with the
-    # thread that spawned them.
-    with ThreadPoolExecutor(1, thread_name_prefix="strata-encoder") as pool:
-        building = pool.submit(prepare_encoder, cfg)
-        try:
-            records = list_records(cfg.source)
-        except Exception:
-            building.result()  # a bad encoder config is reported before a bad source
-            raise
-        failed = building.done() and building.exception() is not None
-        if len(records) > cfg.run.local_max_images and not failed:
-            _ensure_ray(cfg.run.ray_address)
-        encoder = building.result()
-    return extract_plan(cfg, encoder, build_plan(cfg, encoder.provenance(), records))
+def execute(cfg: ExtractConfig, plan: ExtractPlan, writer: FeatureStoreWriter, encoder) -> ExecuteResult:
+    """Write every block of the plan that is not written yet (a resumed job skips the rest), then check that
+    every file of every block is in the store, resumed ones included, writing lost blocks again.
 
-
-def extract_plan(cfg: ExtractConfig, encoder, plan: ExtractPlan) -> ExtractSummary:
-    """A full extraction of `plan` into a fresh (or resumed) feature set."""
-    writer = FeatureStoreWriter(plan.target)
-    writer.prepare(n_rows=len(plan.records), layer_dims=encoder.layer_dims, provenance=encoder.provenance(),
-                   labels=label_schema(plan.records))
-    return execute(cfg, plan, writer, encoder)
-
-
-def execute(cfg: ExtractConfig, plan: ExtractPlan, writer: FeatureStoreWriter, encoder, *,
-            tombstone_rows=(), keep_shards=()) -> ExtractSummary:
-    """Encode the plan's shards that are not committed yet, then commit a version of them plus `keep_shards`.
-
-    Counts and the error budget are over the plan's shards (all of them for an extraction, the new
-    ones for a refresh).
+    Counts and the error budget are over the plan's rows.
     """
     t0 = time.perf_counter()
-    committed = writer.committed_shards()
-    todo = [s for s in plan.shards if committed.get(s.shard_id, {}).get("plan_hash") != s.plan_hash]
+    done = writer.written_records([s.shard_id for s in plan.shards])
+    todo = [s for s in plan.shards if done.get(s.shard_id, {}).get("plan_hash") != s.plan_hash]
     skipped = len(plan.shards) - len(todo)
     if skipped:
-        log.info("resuming: %d of %d shards already committed", skipped, len(plan.shards))
+        log.info("resuming: %d of %d shards already written", skipped, len(plan.shards))
+    pending = {s.shard_id for s in todo}
+    records = {s.shard_id: done[s.shard_id] for s in plan.shards if s.shard_id not in pending}
     encoded = written = 0
+    check = list(plan.shards)
     for _ in range(3):  # an object store that loses acknowledged writes gets two more chances
+        if todo:
+            if sum(len(s.records) for s in todo) <= cfg.run.local_max_images:
+                fresh = _run_local(cfg, todo, writer, encoder)
+            else:
+                _ensure_ray(cfg.run.ray_address)
+                fresh = _run_pipeline(cfg, todo, plan, layers=list(encoder.layers),
+                                      preprocessing=encoder.preprocessing, provenance=encoder.provenance()).records
+            encoded += sum(r["n_ok"] for r in fresh)
+            records.update({int(r["shard_id"]): r for r in fresh})
+        todo, nbytes = _verify(writer, check, records)
+        written += nbytes
+        check = todo
         if not todo:
             break
-        if sum(len(s.records) for s in todo) <= cfg.run.local_max_images:
-            fresh = _run_local(cfg, todo, writer, encoder)
-        else:
-            _ensure_ray(cfg.run.ray_address)
-            fresh = _run_pipeline(cfg, todo, plan, layers=list(encoder.layers),
-                                  preprocessing=encoder.preprocessing, provenance=encoder.provenance()).records
-        encoded += sum(r["n_ok"] for r in fresh)
-        todo, verified, nbytes = _verify(writer, todo, {int(r["shard_id"]): r for r in fresh})
-        committed.update(verified)
-        written += nbytes
     if todo:
         raise RuntimeError(f"shards {[s.shard_id for s in todo]} lost files after being written three times; "
                            f"check the object store behind {storage.redact_uri(plan.target.uri)}")
-    all_shards = sorted({*keep_shards, *(s.shard_id for s in plan.shards)})
-    n_rows = sum(committed[s.shard_id]["n_rows"] for s in plan.shards)
-    n_errors = sum(committed[s.shard_id]["n_errors"] for s in plan.shards)
+    n_rows = sum(records[s.shard_id]["n_rows"] for s in plan.shards)
+    n_errors = sum(records[s.shard_id]["n_errors"] for s in plan.shards)
     if n_rows and n_errors > cfg.run.max_error_fraction * n_rows:
         raise ErrorBudgetExceeded(
             f"{n_errors} of {n_rows} images failed ({n_errors / n_rows:.1%}), above run.max_error_fraction="
-            f"{cfg.run.max_error_fraction}; see {plan.target.uri}/errors/*.parquet; nothing was published")
-    version = _commit_if_new(writer, plan, all_shards, cfg, tombstone_rows, committed)
-    summary = ExtractSummary(plan.target.uri, version, n_rows, encoded, n_errors, skipped,
-                             time.perf_counter() - t0, written)
-    log.info("%s", summary)
-    return summary
+            f"{cfg.run.max_error_fraction}; see {storage.redact_uri(plan.target.uri)}/errors/*.parquet; nothing "
+            f"was published")
+    return ExecuteResult(records, n_rows, encoded, n_errors, skipped, time.perf_counter() - t0, written)
+
+
+@dataclass(frozen=True)
+class ExecuteResult:
+    records: dict[int, dict]  # block -> its shard record
+    rows: int
+    encoded: int
+    errors: int
+    skipped_shards: int
+    seconds: float
+    bytes_written: int
 
 
 def _run_local(cfg: ExtractConfig, todo, writer: FeatureStoreWriter, encoder) -> list[dict]:
@@ -157,32 +140,22 @@ def _run_local(cfg: ExtractConfig, todo, writer: FeatureStoreWriter, encoder) ->
     return records
 
 
-def _verify(writer: FeatureStoreWriter, shards, records: dict[int, dict]) -> tuple[list, dict[int, dict], int]:
-    """(shards to write again, records of the good ones, their bytes): every file of every shard just written
-    must be in the store, its record included (an object store can lose acknowledged writes)."""
-    lost, good, nbytes = [], {}, 0
+def _verify(writer: FeatureStoreWriter, shards, records: dict[int, dict]) -> tuple[list, int]:
+    """(shards to write again, bytes of the good ones): every file of every shard must be in the store, its
+    record included (an object store can lose acknowledged writes)."""
+    lost, nbytes = [], 0
     for shard in shards:
         record = records.get(shard.shard_id)
-        missing, size = writer.check_shard(record) if record else (["record"], 0)
+        missing, size = writer.check_segment(Segment.from_record(record)) if record else (["record"], 0)
         if missing:
-            log.warning("shard %d is missing %s after its commit; writing it again", shard.shard_id, missing[:3])
-            writer.uncommit_shard(shard.shard_id)
+            log.warning("shard %d is missing %s after it was written; writing it again", shard.shard_id,
+                        [storage.redact_uri(m) for m in missing[:3]])
+            writer.forget_block(shard.shard_id)
+            records.pop(shard.shard_id, None)
             lost.append(shard)
         else:
-            good[shard.shard_id], nbytes = record, nbytes + size
-    return lost, good, nbytes
-
-
-def _commit_if_new(writer, plan, shards, cfg, tombstone_rows, records) -> int:
-    versions = list_versions(writer.fs, writer.base)
-    if versions:
-        latest = FeatureStore(plan.target.uri, storage_options=plan.target.storage_options).manifest
-        if (latest["dataset_fingerprint"] == plan.dataset_fingerprint and latest["shards"] == shards
-                and latest.get("tombstone_rows", []) == sorted(tombstone_rows)):
-            log.info("nothing changed since version %d; no new version committed", latest["version"])
-            return latest["version"]
-    return writer.commit_version(shards, dataset_fingerprint=plan.dataset_fingerprint, config=cfg.to_dict(),
-                                 tombstone_rows=tombstone_rows, records=records)
+            nbytes += size
+    return lost, nbytes
 
 
 def _node_cpus() -> int:
@@ -235,7 +208,7 @@ def _run_pipeline(cfg: ExtractConfig, todo, plan: ExtractPlan, *, layers, prepro
                                                     "torch_threads": threads, "expected_provenance": provenance},
                 compute=ray.data.ActorPoolStrategy(size=cfg.run.num_encoders), num_gpus=gpus,
                 num_cpus=0 if gpus else actor_cpus, **_encoder_runtime_env(cfg))
-    budget = ErrorBudget.remote(cfg.run.max_error_fraction, len(plan.records))
+    budget = ErrorBudget.remote(cfg.run.max_error_fraction, plan.n_rows)
     sink = FeatureStoreDatasink(plan.target, layers, budget=budget)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.5})
     return sink

@@ -16,7 +16,7 @@ import numpy as np
 from ..encoders.preprocess import Preprocessing
 from ..images import ImageDecodeError, decode_rgb
 from ..sources import ImageRecord
-from ..stores import EncodedShard, shard_plan_hash
+from ..stores import EncodedShard, check_feature_range, shard_plan_hash
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,9 @@ def encode_row(encoder, row: dict, *, batch_size: int, store_dtype) -> dict:
     for start in range(0, len(pixels), batch_size):
         out = encoder.encode(np.array(pixels[start:start + batch_size]))
         for layer, t in out.items():
-            parts[layer].append(t.numpy().astype(store_dtype))
+            values = t.numpy()
+            check_feature_range(layer, values, np.dtype(store_dtype).name)
+            parts[layer].append(values.astype(store_dtype))
     result = {k: v for k, v in row.items() if k != "pixels"}
     for layer, chunks in parts.items():
         dim = encoder.layer_dims[layer]

@@ -28,6 +28,7 @@ from .uris import (
 from .writes import (
     TMP_SUFFIX,
     atomic_write_bytes,
+    honours_conditional_create,
     is_temporary,
     json_bytes,
     put_if_absent,
@@ -37,7 +38,8 @@ from .writes import (
 
 __all__ = [
     "ENDPOINT_ENV_VARS", "MASK", "PERMANENT_ERRORS", "S3_PROTOCOLS", "SECRET_ENV_VARS", "TMP_SUFFIX",
-    "TRANSIENT_ERRORS", "RedactingFilter", "atomic_write_bytes", "fingerprint_from_info", "install_log_redaction",
+    "TRANSIENT_ERRORS", "RedactingFilter", "atomic_write_bytes", "fingerprint_from_info", "honours_conditional_create",
+    "install_log_redaction",
     "is_local", "is_secret_key", "is_temporary", "json_bytes", "protocol_of", "put_if_absent", "read_json",
     "redact", "redact_uri", "register_secrets", "resolve", "retrying", "scrub", "secret_values",
     "storage_options_for", "write_json_atomic", "zarr_store",

@@ -156,3 +156,23 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def honours_conditional_create(fs: fsspec.AbstractFileSystem, directory: str) -> bool:
+    """Probe: does a second create-if-absent of one object fail? (Some S3-compatible servers ignore
+    ``If-None-Match``.) Writes and removes one small object under ``directory``."""
+    if is_local(fs):
+        return True
+    probe = f"{directory}/.cas-probe-{uuid.uuid4().hex}"
+    fs.pipe_file(probe, b"1", mode="create")
+    try:
+        fs.pipe_file(probe, b"2", mode="create")
+        return False
+    except FileExistsError:
+        return True
+    except OSError as exc:
+        if _is_precondition_failed(exc):
+            return True
+        raise
+    finally:
+        fs.rm(probe)

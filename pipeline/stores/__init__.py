@@ -1,12 +1,28 @@
-"""Feature stores: Zarr v3 + Parquet on any fsspec URI, a commit protocol, versions, a reader.
+"""Feature stores: Zarr v3 + Parquet on any fsspec URI, immutable versions, conflict-safe commits, a reader.
 
 Knows nothing of torch models or Ray.
 """
+from .alloc import Allocation, allocate
+from .commit import ChangeSet, CommitConflict, CommitResult, Upsert, commit
+from .diff import ListingDiff, chunk_records, diff_listing
 from .layout import featureset_name
-from .reader import FeatureStore, NoCommittedVersionError, list_versions
-from .writer import EncodedShard, FeatureStoreWriter, StoreTarget, label_schema, shard_plan_hash
+from .live import ImageState, LiveIndex
+from .manifest import NoCommittedVersionError, Segment, Version, latest_version, list_versions, read_version
+from .reader import FeatureStore
+from .writer import (
+    EncodedShard,
+    FeatureOverflowError,
+    FeatureStoreWriter,
+    StoreTarget,
+    check_feature_range,
+    label_schema,
+    shard_plan_hash,
+)
 
 __all__ = [
-    "EncodedShard", "FeatureStore", "FeatureStoreWriter", "NoCommittedVersionError", "StoreTarget",
-    "featureset_name", "label_schema", "list_versions", "shard_plan_hash",
+    "Allocation", "ChangeSet", "CommitConflict", "CommitResult", "EncodedShard", "FeatureOverflowError",
+    "FeatureStore", "FeatureStoreWriter", "ImageState", "LiveIndex", "NoCommittedVersionError", "Segment",
+    "ListingDiff", "StoreTarget", "Upsert", "Version", "allocate", "check_feature_range", "chunk_records", "commit",
+    "diff_listing", "featureset_name",
+    "label_schema", "latest_version", "list_versions", "read_version", "shard_plan_hash",
 ]

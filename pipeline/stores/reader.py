@@ -1,7 +1,6 @@
 """Reads a committed version of a feature set: layers, index, errors; lazily, chunk by chunk."""
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -9,27 +8,24 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .. import storage
 from . import layout
-from .writer import ERRORS_SCHEMA, _ls
+from .live import LiveIndex, read_tables
+from .manifest import NoCommittedVersionError, list_versions, read_version
+from .writer import ERRORS_SCHEMA, schema_from_json
 
 log = logging.getLogger(__name__)
 
-
-class NoCommittedVersionError(FileNotFoundError):
-    pass
-
-
-def list_versions(fs, base: str) -> list[int]:
-    return sorted(v for v in (layout.parse_version_name(p) for p in _ls(fs, layout.versions_dir(base))) if v)
+__all__ = ["FeatureStore", "NoCommittedVersionError", "list_versions"]
 
 
 class FeatureStore:
     """One version of a feature set (the latest committed one unless pinned).
 
     Rows are the images encoded without error, in row order; `layer()` and `index()` align.
+    Everything read belongs to the one version opened: its files are never rewritten, so a reader never
+    sees another version's rows, however many jobs commit meanwhile.
     Also satisfies the probes' FeatureTable protocol (`layers`, `features`, `index`).
     """
 
@@ -50,8 +46,9 @@ class FeatureStore:
         elif version not in versions:
             raise ValueError(f"version {version} not found; committed versions: {versions}")
         self.version = version
-        self.manifest = storage.read_json(self.fs, f"{layout.versions_dir(self.base)}/{layout.version_name(version)}")
-        self._index: pa.Table | None = None
+        self.info = read_version(self.fs, self.base, version, meta=self.meta)
+        self.manifest = self.info.to_json()
+        self._live: LiveIndex | None = None
         self._zarr_group = None
 
     @classmethod
@@ -84,23 +81,18 @@ class FeatureStore:
         return self.index_table().num_rows
 
     # -- tables ------------------------------------------------------------------------------
-    def _read_parquet(self, path: str, schema: pa.Schema | None = None) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.fs.cat_file(path)), schema=schema)
+    def live_index(self) -> LiveIndex:
+        if self._live is None:
+            labels = [f.name for f in schema_from_json(self.meta["label_schema"])]
+            self._live = LiveIndex.of(self.fs, self.base, self.info, labels)
+        return self._live
 
     def index_table(self, *, include_errors: bool = False) -> pa.Table:
-        """Index rows of this version (image_id, uri, fingerprint, row, status, split, labels), by row."""
-        if self._index is None:
-            tables = [self._read_parquet(layout.index_path(self.base, s)) for s in self.manifest["shards"]]
-            table = pa.concat_tables(tables) if tables else pa.table({"image_id": pa.array([], pa.string()),
-                                                                     "row": pa.array([], pa.int64()),
-                                                                     "status": pa.array([], pa.string())})
-            tomb = self.manifest.get("tombstone_rows", [])
-            if tomb:
-                table = table.filter(pc.invert(pc.is_in(table.column("row"), pa.array(tomb, pa.int64()))))
-            self._index = table.sort_by("row")
+        """Index rows of this version (image_id, uri, fingerprint, row, shard, status, split, labels), by row."""
+        table = self.live_index().table
         if include_errors:
-            return self._index
-        return self._index.filter(pc.equal(self._index.column("status"), "ok"))
+            return table
+        return table.filter(pc.equal(table.column("status"), "ok"))
 
     def index(self):
         """The index as a pandas DataFrame (probes' FeatureTable protocol).
@@ -113,8 +105,15 @@ class FeatureStore:
         return df
 
     def errors(self) -> pa.Table:
-        tables = [self._read_parquet(layout.errors_path(self.base, s), ERRORS_SCHEMA) for s in self.manifest["shards"]]
-        return pa.concat_tables(tables) if tables else ERRORS_SCHEMA.empty_table()
+        """Images of this version that failed (image_id, uri, stage, reason)."""
+        segments = [seg for seg in self.info.segments if seg.n_ok < seg.n_rows]
+        tables = read_tables(self.fs, self.base, [seg.errors for seg in segments], ERRORS_SCHEMA)
+        if not tables:
+            return ERRORS_SCHEMA.empty_table()
+        table = pa.concat_tables(tables)
+        live = self.index_table(include_errors=True)
+        failed = live.filter(pc.equal(live.column("status"), "error")).column("image_id")
+        return table.filter(pc.is_in(table.column("image_id"), failed))
 
     def labels(self, column: str) -> np.ndarray:
         if column not in self.label_columns:
@@ -135,12 +134,13 @@ class FeatureStore:
         return self._zarr_group[layer]
 
     def iter_layer(self, layer: str, *, dtype=np.float32) -> Iterator[tuple[pa.Table, np.ndarray]]:
-        """(index rows, features) one shard at a time, so a layer never has to fit in memory."""
+        """(index rows, features) one segment at a time, so a layer never has to fit in memory."""
         self._check_layer(layer)
         index = self.index_table()
         shards = index.column("shard").to_numpy()
         rows = index.column("row").to_numpy()
         use_zarr = "zarr" in self.meta["formats"]
+        segments = self.info.segment_map()
         for shard_id in np.unique(shards):
             sel = np.flatnonzero(shards == shard_id)
             shard_rows = rows[sel]
@@ -148,11 +148,11 @@ class FeatureStore:
                 lo, hi = int(shard_rows.min()), int(shard_rows.max()) + 1
                 block = self._zarr(layer)[lo:hi][shard_rows - lo]
             else:
-                block = self._parquet_rows(layer, int(shard_id), shard_rows)
+                block = self._parquet_rows(layer, segments[int(shard_id)].parquet[layer], shard_rows)
             yield index.take(pa.array(sel)), block.astype(dtype, copy=False)
 
-    def _parquet_rows(self, layer: str, shard_id: int, rows: np.ndarray) -> np.ndarray:
-        t = self._read_parquet(layout.parquet_path(self.base, layer, shard_id))
+    def _parquet_rows(self, layer: str, path: str, rows: np.ndarray) -> np.ndarray:
+        (t,) = read_tables(self.fs, self.base, [path])
         pos = {int(r): i for i, r in enumerate(t.column("row").to_numpy())}
         flat = t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         vecs = flat.reshape(t.num_rows, self.layer_dims[layer])
@@ -203,7 +203,9 @@ class FeatureStore:
             "rows": len(self),
             "errors": self.index_table(include_errors=True).num_rows - len(self),
             "labels": self.label_columns,
-            "dataset_fingerprint": self.manifest["dataset_fingerprint"],
-            "created_at": self.manifest["created_at"],
+            "dataset_fingerprint": self.info.dataset_fingerprint,
+            "created_at": self.info.created_at,
+            "parent": self.info.parent,
+            "operation": self.info.operation,
             "library": self.meta.get("library"),
         }

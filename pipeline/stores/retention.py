@@ -1,63 +1,135 @@
-"""Retention: drop old versions and the shards only they referenced; the kept versions stay readable."""
+"""Retention: compact mostly-deleted segments, drop old versions, delete what no kept version references.
+
+Files that only removed versions referenced are deleted at once. Files no version ever referenced belong to a
+job still running or one that died; they are deleted only once older than ``grace`` seconds, so retention never
+pulls blocks from under a job about to commit. Temporaries of interrupted writes are never read as data, and
+are deleted after the same grace. Kept versions, pinned or not, stay byte-identical.
+"""
 from __future__ import annotations
 
+import datetime as dt
 import logging
-from dataclasses import dataclass
-from typing import Any, Mapping
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from .. import storage
 from . import layout
-from .reader import list_versions
-from .writer import FeatureStoreWriter, StoreTarget
+from .compact import CompactResult, compact
+from .manifest import Version, list_versions, read_version
 
 log = logging.getLogger(__name__)
+
+DEFAULT_GRACE_SECONDS = 24 * 3600
+_BLOCK = re.compile(r"shard-(\d{8})")
+_ZARR_BLOCK = re.compile(rf"^{re.escape(layout.ZARR_DIR)}/[^/]+/c/(\d+)/")
 
 
 @dataclass(frozen=True)
 class RetentionResult:
     kept_versions: list[int]
     removed_versions: list[int]
-    removed_shards: list[int]
+    removed_shards: list[int]  # blocks whose files were deleted
+    files_removed: int = 0
+    bytes_freed: int = 0
+    compaction: CompactResult | None = None
+    kept_recent: int = 0  # unreferenced files left for their grace period
+    removed_paths: list[str] = field(default_factory=list)
 
 
-def retain(uri: str, *, keep: int, storage_options: Mapping[str, Any] | None = None,
-           dry_run: bool = False) -> RetentionResult:
-    """Keep the newest `keep` versions; delete older version files and unreferenced shards' files."""
+def retain(uri: str, *, keep: int, storage_options: Mapping[str, Any] | None = None, dry_run: bool = False,
+           compact_first: bool = True, min_deleted: float = 0.5,
+           grace: float = DEFAULT_GRACE_SECONDS) -> RetentionResult:
+    """Keep the newest ``keep`` versions (after compacting, unless ``compact_first`` is off)."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (the latest version is always kept), got {keep}")
+    compaction = None
+    if compact_first:
+        compaction = compact(uri, min_deleted=min_deleted, storage_options=storage_options, dry_run=dry_run)
     fs, base = storage.resolve(uri, storage_options)
+    meta = storage.read_json(fs, layout.featureset_json(base))
     versions = list_versions(fs, base)
     kept, removed = versions[-keep:], versions[:-keep]
-    vdir = layout.versions_dir(base)
-    referenced = {s for v in kept for s in storage.read_json(fs, f"{vdir}/{layout.version_name(v)}")["shards"]}
-    shard_dir = f"{base}/{layout.MANIFEST_DIR}/shards"
-    all_shards = sorted(int(p.rsplit("-", 1)[-1].removesuffix(".json")) for p in fs.ls(shard_dir, detail=False))
-    # only shards that some removed version listed: never touch shards of a run still in progress
-    listed_by_removed = {s for v in removed for s in storage.read_json(fs, f"{vdir}/{layout.version_name(v)}")["shards"]}
-    orphans = [s for s in all_shards if s in listed_by_removed and s not in referenced]
+    kept_docs = [read_version(fs, base, v, meta=meta) for v in kept]
+    removed_docs = [read_version(fs, base, v, meta=meta) for v in removed]
+    live_files, live_blocks = _referenced(kept_docs, meta)
+    dead_files, dead_blocks = _referenced(removed_docs, meta)
+    now = time.time()
+    doomed, recent = [], 0
+    for path, info in _walk(fs, base):
+        rel = path[len(base) + 1:]
+        block = _block_of(rel)
+        if rel in live_files or (block is not None and block in live_blocks and _block_scoped(rel)):
+            continue
+        known_dead = rel in dead_files or (block is not None and block in dead_blocks and _block_scoped(rel))
+        if known_dead or now - _mtime(info) > grace:
+            doomed.append((path, rel, int(info.get("size") or 0), block))
+        else:
+            recent += 1
     if not dry_run:
         for v in removed:  # versions first: a reader can no longer pin what is about to go
-            fs.rm(f"{vdir}/{layout.version_name(v)}")
-        writer = FeatureStoreWriter(_target_of(uri, fs, base, storage_options))
-        for s in orphans:
-            _remove_shard(writer, s)
-    log.info("retention on %s: kept %s, removed versions %s and %d shards", storage.redact_uri(uri), kept, removed,
-             len(orphans))
-    return RetentionResult(kept, removed, orphans)
+            fs.rm(layout.version_path(base, v))
+        for path, *_ in doomed:
+            try:
+                fs.rm(path)
+            except FileNotFoundError:
+                pass
+    blocks = sorted({b for *_, b in doomed if b is not None} - live_blocks)
+    result = RetentionResult(kept, removed, blocks, len(doomed), sum(size for _, _, size, _ in doomed),
+                             compaction, recent, sorted(rel for _, rel, _, _ in doomed))
+    log.info("retention on %s: kept %s, removed versions %s, %d files (%.1f MB) from %d blocks%s",
+             storage.redact_uri(uri), kept, removed, result.files_removed, result.bytes_freed / 1e6, len(blocks),
+             " (dry run)" if dry_run else "")
+    return result
 
 
-def _remove_shard(writer: FeatureStoreWriter, shard_id: int) -> None:
-    fs = writer.fs
-    record = storage.read_json(fs, layout.shard_record_path(writer.base, shard_id))
-    paths = writer.shard_files(record)
-    writer.uncommit_shard(shard_id)  # uncommit first, then the data
-    for path in paths:
-        if fs.exists(path):
-            fs.rm(path)
+def _referenced(versions: list[Version], meta: Mapping) -> tuple[set[str], set[int]]:
+    files, blocks = set(), set()
+    for v in versions:
+        for seg in v.segments:
+            files.update(seg.files())
+            blocks.add(seg.block)
+    return files, blocks
 
 
-def _target_of(uri: str, fs, base: str, storage_options) -> StoreTarget:
-    meta = storage.read_json(fs, layout.featureset_json(base))
-    root, name = uri.rstrip("/").rsplit("/", 1)
-    return StoreTarget(root=root, featureset=name, storage_options=dict(storage_options or {}), dtype=meta["dtype"],
-                       shard_rows=meta["shard_rows"], chunk_rows=meta["chunk_rows"], formats=tuple(meta["formats"]))
+def _block_scoped(rel: str) -> bool:
+    """Files that belong to a block as a whole (its Zarr shard, its record), not to one revision of it."""
+    return rel.startswith(f"{layout.ZARR_DIR}/") or rel.startswith(f"{layout.MANIFEST_DIR}/shards/")
+
+
+def _block_of(rel: str) -> int | None:
+    m = _ZARR_BLOCK.match(rel)
+    if m:
+        return int(m.group(1))
+    if rel.startswith(f"{layout.MANIFEST_DIR}/") and not rel.startswith(f"{layout.MANIFEST_DIR}/shards/"):
+        return None
+    m = _BLOCK.search(rel.rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
+def _walk(fs, base: str):
+    """(path, info) of every data file and shard record: never versions, allocations, metadata or the lease."""
+    fs.invalidate_cache(base)
+    for path, info in fs.find(base, detail=True).items():
+        rel = path[len(base) + 1:]
+        name = rel.rsplit("/", 1)[-1]
+        if rel.startswith(f"{layout.ZARR_DIR}/") and name in ("zarr.json", ".zgroup", ".zattrs", ".zarray"):
+            continue
+        if rel.startswith(f"{layout.MANIFEST_DIR}/") and not rel.startswith(f"{layout.MANIFEST_DIR}/shards/"):
+            continue
+        if rel.startswith("probes/"):
+            continue  # probe results live beside the feature set and have their own life
+        yield path, info
+
+
+def _mtime(info: Mapping) -> float:
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, dt.datetime):
+            return value.timestamp()
+        return float(value)
+    return 0.0

@@ -1,10 +1,9 @@
-"""Writes a feature set: arrays prepared by the driver, whole shards by workers, versions committed last.
+"""Writes a feature set's blocks: arrays prepared by the driver, whole blocks by workers, records last.
 
-Commit protocol (the Datasink lifecycle, without Ray): `prepare` creates the Zarr group and
-arrays; each worker owns whole shards (row ranges aligned to Zarr shards, so no two writers
-ever touch one Zarr shard) and writes data files first and the shard record last; the
-driver commits a version that lists committed shards. Re-writing a shard writes the same
-bytes, so retries and re-runs are harmless; readers only follow versions.
+Each worker owns whole blocks (row ranges aligned to Zarr shards, allocated to its job and never to another),
+writes the block's data files first and its shard record last. Files are named by block and content, so a retry
+writes the same bytes to the same paths and different content never lands on a path a version references.
+Versions are published by ``commit``; this module never touches them.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import io
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,11 +21,19 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from . import layout
+from .manifest import Segment
+from .zarr_arrays import ensure_arrays
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 RESERVED_COLUMNS = ("image_id", "uri", "fingerprint", "row", "shard", "status", "split")
+#: Provenance keys that say where weights were found, not what they are: never a reason to refuse a store.
+NON_FEATURE_KEYS = frozenset({"weights_source"})
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+class FeatureOverflowError(ValueError):
+    """Features that the store's dtype cannot hold: stopped before anything of the block is written."""
 
 
 @dataclass(frozen=True)
@@ -46,9 +53,9 @@ class StoreTarget:
 
 @dataclass
 class EncodedShard:
-    """One shard's worth of results, as the encoder stage hands it to the writer."""
+    """One block's worth of results, as the encoder stage hands it to the writer."""
 
-    shard_id: int
+    shard_id: int  # the block number
     row_start: int
     records: list[dict]  # image_id, uri, fingerprint, split, labels per row, in row order
     ok: np.ndarray  # (n_rows,) bool
@@ -58,8 +65,9 @@ class EncodedShard:
 
 
 def shard_plan_hash(records: Sequence[Mapping]) -> str:
-    """Identity of a shard's input: same ids and fingerprints in the same rows -> same hash."""
-    return layout.stable_hash([(r["image_id"], r["fingerprint"]) for r in records])
+    """Identity of a block's input: everything its files are made from (ids, fingerprints, URIs, labels)."""
+    return layout.stable_hash([(r["image_id"], r["fingerprint"], r.get("uri"), r.get("split"),
+                                sorted((r.get("labels") or {}).items())) for r in records])
 
 
 def label_schema(records: Sequence[Mapping]) -> pa.Schema:
@@ -77,18 +85,46 @@ def label_schema(records: Sequence[Mapping]) -> pa.Schema:
     return pa.schema(fields)
 
 
+def check_feature_range(layer: str, features: np.ndarray, dtype: str) -> None:
+    """Refuse values the store cannot hold: float16 turns anything beyond +-65504 into inf, silently."""
+    if features.size == 0:
+        return
+    values = np.asarray(features)
+    if not np.isfinite(values).all():
+        raise FeatureOverflowError(f"layer {layer!r} produced non-finite features (inf or NaN); nothing of this "
+                                   f"block was written")
+    if dtype == "float16":
+        peak = float(np.abs(values).max())
+        if peak > FLOAT16_MAX:
+            raise FeatureOverflowError(
+                f"layer {layer!r} has activations up to {peak:.4g}, beyond float16's range (+-{FLOAT16_MAX:g}); "
+                f"they would be stored as inf. Set store.dtype=float32 (a new feature set), or leave this layer "
+                f"out (encoder.layers)")
+
+
+def feature_keys(provenance: Mapping) -> dict:
+    """The part of a provenance that determines features: what compatibility is decided on."""
+    return {k: v for k, v in provenance.items() if k not in NON_FEATURE_KEYS}
+
+
 class FeatureStoreWriter:
     def __init__(self, target: StoreTarget) -> None:
         self.target = target
         self.fs, self.base = storage.resolve(target.uri, target.storage_options)
-        self._layer_names: list[str] | None = None
+        self._meta: dict | None = None
 
     # -- driver side -------------------------------------------------------------------------
     def prepare(self, *, n_rows: int, layer_dims: Mapping[str, int], provenance: Mapping[str, Any],
-                labels: pa.Schema) -> None:
-        """Create (or reopen, if compatible) the feature set; refuses to mix another encoder's features."""
+                labels: pa.Schema) -> dict:
+        """Create (or reopen, if compatible) the feature set and grow its arrays to ``n_rows``.
+
+        Refuses a feature set that holds other features: compatibility is decided by what determines the
+        features (weights sha256, architecture, layers, pooling, preprocessing, dtype, geometry), never by
+        where the weights were found. Returns the feature set's metadata (its label schema wins over
+        ``labels``).
+        """
         meta = {
-            "format_version": FORMAT_VERSION,
+            "format_version": layout.FORMAT_VERSION,
             "featureset": self.target.featureset,
             "dtype": self.target.dtype,
             "shard_rows": self.target.shard_rows,
@@ -96,168 +132,159 @@ class FeatureStoreWriter:
             "formats": list(self.target.formats),
             "layer_dims": dict(layer_dims),
             "label_schema": [{"name": f.name, "type": str(f.type)} for f in labels],
-            "provenance": dict(provenance),
+            "provenance": storage.redact(dict(provenance)),
             "library": _library_version(),
         }
-        meta = json.loads(json.dumps(meta))  # tuples -> lists, as it will read back
-        self._layer_names = list(meta["layer_dims"])
+        meta = json_round_trip(meta)
         path = layout.featureset_json(self.base)
-        if self.fs.exists(path):
+        if not storage.retrying(lambda: storage.put_if_absent(self.fs, path, storage.json_bytes(meta)),
+                                what="create feature set"):
             old = storage.read_json(self.fs, path)
-            for key in ("dtype", "shard_rows", "chunk_rows", "layer_dims", "provenance"):
-                if old.get(key) != meta[key]:
-                    raise ValueError(
-                        f"feature set {storage.redact_uri(self.target.uri)} already holds other features "
-                        f"({key} differs: {old.get(key)!r} vs {meta[key]!r}); choose another store.featureset"
-                    )
-        else:
-            storage.write_json_atomic(self.fs, path, meta)
-        self.labels = labels
+            self._check_compatible(old, meta)
+            dropped = sorted({f["name"] for f in meta["label_schema"]} - {f["name"] for f in old["label_schema"]})
+            if dropped:
+                log.warning("label column(s) %s are not in feature set %s (its labels: %s); they are not stored",
+                            dropped, self.target.featureset, [f["name"] for f in old["label_schema"]])
+            meta = old
+        self._meta = meta
         if "zarr" in self.target.formats:
-            self._prepare_zarr(n_rows, layer_dims, meta)
+            attrs = {k: meta[k] for k in ("featureset", "dtype", "layer_dims", "provenance", "library")}
+            ensure_arrays(self.target, self.fs, self.base, n_rows=n_rows, layer_dims=layer_dims, attrs=attrs)
+        return meta
 
-    def _prepare_zarr(self, n_rows: int, layer_dims: Mapping[str, int], meta: dict) -> None:
-        import zarr
+    def _check_compatible(self, old: Mapping, new: Mapping) -> None:
+        if int(old.get("format_version", 1)) < layout.FORMAT_VERSION:
+            raise ValueError(
+                f"feature set {storage.redact_uri(self.target.uri)} was written by an older strata (store format "
+                f"{old.get('format_version', 1)}); it stays readable, but new rows go to a new feature set: "
+                f"choose another store.featureset or store.root")
+        for key in ("dtype", "shard_rows", "chunk_rows", "formats", "layer_dims"):
+            if old.get(key) != new[key]:
+                raise ValueError(
+                    f"feature set {storage.redact_uri(self.target.uri)} already holds other features "
+                    f"({key} differs: {old.get(key)!r} vs {new[key]!r}); choose another store.featureset")
+        a, b = feature_keys(old["provenance"]), feature_keys(new["provenance"])
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                raise ValueError(
+                    f"feature set {storage.redact_uri(self.target.uri)} already holds other features "
+                    f"(provenance {key} differs: {a.get(key)!r} vs {b.get(key)!r}); choose another store.featureset")
 
-        store = storage.zarr_store(f"{self.target.uri}/{layout.ZARR_DIR}", self.target.storage_options,
-                                   read_only=False)
-        group = zarr.open_group(store, mode="a")
-        shards = self.target.shard_rows if self.target.shard_rows > self.target.chunk_rows else None
-        for layer, dim in layer_dims.items():
-            if layer in group:
-                arr = group[layer]
-                if arr.shape[1] != dim:
-                    raise ValueError(f"zarr array {layer} has dim {arr.shape[1]}, expected {dim}")
-                if arr.shape[0] < n_rows:
-                    arr.resize((n_rows, dim))
-                continue
-            group.create_array(
-                layer, shape=(n_rows, dim), dtype=self.target.dtype,
-                chunks=(self.target.chunk_rows, dim),
-                shards=(shards, dim) if shards else None,
-                fill_value=np.nan, dimension_names=("row", "feature"),
-            )
-        group.attrs.update({k: meta[k] for k in ("featureset", "dtype", "layer_dims", "provenance", "library")})
+    def grow(self, n_rows: int) -> None:
+        """Make the Zarr arrays hold at least ``n_rows`` rows (the blocks this job was given)."""
+        if "zarr" in self.target.formats:
+            ensure_arrays(self.target, self.fs, self.base, n_rows=n_rows, layer_dims=self.meta["layer_dims"],
+                          attrs={})
 
-    def committed_shards(self) -> dict[int, dict]:
-        """Shard records already written, by shard id (what a re-run may skip). One batched read."""
-        paths = [p for p in _ls(self.fs, f"{self.base}/{layout.MANIFEST_DIR}/shards") if p.endswith(".json")]
+    @property
+    def meta(self) -> dict:
+        if self._meta is None:
+            self._meta = storage.read_json(self.fs, layout.featureset_json(self.base))
+        return self._meta
+
+    @property
+    def label_schema(self) -> pa.Schema:
+        return schema_from_json(self.meta["label_schema"])
+
+    def read_record(self, block: int) -> dict | None:
+        try:
+            return storage.read_json(self.fs, layout.shard_record_path(self.base, block))
+        except FileNotFoundError:
+            return None
+
+    def written_records(self, blocks: Sequence[int]) -> dict[int, dict]:
+        """Shard records of ``blocks`` that exist (what a re-run may skip): one batched read."""
+        paths = [layout.shard_record_path(self.base, b) for b in blocks]
         if not paths:
             return {}
-        blobs = storage.retrying(lambda: self.fs.cat(paths), what="read shard records")  # concurrent on S3
+        self.fs.invalidate_cache()
+        blobs = storage.retrying(lambda: self.fs.cat(paths, on_error="omit"), what="read shard records")
         return {int(rec["shard_id"]): rec for rec in (json.loads(b) for b in blobs.values())}
 
-    def shard_files(self, record: Mapping) -> list[str]:
-        """Every object a committed shard needs, its record included."""
-        sid = int(record["shard_id"])
-        paths = [layout.shard_record_path(self.base, sid), layout.index_path(self.base, sid),
-                 layout.errors_path(self.base, sid),
-                 *(f"{self.base}/{p}" for p in record.get("files", {}).get("parquet", {}).values())]
+    def segment_files(self, segment: Segment) -> list[str]:
+        """Every object a written block needs: its tables, its Zarr shard per layer, its record."""
+        paths = [layout.shard_record_path(self.base, segment.block),
+                 *(f"{self.base}/{p}" for p in segment.files())]
         if "zarr" in self.target.formats:
-            zarr_key = record["row_start"] // self.target.shard_rows
-            paths += [f"{self.base}/{layout.ZARR_DIR}/{layer}/c/{zarr_key}/0" for layer in self._layers()]
+            paths += [f"{self.base}/{layout.zarr_chunk_file(layer, segment.block)}" for layer in self._layers()
+                      if segment.n_ok]
         return paths
 
     def _layers(self) -> list[str]:
-        if self._layer_names is None:
-            meta = storage.read_json(self.fs, layout.featureset_json(self.base))
-            self._layer_names = list(meta["layer_dims"])
-        return self._layer_names
+        return list(self.meta["layer_dims"])
 
-    def check_shard(self, record: Mapping) -> tuple[list[str], int]:
-        """(files of a committed shard the store does not have, bytes of those it has): one HEAD per file."""
+    def check_segment(self, segment: Segment) -> tuple[list[str], int]:
+        """(files of a written block the store does not have, bytes of those it has): one HEAD per file."""
         self.fs.invalidate_cache()
         missing, size = [], 0
-        for path in self.shard_files(record):
+        for path in self.segment_files(segment):
             try:
                 size += int(self.fs.info(path).get("size") or 0)
             except FileNotFoundError:
                 missing.append(path)
         return missing, size
 
-    def uncommit_shard(self, shard_id: int) -> None:
-        """Drop a shard's record so the next run writes it again."""
-        path = layout.shard_record_path(self.base, shard_id)
+    def forget_block(self, block: int) -> None:
+        """Drop a block's record so that it is written again (its files went missing)."""
+        path = layout.shard_record_path(self.base, block)
         if self.fs.exists(path):
             self.fs.rm(path)
 
-    def commit_version(self, shard_ids: Sequence[int], *, dataset_fingerprint: str, config: Mapping,
-                       tombstone_rows: Sequence[int] = (), stats: Mapping | None = None,
-                       records: Mapping[int, Mapping] | None = None) -> int:
-        """Publish a new version listing `shard_ids`; readers switch to it atomically.
-
-        `tombstone_rows` hides rows of those shards (deleted images, and old rows of changed ones).
-        `records`: the shard records the caller has just read and verified (else read here).
-        """
-        records = self.committed_shards() if records is None else records
-        missing = sorted(set(shard_ids) - set(records))
-        if missing:
-            raise RuntimeError(f"cannot commit: shards {missing[:10]} have no commit record")
-        vdir = layout.versions_dir(self.base)
-        while True:
-            existing = [v for v in (layout.parse_version_name(p) for p in _ls(self.fs, vdir)) if v]
-            version = max(existing, default=0) + 1
-            doc = {
-                "version": version,
-                "parent": max(existing, default=None),
-                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-                "shards": sorted(int(s) for s in shard_ids),
-                "tombstone_rows": sorted(int(r) for r in tombstone_rows),
-                "n_rows": sum(records[s]["n_rows"] for s in shard_ids) - len(tombstone_rows),
-                "dataset_fingerprint": dataset_fingerprint,
-                "config_hash": layout.stable_hash(config),
-                "config": dict(config),
-                "stats": dict(stats or {}),
-            }
-            data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
-            if storage.put_if_absent(self.fs, f"{vdir}/{layout.version_name(version)}", data):
-                log.info("committed version %d of %s (%d shards)", version, self.target.featureset, len(shard_ids))
-                return version
+    def write_index_revision(self, segment: Segment, table: pa.Table) -> Segment:
+        """A label edit of ``segment``: its index with new labels/splits/URIs, as a new file beside the old."""
+        revision = layout.stable_hash(table.to_pylist())
+        rel = layout.index_file(segment.block, segment.content, revision)
+        self._put_parquet(f"{self.base}/{rel}", table)
+        return replace(segment, index=rel)
 
     # -- worker side -------------------------------------------------------------------------
     def write_shard(self, shard: EncodedShard) -> dict:
-        """Write one whole shard's files, then its record. Idempotent."""
+        """Write one whole block's files, then its record. Idempotent: a retry writes the same bytes."""
         t = self.target
         n = len(shard.records)
-        if shard.row_start % t.shard_rows:
-            raise ValueError(f"shard {shard.shard_id} starts at row {shard.row_start}, not on a shard boundary")
+        if shard.row_start != shard.shard_id * t.shard_rows or n > t.shard_rows:
+            raise ValueError(f"block {shard.shard_id} must start at row {shard.shard_id * t.shard_rows} and hold at "
+                             f"most {t.shard_rows} rows; got row {shard.row_start}, {n} rows")
+        for layer, feats in shard.features.items():
+            check_feature_range(layer, feats, t.dtype)
         ok_rows = np.flatnonzero(shard.ok)
         rows = shard.row_start + np.arange(n, dtype=np.int64)
         ids = [r["image_id"] for r in shard.records]
-        files: dict[str, Any] = {}
+        files: dict[str, Any] = {"parquet": {}}
         if "zarr" in t.formats:
             self._write_zarr(shard, n, ok_rows)
         if "parquet" in t.formats:
-            files["parquet"] = {}
             for layer, feats in shard.features.items():
                 table = pa.table({
                     "image_id": pa.array([ids[i] for i in ok_rows], pa.string()),
                     "row": pa.array(rows[ok_rows]),
                     "vector": _vectors(feats.astype(t.dtype)),
                 })
-                path = layout.parquet_path(self.base, layer, shard.shard_id)
-                self._put_parquet(path, table)
-                files["parquet"][layer] = path.removeprefix(self.base + "/")
-        index = self._index_table(shard, rows)
-        self._put_parquet(layout.index_path(self.base, shard.shard_id), index)
+                rel = layout.parquet_file(layer, shard.shard_id, shard.plan_hash)
+                self._put_parquet(f"{self.base}/{rel}", table)
+                files["parquet"][layer] = rel
+        files["index"] = layout.index_file(shard.shard_id, shard.plan_hash)
+        self._put_parquet(f"{self.base}/{files['index']}", self._index_table(shard, rows))
         errors = pa.Table.from_pylist(
-            [{"image_id": e["image_id"], "uri": e["uri"], "stage": e["stage"], "reason": e["reason"]}
-             for e in shard.errors],
+            [{"image_id": e["image_id"], "uri": storage.redact_uri(e["uri"]), "stage": e["stage"],
+              "reason": storage.scrub(e["reason"])} for e in shard.errors],
             schema=ERRORS_SCHEMA,
         )
-        self._put_parquet(layout.errors_path(self.base, shard.shard_id), errors)
+        files["errors"] = layout.errors_file(shard.shard_id, shard.plan_hash)
+        self._put_parquet(f"{self.base}/{files['errors']}", errors)
         record = {
             "shard_id": shard.shard_id,
             "row_start": shard.row_start,
             "n_rows": n,
             "n_ok": int(len(ok_rows)),
             "n_errors": n - int(len(ok_rows)),
+            "error_rows": [int(i) for i in np.flatnonzero(~np.asarray(shard.ok, dtype=bool))],
             "plan_hash": shard.plan_hash,
             "files": files,
             "written_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
         path = layout.shard_record_path(self.base, shard.shard_id)
-        storage.retrying(lambda: storage.write_json_atomic(self.fs, path, record), what=f"commit {path}")
+        storage.retrying(lambda: storage.write_json_atomic(self.fs, path, record), what=f"record {path}")
         return record
 
     def _write_zarr(self, shard: EncodedShard, n: int, ok_rows: np.ndarray) -> None:
@@ -276,7 +303,7 @@ class FeatureStoreWriter:
         recs = shard.records
         cols = {
             "image_id": pa.array([r["image_id"] for r in recs], pa.string()),
-            "uri": pa.array([r["uri"] for r in recs], pa.string()),
+            "uri": pa.array([storage.redact_uri(r["uri"]) for r in recs], pa.string()),
             "fingerprint": pa.array([r["fingerprint"] for r in recs], pa.string()),
             "row": pa.array(rows),
             "shard": pa.array(np.full(len(recs), shard.shard_id, dtype=np.int32)),
@@ -287,18 +314,16 @@ class FeatureStoreWriter:
             cols[f.name] = pa.array([r.get("labels", {}).get(f.name) for r in recs], f.type)
         return pa.table(cols)
 
-    @property
-    def label_schema(self) -> pa.Schema:
-        if not hasattr(self, "labels"):
-            meta = storage.read_json(self.fs, layout.featureset_json(self.base))
-            self.labels = schema_from_json(meta["label_schema"])
-        return self.labels
-
     def _put_parquet(self, path: str, table: pa.Table) -> None:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue()
         storage.retrying(lambda: storage.atomic_write_bytes(self.fs, path, data), what=f"write {path}")
+
+
+def json_round_trip(obj):
+    """``obj`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(obj))
 
 
 ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("stage", pa.string()),
@@ -320,14 +345,6 @@ def _type_from_str(name: str) -> pa.DataType:
 def _vectors(x: np.ndarray) -> pa.FixedSizeListArray:
     arrow_type = pa.float16() if x.dtype == np.float16 else pa.float32()
     return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x).reshape(-1), arrow_type), x.shape[1])
-
-
-def _ls(fs, path: str) -> list[str]:
-    fs.invalidate_cache(path)  # object-store listings are cached; a commit must see the latest
-    try:
-        return fs.ls(path, detail=False)
-    except FileNotFoundError:
-        return []
 
 
 def _library_version() -> str:

@@ -1,0 +1,54 @@
+"""Create-if-absent for the store's commit points (versions, allocations, the lease), on any store.
+
+Stores that honour conditional writes (local disks, AWS S3, SeaweedFS) settle races themselves. For an
+S3-compatible server that ignores ``If-None-Match`` the fallback is check, write, wait, read back: the last
+writer's document survives and every other writer reads back a document that is not its own, so it knows it
+lost. That is safe while one write takes less than ``SETTLE_SECONDS``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from .. import storage
+from . import layout
+
+log = logging.getLogger(__name__)
+
+#: Seconds a fallback create waits before reading its object back: longer than one PUT can take.
+SETTLE_SECONDS = 1.0
+_support: dict[str, bool] = {}
+
+
+def create_exclusive(fs, base: str, path: str, data: bytes) -> bool:
+    """Create ``path`` with ``data`` unless it exists; True when this call's document is the one stored."""
+    if conditional_writes(fs, base):
+        return storage.retrying(lambda: storage.put_if_absent(fs, path, data), what=f"create {path}")
+    fs.invalidate_cache(path)
+    if fs.exists(path):
+        return False
+    storage.retrying(lambda: storage.atomic_write_bytes(fs, path, data), what=f"create {path}")
+    time.sleep(SETTLE_SECONDS)
+    fs.invalidate_cache(path)
+    return fs.cat_file(path) == data
+
+
+def conditional_writes(fs, base: str) -> bool:
+    """Whether the store refuses a create over an existing object (probed once per process and bucket).
+
+    ``STRATA_COMMIT_MODE=verify`` forces the fallback protocol (to test it on stores that do not need it).
+    """
+    if os.environ.get("STRATA_COMMIT_MODE", "").lower() == "verify":
+        return False
+    if storage.is_local(fs):
+        return True
+    root = base.split("/", 1)[0]
+    if root not in _support:
+        honoured = storage.honours_conditional_create(fs, f"{base}/{layout.MANIFEST_DIR}")
+        if not honoured:
+            log.warning("the object store behind %s ignores conditional writes (If-None-Match); commits use the "
+                        "read-back protocol, safe while one write takes under %.0f s", storage.redact_uri(base),
+                        SETTLE_SECONDS)
+        _support[root] = honoured
+    return _support[root]

@@ -1,0 +1,134 @@
+"""Compaction: segments whose rows are mostly deleted are rewritten, live rows only, into fresh blocks.
+
+A compaction is a commit like any other (operation ``compact``): it never edits a block a version references,
+and on a race it yields to the other committer (an image that job changed, deleted or relabelled keeps that
+job's state). The old blocks stay for the versions that still reference them until retention removes those.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from .. import storage
+from .alloc import allocate
+from .commit import ChangeSet, CommitResult, Upsert, commit
+from .live import LiveIndex, read_tables, state_of
+from .manifest import Segment, Version, latest_version
+from .writer import ERRORS_SCHEMA, EncodedShard, FeatureStoreWriter, StoreTarget, shard_plan_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompactResult:
+    version: int | None
+    segments_rewritten: list[int]
+    rows_moved: int
+    commit: CommitResult | None
+
+
+def target_of(uri: str, storage_options: Mapping[str, Any] | None = None) -> StoreTarget:
+    """The StoreTarget of an existing feature set (geometry from its featureset.json)."""
+    fs, base = storage.resolve(uri, storage_options)
+    meta = storage.read_json(fs, f"{base}/_manifest/featureset.json")
+    root, name = uri.rstrip("/").rsplit("/", 1)
+    return StoreTarget(root=root, featureset=name, storage_options=dict(storage_options or {}), dtype=meta["dtype"],
+                       shard_rows=meta["shard_rows"], chunk_rows=meta["chunk_rows"], formats=tuple(meta["formats"]))
+
+
+def compact(uri: str, *, min_deleted: float = 0.5, storage_options: Mapping[str, Any] | None = None,
+            dry_run: bool = False) -> CompactResult:
+    """Rewrite every segment of the latest version with at least ``min_deleted`` of its rows deleted."""
+    if not 0.0 < min_deleted <= 1.0:
+        raise ValueError(f"min_deleted must be within (0, 1], got {min_deleted}")
+    writer = FeatureStoreWriter(target_of(uri, storage_options))
+    latest = latest_version(writer.fs, writer.base)
+    if latest is None:
+        return CompactResult(None, [], 0, None)
+    chosen = [s for s in latest.segments if s.deleted and len(s.deleted) >= min_deleted * s.n_rows]
+    if dry_run or not chosen:
+        return CompactResult(latest.version, [s.block for s in chosen], sum(s.live_rows for s in chosen), None)
+    labels = [f.name for f in writer.label_schema]
+    live = LiveIndex.of(writer.fs, writer.base, latest, labels)
+    shards = _rewritten(writer, latest, chosen, live)
+    change = ChangeSet(operation="compact", parent=live, on_conflict="theirs",
+                       dataset_fingerprint=latest.dataset_fingerprint,
+                       stats={"segments_rewritten": [s.block for s in chosen]})
+    alloc = allocate(writer.fs, writer.base, [s.plan_hash for s in shards], job_id=change.job_id)
+    writer.grow(alloc.blocks.stop * writer.target.shard_rows)
+    for block, shard in zip(alloc.blocks, shards):
+        shard.shard_id, shard.row_start = block, block * writer.target.shard_rows
+        record = writer.write_shard(shard)
+        segment = Segment.from_record(record)
+        missing, _ = writer.check_segment(segment)
+        if missing:
+            raise RuntimeError(f"compacted block {block} is missing {missing[:3]} right after being written")
+        change.new_segments.append(segment)
+        for i, r in enumerate(shard.records):
+            change.upserts[r["image_id"]] = Upsert(shard.row_start + i, r["fingerprint"],
+                                                   "ok" if shard.ok[i] else "error",
+                                                   state_of(r["uri"], r["split"], r["labels"]))
+    outcome = commit(writer, change)
+    moved = sum(len(s.records) for s in shards)
+    log.info("compacted %d segments (%d live rows) into %d", len(chosen), moved, len(shards))
+    return CompactResult(outcome.version, [s.block for s in chosen], moved, outcome)
+
+
+def _rewritten(writer: FeatureStoreWriter, version: Version, chosen: list[Segment],
+               live: LiveIndex) -> list[EncodedShard]:
+    """The live rows of ``chosen`` (index rows, features, errors), cut into block-sized shards by image id."""
+    labels = [f.name for f in writer.label_schema]
+    rows: list[tuple[dict, bool, dict[str, np.ndarray], dict | None]] = []
+    for seg in chosen:
+        table = live.segment_table(seg.block).sort_by("image_id")
+        feats = _features(writer, seg, table.column("row").to_numpy())
+        errors = {}
+        if seg.n_ok < seg.n_rows:
+            (et,) = read_tables(writer.fs, writer.base, [seg.errors], ERRORS_SCHEMA)
+            errors = {e["image_id"]: e for e in et.to_pylist()}
+        cols = table.to_pydict()
+        for k, image_id in enumerate(cols["image_id"]):
+            record = {"image_id": image_id, "uri": cols["uri"][k], "fingerprint": cols["fingerprint"][k],
+                      "split": cols["split"][k], "labels": {c: cols[c][k] for c in labels if c in cols}}
+            ok = cols["status"][k] == "ok"
+            rows.append((record, ok, {layer: f[k] for layer, f in feats.items()}, errors.get(image_id)))
+    rows.sort(key=lambda t: t[0]["image_id"])
+    size = writer.target.shard_rows
+    shards = []
+    for start in range(0, len(rows), size):
+        part = rows[start:start + size]
+        records = [r for r, _, _, _ in part]
+        ok = np.array([o for _, o, _, _ in part], dtype=bool)
+        features = {layer: np.stack([f[layer] for _, o, f, _ in part if o]) if ok.any() else
+                    np.zeros((0, dim), np.float32) for layer, dim in writer.meta["layer_dims"].items()}
+        errors = [e if e is not None else {"image_id": r["image_id"], "uri": r["uri"], "stage": "unknown",
+                                           "reason": "failed in an earlier run"}
+                  for r, o, _, e in part if not o]
+        shards.append(EncodedShard(-1, -1, records, ok, features, errors, shard_plan_hash(records)))
+    return shards
+
+
+def _features(writer: FeatureStoreWriter, seg: Segment, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Stored vectors of ``rows`` (of segment ``seg``) per layer, as stored (NaN for failed images)."""
+    out = {}
+    if "zarr" in writer.target.formats:
+        import zarr
+
+        group = zarr.open_group(storage.zarr_store(f"{writer.target.uri}/features.zarr",
+                                                   writer.target.storage_options, read_only=True), mode="r")
+        for layer in writer.meta["layer_dims"]:
+            block = group[layer][seg.row_start:seg.row_end]
+            out[layer] = block[rows - seg.row_start]
+        return out
+    for layer, dim in writer.meta["layer_dims"].items():
+        (t,) = read_tables(writer.fs, writer.base, [seg.parquet[layer]])
+        pos = {int(r): i for i, r in enumerate(t.column("row").to_numpy())}
+        flat = t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        out[layer] = np.stack([flat[pos[int(r)]] if int(r) in pos else np.full(dim, np.nan, flat.dtype)
+                               for r in rows]) if len(rows) else np.zeros((0, dim), flat.dtype)
+    return out

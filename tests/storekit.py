@@ -1,0 +1,74 @@
+"""Feature sets built with the stores API alone (no torch, no Ray): synthetic features that depend only on an
+image's id and content fingerprint, so any reader's vectors can be checked against what they must be."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.stores import EncodedShard, FeatureStoreWriter, StoreTarget
+from pipeline.stores.job import BlockTask, JobOutcome, update_featureset
+
+LAYERS = {"early": 8, "late": 24}
+PROVENANCE = {"encoder": "toy", "layers": list(LAYERS), "weights_sha256": "0" * 64, "weights_source": "here"}
+
+
+def records(n: int, *, prefix: str = "img", start: int = 0, version: str = "a", labels: bool = True) -> list[dict]:
+    return [{"image_id": f"{prefix}-{i:04d}", "uri": f"file:///data/{prefix}-{i:04d}.png",
+             "fingerprint": f"sha256:{prefix}{i}{version}", "split": None,
+             "labels": {"digit": i % 10, "parity": "even" if i % 2 == 0 else "odd"} if labels else {}}
+            for i in range(start, start + n)]
+
+
+def features(image_id: str, fingerprint: str, dim: int) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha256(f"{image_id}|{fingerprint}|{dim}".encode()).digest()[:8], "little")
+    return np.random.default_rng(seed).normal(size=dim).astype(np.float32)
+
+
+def expected(image_id: str, fingerprint: str, dim: int, dtype=np.float16) -> np.ndarray:
+    return features(image_id, fingerprint, dim).astype(dtype).astype(np.float32)
+
+
+def target(root: str, storage_options: Mapping | None = None, *, featureset: str = "fs1", **kw) -> StoreTarget:
+    kw = {"shard_rows": 64, "chunk_rows": 16, **kw}
+    return StoreTarget(root=root, featureset=featureset, storage_options=dict(storage_options or {}), **kw)
+
+
+def encoded(task: BlockTask, *, bad: Iterable[str] = (), scale: float = 1.0) -> EncodedShard:
+    bad = set(bad)
+    recs = list(task.records)
+    ok = np.array([r["image_id"] not in bad for r in recs])
+    feats = {layer: np.stack([features(r["image_id"], r["fingerprint"], dim) * scale
+                              for r, o in zip(recs, ok) if o] or [np.zeros(dim, np.float32)])[: ok.sum()]
+             for layer, dim in LAYERS.items()}
+    errors = [{"image_id": r["image_id"], "uri": r["uri"], "stage": "decode", "reason": "truncated"}
+              for r, o in zip(recs, ok) if not o]
+    return EncodedShard(task.block, task.row_start, recs, ok, feats, errors, task.content)
+
+
+def _write(t: StoreTarget, shard: EncodedShard) -> dict:
+    return FeatureStoreWriter(t).write_shard(shard)
+
+
+def job(t: StoreTarget, recs: Sequence[dict], *, operation: str = "extract", bad: Iterable[str] = (),
+        processes: int = 0, scale: float = 1.0) -> JobOutcome:
+    """One job that brings feature set ``t`` in line with ``recs``; blocks written in ``processes`` processes."""
+    writer = FeatureStoreWriter(t)
+    bad = set(bad)
+
+    def write_blocks(tasks: list[BlockTask]) -> dict[int, dict]:
+        done = writer.written_records([x.block for x in tasks])
+        todo = [x for x in tasks if done.get(x.block, {}).get("plan_hash") != x.content]
+        shards = [encoded(x, bad=bad, scale=scale) for x in todo]
+        if processes and shards:
+            with cf.ProcessPoolExecutor(max_workers=processes) as pool:
+                written = list(pool.map(_write, [t] * len(shards), shards))
+        else:
+            written = [writer.write_shard(s) for s in shards]
+        done.update({int(r["shard_id"]): r for r in written})
+        return {x.block: done[x.block] for x in tasks}
+
+    return update_featureset(writer, recs, operation=operation, write_blocks=write_blocks, layer_dims=LAYERS,
+                             provenance=PROVENANCE, config={"store": {"storage_options": dict(t.storage_options)}})
