@@ -53,7 +53,7 @@ def _write(t: StoreTarget, shard: EncodedShard) -> dict:
 
 
 def job(t: StoreTarget, recs: Sequence[dict], *, operation: str = "extract", bad: Iterable[str] = (),
-        processes: int = 0, scale: float = 1.0) -> JobOutcome:
+        processes: int = 0, scale: float = 1.0, provenance: Mapping | None = None) -> JobOutcome:
     """One job that brings feature set ``t`` in line with ``recs``; blocks written in ``processes`` processes."""
     writer = FeatureStoreWriter(t)
     bad = set(bad)
@@ -71,4 +71,4 @@ def job(t: StoreTarget, recs: Sequence[dict], *, operation: str = "extract", bad
         return {x.block: done[x.block] for x in tasks}
 
     return update_featureset(writer, recs, operation=operation, write_blocks=write_blocks, layer_dims=LAYERS,
-                             provenance=PROVENANCE, config={"store": {"storage_options": dict(t.storage_options)}})
+                             provenance=provenance or PROVENANCE, config={"store": {"storage_options": dict(t.storage_options)}})

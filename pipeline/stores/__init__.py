@@ -3,7 +3,8 @@
 Knows nothing of torch models or Ray.
 """
 from .alloc import Allocation, allocate
-from .commit import ChangeSet, CommitConflict, CommitResult, Upsert, commit
+from .compact import CompactResult, compact as compact_store
+from .commit import ChangeSet, CommitConflict, CommitResult, Upsert, commit_change
 from .diff import ListingDiff, chunk_records, diff_listing
 from .layout import featureset_name
 from .live import ImageState, LiveIndex
@@ -20,9 +21,9 @@ from .writer import (
 )
 
 __all__ = [
-    "Allocation", "ChangeSet", "CommitConflict", "CommitResult", "EncodedShard", "FeatureOverflowError",
+    "Allocation", "ChangeSet", "CompactResult", "compact_store", "CommitConflict", "CommitResult", "EncodedShard", "FeatureOverflowError",
     "FeatureStore", "FeatureStoreWriter", "ImageState", "LiveIndex", "NoCommittedVersionError", "Segment",
-    "ListingDiff", "StoreTarget", "Upsert", "Version", "allocate", "check_feature_range", "chunk_records", "commit",
+    "ListingDiff", "StoreTarget", "Upsert", "Version", "allocate", "check_feature_range", "chunk_records", "commit_change",
     "diff_listing", "featureset_name",
     "label_schema", "latest_version", "list_versions", "read_version", "shard_plan_hash",
 ]

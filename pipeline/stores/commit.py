@@ -80,7 +80,7 @@ class CommitResult:
     yielded: int = 0  # changes dropped in favour of another committer (on_conflict="theirs")
 
 
-def commit(writer: FeatureStoreWriter, change: ChangeSet, *, max_attempts: int = 50) -> CommitResult:
+def commit_change(writer: FeatureStoreWriter, change: ChangeSet, *, max_attempts: int = 50) -> CommitResult:
     """Publish ``change`` on top of the latest version, rebasing as often as other committers win the race."""
     if change.on_conflict not in ("fail", "theirs"):
         raise ValueError(f"on_conflict must be 'fail' or 'theirs', got {change.on_conflict!r}")

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from .. import storage
 from .alloc import allocate
-from .commit import ChangeSet, CommitResult, Upsert, commit
+from .commit import ChangeSet, CommitResult, Upsert, commit_change
 from .live import LiveIndex, read_tables, state_of
 from .manifest import Segment, Version, latest_version
 from .writer import ERRORS_SCHEMA, EncodedShard, FeatureStoreWriter, StoreTarget, shard_plan_hash
@@ -73,7 +73,7 @@ def compact(uri: str, *, min_deleted: float = 0.5, storage_options: Mapping[str,
             change.upserts[r["image_id"]] = Upsert(shard.row_start + i, r["fingerprint"],
                                                    "ok" if shard.ok[i] else "error",
                                                    state_of(r["uri"], r["split"], r["labels"]))
-    outcome = commit(writer, change)
+    outcome = commit_change(writer, change)
     moved = sum(len(s.records) for s in shards)
     log.info("compacted %d segments (%d live rows) into %d", len(chosen), moved, len(shards))
     return CompactResult(outcome.version, [s.block for s in chosen], moved, outcome)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .alloc import allocate
-from .commit import ChangeSet, CommitResult, Upsert, commit
+from .commit import ChangeSet, CommitResult, Upsert, commit_change
 from .diff import ListingDiff, chunk_records, diff_listing
 from .live import LiveIndex, state_of
 from .manifest import Segment, latest_version
@@ -74,7 +74,7 @@ def update_featureset(writer: FeatureStoreWriter, records: Sequence[dict], *, op
         written = write_blocks(tasks)
         _add_blocks(change, tasks, written)
     change.stats = dict(stats() if stats else {})
-    outcome = commit(writer, change)
+    outcome = commit_change(writer, change)
     return JobOutcome(outcome.version, outcome.published, diff, outcome, written)
 
 
