@@ -242,10 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import storage
+
+    storage.install_log_redaction()
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"strata {args.command}: error: {e}", file=sys.stderr)
+        print(f"strata {args.command}: error: {storage.scrub(str(e))}", file=sys.stderr)
         return 2
 
 

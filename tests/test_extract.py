@@ -90,9 +90,10 @@ def test_extract_local_store(ray_local, images, tmp_path):
     np.testing.assert_array_equal(vec, store.layer("layer3"))
     assert store.provenance["preprocessing"]["crop_size"] == 32
 
-    # a re-run finds every shard committed and publishes nothing new
+    # a re-run finds nothing changed and publishes nothing new
     again = run_extract(cfg)
-    assert again.version == 1 and again.encoded == 0 and again.skipped_shards == 4
+    assert again.version == 1 and again.encoded == 0 and again.images == 0
+    assert store.versions() == [1]
 
 
 def test_encoder_cpus_leave_room_for_decode_and_write_tasks():
@@ -157,14 +158,10 @@ def test_error_budget_stops_the_job_and_keeps_committed_shards(ray_local, images
     with pytest.raises(Exception, match=r"4 of 200 images failed|images failed so far") as info:
         run_extract(cfg)
     assert "errors/*.parquet" in str(info.value)
-    from pipeline.stores import FeatureStoreWriter
-    from pipeline.extract.plan import build_plan
-    from pipeline.extract.run import prepare_encoder
-
-    plan = build_plan(cfg, prepare_encoder(cfg).provenance())
-    committed = FeatureStoreWriter(plan.target).committed_shards()
-    assert committed  # shards written before the stop stay, and a re-run would skip them
-    assert all(r["n_rows"] for r in committed.values())
+    (featureset,) = (tmp_path / "stores").iterdir()
+    written = list(featureset.glob("_manifest/shards/*.json"))
+    assert written  # shards written before the stop stay, and a re-run would skip them
+    assert not (featureset / "_manifest" / "versions").exists()  # nothing was published
 
 
 def test_bad_config_refused_before_any_work(tmp_path):
@@ -196,9 +193,6 @@ def test_stale_encoder_card_is_refused_before_any_shard_is_written(ray_local, im
     import json
 
     from pipeline.encoders.card import CACHE_ENV, _card_path, save_card
-    from pipeline.stores import FeatureStoreWriter
-    from pipeline.extract.plan import build_plan
-    from pipeline.extract.run import prepare_encoder
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     cfg = _config(str(images), str(tmp_path / "stores"), "run.local_max_images=0")
@@ -209,8 +203,7 @@ def test_stale_encoder_card_is_refused_before_any_shard_is_written(ray_local, im
     assert path == _card_path(cfg.encoder)
     with pytest.raises(Exception, match="differs from the one the driver planned"):
         run_extract(cfg)
-    target = build_plan(cfg, prepare_encoder(cfg).provenance()).target
-    assert FeatureStoreWriter(target).committed_shards() == {}
+    assert not list((tmp_path / "stores").glob("*/_manifest/shards/*.json"))
 
 
 def test_decode_threads_run_nicer_than_their_caller():
@@ -235,3 +228,29 @@ def test_decode_threads_run_nicer_than_their_caller():
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
     with pytest.raises(ConfigError, match=r"decode_niceness must be within \[0, 19\]"):
         run_extract(_config("/nowhere", "/nowhere", "run.decode_niceness=40"))
+
+
+def test_float16_overflow_stops_before_writing_and_float32_holds_it(tmp_path):
+    """An encoder whose activations exceed float16's range: refused with the layer named, nothing published."""
+    import torch
+    import torchvision
+
+    from pipeline.stores import FeatureOverflowError
+
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["conv1.weight"] = state["conv1.weight"] * 1e6  # activations far beyond +-65504
+    ckpt = tmp_path / "loud.pth"
+    torch.save(state, ckpt)
+    write_shapes(tmp_path / "src", n=12, size=32, seed=4)
+    overrides = ["encoder.weights=" + str(ckpt), "run.local_max_images=1000"]
+    cfg = _config(str(tmp_path / "src" / "images"), str(tmp_path / "stores"), *overrides)
+    with pytest.raises(FeatureOverflowError, match=r"layer 'layer1' has activations up to .*store.dtype=float32"):
+        run_extract(cfg)
+    assert not list((tmp_path / "stores").glob("*/_manifest/versions/*.json"))
+    assert not list((tmp_path / "stores").glob("*/index/*.parquet"))
+    summary = run_extract(_config(str(tmp_path / "src" / "images"), str(tmp_path / "stores"), *overrides,
+                                  "store.dtype=float32"))
+    store = FeatureStore(summary.store_uri)
+    assert store.meta["dtype"] == "float32" and np.isfinite(store.layer("layer1")).all()
+    assert np.abs(store.layer("layer1")).max() > 65504

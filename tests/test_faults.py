@@ -99,8 +99,8 @@ def test_killed_driver_resumes_and_equals_an_uninterrupted_run(images, tmp_path)
 
     rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"{done_before} shards already committed" in rerun.stdout or \
-        f"{done_before} shards already committed" in rerun.stderr
+    assert f"{done_before} shards already written" in rerun.stdout or \
+        f"{done_before} shards already written" in rerun.stderr
     cfg = load_config(ExtractConfig, cfg_path)
     (featureset,) = [p for p in root.iterdir() if p.is_dir()]
     store = FeatureStore(str(featureset))

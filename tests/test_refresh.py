@@ -1,6 +1,7 @@
 """Scheduled refresh: only new or changed images are encoded, deleted ones tombstoned, versions pinnable."""
 from __future__ import annotations
 
+import os
 import shutil
 import time
 
@@ -90,3 +91,98 @@ def test_changing_the_encoder_makes_a_new_featureset(ray_local, dataset, tmp_pat
                                               f"store.root={tmp_path / 'stores'}", *TINY, "encoder.pooling=max"])
     b = run_refresh(cfg_b)
     assert a.store_uri != b.store_uri and b.version == 1 and b.added == 80
+
+
+def _manifest_cfg(manifest, root, *extra):
+    return load_config(ExtractConfig, None, ["source.kind=manifest", f"source.uri={manifest}",
+                                             f"store.root={root}", *TINY, "run.local_max_images=1000", *extra])
+
+
+def test_label_and_split_edits_are_data(tmp_path):
+    write_shapes(tmp_path / "src", n=20, size=32, seed=9)
+    manifest = tmp_path / "src" / "manifest.csv"
+    cfg = _manifest_cfg(manifest, tmp_path / "stores")
+    first = run_refresh(cfg)
+    assert first.version == 1 and first.added == 20
+    lines = manifest.read_text().splitlines()
+    header, rows = lines[0] + ",split", [line + ",train" for line in lines[1:]]
+    rows[3] = rows[3].replace(",train", ",test")
+    rows[5] = ",".join([*rows[5].split(",")[:2], "hexagon", *rows[5].split(",")[3:]])
+    manifest.write_text("\n".join([header, *rows]) + "\n")
+    second = run_refresh(cfg)
+    assert (second.version, second.relabeled, second.added, second.changed) == (2, 20, 0, 0)
+    assert second.extract is None  # nothing encoded
+    v2, v1 = FeatureStore(first.store_uri), FeatureStore(first.store_uri, version=1)
+    index = v2.index().set_index("image_id")
+    assert index.loc["images/00005.png", "shape"] == "hexagon" and index.loc["images/00003.png", "split"] == "test"
+    assert set(index.split) == {"train", "test"}
+    assert "split" not in v1.index().columns and "hexagon" not in set(v1.index().shape)
+    np.testing.assert_array_equal(v2.layer("layer2"), v1.layer("layer2"))
+    assert run_refresh(cfg).nothing_changed
+
+
+@pytest.mark.slow
+def test_resume_and_refresh_from_another_install(tmp_path):
+    """A store made by one copy of strata (its weights at one path) is resumed and refreshed by another copy
+    in another directory, with the same weights at another path: the same feature set, nothing re-encoded."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    import torchvision
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    installs = []
+    for name in ("install-a", "install-b"):
+        copy = tmp_path / name
+        for pkg in ("pipeline", "jobs"):
+            shutil.copytree(repo / pkg, copy / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        (copy / "weights").mkdir()
+        installs.append(copy)
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), installs[0] / "weights" / "r18.pth")
+    shutil.copy(installs[0] / "weights" / "r18.pth", installs[1] / "weights" / "r18.pth")
+    write_shapes(tmp_path / "src", n=40, size=32, seed=6)
+    images = tmp_path / "src" / "images"
+    (images / "broken.png").write_bytes(b"not a png")
+
+    def run(install: Path, command: str, **store) -> subprocess.CompletedProcess:
+        cfg = {"source": {"kind": "folder", "uri": str(images)},
+               "encoder": {**yaml.safe_load(TINY_YAML), "weights": str(install / "weights" / "r18.pth")},
+               "store": {"root": str(tmp_path / "stores"), "shard_rows": 16, "chunk_rows": 16},
+               "run": {"local_max_images": 1000, **store}}
+        (install / "job.yaml").write_text(yaml.safe_dump(cfg))
+        env = {**os.environ, "PYTHONPATH": str(install), "STRATA_CACHE_DIR": str(install / "cache")}
+        return subprocess.run([sys.executable, "-m", f"jobs.{command}", "--config", str(install / "job.yaml")],
+                              cwd=install, env=env, capture_output=True, text=True, timeout=600)
+
+    where = subprocess.run([sys.executable, "-c", "import pipeline; print(pipeline.__file__)"], cwd=installs[1],
+                           env={**os.environ, "PYTHONPATH": str(installs[1])}, capture_output=True, text=True)
+    assert where.stdout.startswith(str(installs[1]))
+    failed = run(installs[0], "extract", max_error_fraction=0.0)  # one bad image: stops before publishing
+    assert failed.returncode != 0 and "nothing was published" in failed.stderr + failed.stdout
+    (featureset,) = (tmp_path / "stores").iterdir()
+    written = len(list(featureset.glob("_manifest/shards/*.json")))
+    assert written == 3 and not (featureset / "_manifest" / "versions").exists()
+
+    resumed = run(installs[1], "extract", max_error_fraction=0.1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "3 shards already written" in resumed.stdout + resumed.stderr
+    store = FeatureStore(str(featureset))
+    assert store.versions() == [1] and len(store) == 40
+    assert store.provenance["weights_source"].startswith(str(installs[0]))
+
+    shutil.copy(images / "00001.png", images / "extra.png")
+    refreshed = run(installs[1], "refresh", max_error_fraction=0.1)
+    assert refreshed.returncode == 0, refreshed.stderr[-3000:]
+    assert "1 added" in refreshed.stdout and [p.name for p in (tmp_path / "stores").iterdir()] == [featureset.name]
+    assert FeatureStore(str(featureset)).versions() == [1, 2] and len(FeatureStore(str(featureset))) == 41
+
+
+TINY_YAML = """
+name: resnet18
+layers: [layer1, layer2]
+preprocessing: {resize_size: 32, crop_size: 32, interpolation: bilinear, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}
+"""

@@ -1,46 +1,120 @@
-"""Retention keeps the newest versions readable and deletes only what no kept version needs."""
+"""Retention: compaction reclaims mostly-deleted blocks; old versions go; kept ones stay byte-identical."""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.stores import FeatureStore, FeatureStoreWriter, StoreTarget, label_schema
+from pipeline.stores import FeatureStore, FeatureStoreWriter, allocate, shard_plan_hash
+from pipeline.stores.job import BlockTask
 from pipeline.stores.retention import retain
-from test_stores import LAYERS, _records, _shard
+from storekit import LAYERS, encoded, expected, job, records, target
 
 
-def _store(tmp_path):
-    records = _records()
-    target = StoreTarget(root=str(tmp_path), featureset="fs", shard_rows=64, chunk_rows=16)
-    writer = FeatureStoreWriter(target)
-    writer.prepare(n_rows=len(records), layer_dims=LAYERS, provenance={"encoder": "toy"}, labels=label_schema(records))
-    for s in range(5):
-        writer.write_shard(_shard(records, s, 64))
-    writer.commit_version([0, 1], dataset_fingerprint="a", config={})        # v1
-    writer.commit_version([0, 2], dataset_fingerprint="b", config={})        # v2: shard 1 replaced by 2
-    writer.commit_version([0, 2, 3], dataset_fingerprint="c", config={})     # v3; shard 4 never published
-    return target
+def _store(tmp_path: Path):
+    t = target(str(tmp_path / "s"), shard_rows=16, chunk_rows=16)
+    listing = records(48)
+    job(t, listing)                                                        # v1: blocks 0, 1, 2
+    kept = [r for r in listing if int(r["image_id"][4:]) % 16 < 3]
+    job(t, kept, operation="refresh")                                      # v2: 81% of every block deleted
+    job(t, kept + records(5, prefix="new"), operation="refresh")           # v3: block 3 added
+    return t, tmp_path / "s" / "fs1"
 
 
-def test_retain_removes_old_versions_and_their_only_shards(tmp_path):
-    target = _store(tmp_path)
-    before = FeatureStore(target.uri).layer("late").copy()
-    result = retain(target.uri, keep=2)
-    assert result.kept_versions == [2, 3] and result.removed_versions == [1] and result.removed_shards == [1]
-    assert FeatureStore(target.uri).versions() == [2, 3]
-    np.testing.assert_array_equal(FeatureStore(target.uri).layer("late"), before)
-    assert len(FeatureStore(target.uri, version=2)) == 128
+def _files(base: Path) -> dict[str, str]:
+    return {str(p.relative_to(base)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in base.rglob("*") if p.is_file()}
+
+
+def _check(store: FeatureStore) -> None:
+    index = store.index()
+    for layer, dim in LAYERS.items():
+        np.testing.assert_array_equal(store.layer(layer), np.stack(
+            [expected(i, fp, dim) for i, fp in zip(index.image_id, index.fingerprint)]))
+
+
+def test_retain_compacts_and_reclaims(tmp_path):
+    t, base = _store(tmp_path)
+    before = FeatureStore(t.uri)
+    ids = sorted(before.index().image_id)
+    size_before = sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
+    result = retain(t.uri, keep=1, grace=0)
+    assert result.compaction.segments_rewritten == [0, 1, 2] and result.compaction.rows_moved == 9
+    assert result.kept_versions == [4] and result.removed_versions == [1, 2, 3]
+    assert result.removed_shards == [0, 1, 2] and result.bytes_freed > 0
+    after = FeatureStore(t.uri)
+    assert after.versions() == [4] and sorted(after.index().image_id) == ids
+    _check(after)
+    assert sorted(s.block for s in after.info.segments) == [3, 4]
+    for layer in LAYERS:
+        assert not (base / "features.zarr" / layer / "c" / "0" / "0").exists()
+    assert not list(base.glob("index/shard-00000000-*")) and not list(base.glob("_manifest/shards/shard-00000001*"))
+    size_after = sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
+    assert size_before - size_after >= result.bytes_freed * 0.9
     with pytest.raises(ValueError, match="version 1 not found"):
-        FeatureStore(target.uri, version=1)
-    base = tmp_path / "fs"
-    assert not (base / "index" / "shard-000001.parquet").exists()
-    assert (base / "_manifest" / "shards" / "shard-000004.json").exists()  # unpublished work is not touched
+        FeatureStore(t.uri, version=1)
+
+
+def test_kept_versions_stay_byte_identical(tmp_path):
+    t, base = _store(tmp_path)
+    pinned = FeatureStore(t.uri, version=2)
+    snapshot = (pinned.index_table().to_pylist(), pinned.layer("late"))
+    doc = base / "_manifest" / "versions" / "v00000002.json"
+    doc_bytes = doc.read_bytes()
+    files_v2 = {p: (base / p).read_bytes() for s in pinned.info.segments for p in s.files()}
+    zarr_v2 = {f"features.zarr/{layer}/c/{s.block}/0": (base / f"features.zarr/{layer}/c/{s.block}/0").read_bytes()
+               for s in pinned.info.segments for layer in LAYERS}
+    result = retain(t.uri, keep=3, grace=0)  # compaction adds v4; v2..v4 kept
+    assert result.kept_versions == [2, 3, 4] and result.removed_versions == [1]
+    assert doc.read_bytes() == doc_bytes
+    assert all((base / p).read_bytes() == b for p, b in {**files_v2, **zarr_v2}.items())
+    again = FeatureStore(t.uri, version=2)
+    assert again.index_table().to_pylist() == snapshot[0]
+    np.testing.assert_array_equal(again.layer("late"), snapshot[1])
+
+
+def test_strays_and_a_running_jobs_blocks_are_left_alone(tmp_path):
+    t, base = _store(tmp_path)
+    # a killed writer's temporaries, and blocks of a job that has not committed yet
+    (base / "index" / ".shard-00000009-abc.parquet.0123.tmp").write_bytes(b"partial")
+    (base / "_manifest" / "versions" / ".v00000009.json.4567.tmp").write_bytes(b"{")
+    writer = FeatureStoreWriter(t)
+    recs = tuple(records(3, prefix="running"))
+    alloc = allocate(writer.fs, writer.base, [shard_plan_hash(recs)], job_id="running")
+    writer.grow(alloc.blocks.stop * 16)
+    writer.write_shard(encoded(BlockTask(alloc.first_block, alloc.first_block * 16, recs, shard_plan_hash(recs))))
+    running = {p for p in _files(base) if f"shard-{alloc.first_block:08d}" in p}
+    assert running
+    result = retain(t.uri, keep=1, compact_first=False)  # default grace: a day
+    assert result.kept_recent >= len(running) + 1
+    assert running <= set(_files(base)) and (base / "index" / ".shard-00000009-abc.parquet.0123.tmp").exists()
+    _check(FeatureStore(t.uri))
+    old = time.time() - 3 * 24 * 3600
+    for p in base.rglob("*"):
+        if p.is_file() and (p.name.endswith(".tmp") or f"shard-{alloc.first_block:08d}" in p.name):
+            os.utime(p, (old, old))
+    result = retain(t.uri, keep=1, compact_first=False)
+    assert not running & set(_files(base))
+    assert not (base / "index" / ".shard-00000009-abc.parquet.0123.tmp").exists()
+    assert alloc.first_block in result.removed_shards
+    _check(FeatureStore(t.uri))
 
 
 def test_retain_dry_run_and_cli(tmp_path, capsys):
-    target = _store(tmp_path)
-    assert main(["retain", target.uri, "--keep", "1", "--dry-run"]) == 0
-    assert "would remove versions [1, 2]" in capsys.readouterr().out
-    assert FeatureStore(target.uri).versions() == [1, 2, 3]
-    assert main(["versions", target.uri]) == 0
+    t, base = _store(tmp_path)
+    files = _files(base)
+    assert main(["retain", t.uri, "--keep", "1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would compact 3 segment(s) (9 live rows)" in out and "would remove versions [1, 2]" in out
+    assert _files(base) == files and FeatureStore(t.uri).versions() == [1, 2, 3]
+    assert main(["versions", t.uri]) == 0
     assert capsys.readouterr().out.count("\n") == 3
-    assert main(["retain", target.uri, "--keep", "0"]) == 2
+    assert main(["retain", t.uri, "--keep", "1", "--grace-hours", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "compacted 3 segment(s) (9 live rows) into version 4" in out and "MB freed" in out
+    assert main(["retain", t.uri, "--keep", "0"]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import KW_ONLY, dataclass, field
@@ -13,6 +14,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
+
+from pipeline.storage import redact_uri
 
 from pipeline.sources.base import (
     ImageRecord,
@@ -116,7 +119,7 @@ class ManifestSource(Source):
         base_fs, base_path = url_to_fs(self._base_uri(), self.storage_options)
         resolved = [_resolve(raw, base_fs, base_path) for raw in raw_uris]
         uris = [uri for uri, _ in resolved]
-        ids = [str(v) for v in column[roles["id"]]] if roles["id"] else [image_id for _, image_id in resolved]
+        ids = [str(v) for v in column[roles["id"]]] if roles["id"] else [_public_id(i) for _, i in resolved]
         if roles["fingerprint"]:
             fingerprints = [str(v) for v in column[roles["fingerprint"]]]
         else:
@@ -182,6 +185,15 @@ class ManifestSource(Source):
             return fingerprint_file(fs, path)
         except FileNotFoundError:
             return MISSING
+
+
+def _public_id(image_id: str) -> str:
+    """An id without URL credentials or a signed URL's query: those are secrets (and a signature changes at
+    every signing, which would make the same image a new one)."""
+    if redact_uri(image_id) == image_id:
+        return image_id
+    head = image_id.partition("?")[0]
+    return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/@]+@", r"\1", head)
 
 
 def _resolve(raw: str, base_fs: AbstractFileSystem, base_path: str) -> tuple[str, str]:
