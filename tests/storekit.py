@@ -72,3 +72,33 @@ def job(t: StoreTarget, recs: Sequence[dict], *, operation: str = "extract", bad
 
     return update_featureset(writer, recs, operation=operation, write_blocks=write_blocks, layer_dims=LAYERS,
                              provenance=provenance or PROVENANCE, config={"store": {"storage_options": dict(t.storage_options)}})
+
+
+def write_store(root: str, features: Mapping[str, np.ndarray], labels: Mapping[str, list], *, featureset: str = "fs",
+                shard_rows: int = 64, ids: Sequence[str] | None = None, dtype: str = "float32",
+                provenance: Mapping | None = None):
+    """A real committed feature store holding exactly these arrays, row i for image ``ids[i]``."""
+    from pipeline.stores import FeatureStore
+
+    n = len(next(iter(features.values())))
+    ids = list(ids or [f"img-{i:05d}" for i in range(n)])
+    position = {image_id: i for i, image_id in enumerate(ids)}
+    recs = [{"image_id": ids[i], "uri": f"file:///d/{ids[i]}.png", "fingerprint": f"sha256:{ids[i]}",
+             "split": None, "labels": {k: v[i] for k, v in labels.items()}} for i in range(n)]
+    t = StoreTarget(root=root, featureset=featureset, shard_rows=shard_rows, chunk_rows=shard_rows // 4, dtype=dtype)
+    writer = FeatureStoreWriter(t)
+
+    def write_blocks(tasks: list[BlockTask]) -> dict[int, dict]:
+        out = {}
+        for task in tasks:
+            rows = [position[r["image_id"]] for r in task.records]
+            shard = EncodedShard(task.block, task.row_start, list(task.records), np.ones(len(rows), bool),
+                                 {k: np.asarray(v)[rows].astype(np.float32) for k, v in features.items()}, [],
+                                 task.content)
+            out[task.block] = writer.write_shard(shard)
+        return out
+
+    update_featureset(writer, recs, operation="extract", write_blocks=write_blocks,
+                      layer_dims={k: int(np.asarray(v).shape[1]) for k, v in features.items()},
+                      provenance=dict(provenance or {"encoder": "toy", "layers": list(features)}))
+    return FeatureStore(t.uri)

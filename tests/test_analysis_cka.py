@@ -7,30 +7,8 @@ import pytest
 
 from pipeline.analysis import cka_matrix, cross_cka, linear_cka
 from pipeline.probes import InMemoryFeatureTable
-from pipeline.stores import EncodedShard, FeatureStore, FeatureStoreWriter, StoreTarget, label_schema, shard_plan_hash
-
-
-def write_store(root: str, features: dict[str, np.ndarray], labels: dict[str, list], *, featureset: str = "fs",
-                shard_rows: int = 64, ids: list[str] | None = None, dtype: str = "float32") -> FeatureStore:
-    """A real committed feature store holding exactly these arrays (shards written one by one)."""
-    n = len(next(iter(features.values())))
-    ids = ids or [f"img-{i:05d}" for i in range(n)]
-    records = [{"image_id": ids[i], "uri": f"file:///d/{ids[i]}.png", "fingerprint": f"sha256:{ids[i]}",
-                "split": None, "labels": {k: v[i] for k, v in labels.items()}} for i in range(n)]
-    target = StoreTarget(root=root, featureset=featureset, shard_rows=shard_rows, chunk_rows=shard_rows // 4,
-                         dtype=dtype)
-    writer = FeatureStoreWriter(target)
-    writer.prepare(n_rows=n, layer_dims={k: v.shape[1] for k, v in features.items()},
-                   provenance={"encoder": "toy", "layers": list(features)}, labels=label_schema(records))
-    shard_ids = list(range((n + shard_rows - 1) // shard_rows))
-    for s in shard_ids:
-        lo, hi = s * shard_rows, min((s + 1) * shard_rows, n)
-        recs = records[lo:hi]
-        writer.write_shard(EncodedShard(s, lo, recs, np.ones(hi - lo, bool),
-                                        {k: v[lo:hi].astype(np.float32) for k, v in features.items()}, [],
-                                        shard_plan_hash(recs)))
-    writer.commit_version(shard_ids, dataset_fingerprint="fp", config={})
-    return FeatureStore(target.uri)
+from pipeline.stores import FeatureStore
+from storekit import write_store
 
 
 def table(features: dict[str, np.ndarray], labels: dict[str, list] | None = None,

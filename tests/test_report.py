@@ -12,8 +12,7 @@ from pipeline.cli import main
 from pipeline.probes.config import ProbeConfig
 from pipeline.probes.job import run_probes
 from pipeline.report import build_report
-from pipeline.stores import FeatureStoreWriter, StoreTarget, label_schema, shard_plan_hash
-from pipeline.stores.writer import EncodedShard
+from storekit import write_store
 
 N, SHARD = 240, 80
 
@@ -31,18 +30,12 @@ def _store(tmp_path, name="fs", seed=0):
         "late": np.c_[np.eye(3)[shape] * 3.0 + rng.normal(0, 1, (N, 3)), rng.normal(0, 1, (N, 29))],
         "classifier": np.c_[np.eye(3)[shape] * 4.0, rng.normal(0, 1, (N, 7))],
     }
-    target = StoreTarget(root=str(tmp_path), featureset=name, shard_rows=SHARD, chunk_rows=40)
-    writer = FeatureStoreWriter(target)
-    writer.prepare(n_rows=N, layer_dims=layers, provenance={"encoder": f"toy{seed}"}, labels=label_schema(records))
-    for s in range(N // SHARD):
-        recs = records[s * SHARD:(s + 1) * SHARD]
-        writer.write_shard(EncodedShard(s, s * SHARD, recs, np.ones(SHARD, bool),
-                                        {k: v[s * SHARD:(s + 1) * SHARD].astype(np.float32) for k, v in feats.items()},
-                                        [], shard_plan_hash(recs)))
-    writer.commit_version(range(N // SHARD), dataset_fingerprint="x", config={})
-    run_probes(target.uri, ProbeConfig.from_dict({"tasks": ["shape", "colour"], "heads": [{"kind": "linear"}],
+    store = write_store(str(tmp_path), feats, {"shape": [f"s{v}" for v in shape], "colour": [f"c{v}" for v in colour]},
+                        featureset=name, shard_rows=SHARD, ids=[r["image_id"] for r in records], dtype="float16",
+                        provenance={"encoder": f"toy{seed}", "layers": list(layers)})
+    run_probes(store.uri, ProbeConfig.from_dict({"tasks": ["shape", "colour"], "heads": [{"kind": "linear"}],
                                                   "epochs": 30}), use_ray=False)
-    return target.uri
+    return store.uri
 
 
 def test_report_numbers_and_page(tmp_path):

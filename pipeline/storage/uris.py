@@ -106,3 +106,11 @@ def zarr_store(
         return zarr.storage.LocalStore(path, read_only=read_only)
     options = storage_options_for(uri, storage_options)
     return zarr.storage.FsspecStore.from_url(uri, storage_options=options, read_only=read_only)
+
+
+def cat_small(fs: fsspec.AbstractFileSystem, path, **kwargs):
+    """``fs.cat`` for small objects (manifests, index tables): one GET each. s3fs otherwise sends a HEAD
+    before every GET to decide on a concurrent ranged download, which doubles the requests of a commit."""
+    if S3_PROTOCOLS & ({fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)):
+        kwargs.setdefault("max_concurrency", 1)
+    return fs.cat(path, **kwargs)

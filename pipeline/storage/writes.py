@@ -10,7 +10,7 @@ from typing import Any
 
 import fsspec
 
-from .uris import is_local
+from .uris import cat_small, is_local
 
 log = logging.getLogger("pipeline.storage")
 
@@ -83,7 +83,7 @@ def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> Non
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     """Parse the JSON document at ``path`` (FileNotFoundError if absent)."""
-    return json.loads(fs.cat_file(path))
+    return json.loads(cat_small(fs, path))
 
 
 def put_if_absent(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:

@@ -46,7 +46,7 @@ def store_lease(fs, base: str, *, purpose: str, ttl: float = 60.0, wait: float =
         yield
     finally:
         try:
-            current = json.loads(fs.cat_file(path))
+            current = json.loads(storage.cat_small(fs, path))
             if current.get("owner") == owner:
                 fs.rm(path)
         except FileNotFoundError:
@@ -55,7 +55,7 @@ def store_lease(fs, base: str, *, purpose: str, ttl: float = 60.0, wait: float =
 
 def _break_if_expired(fs, path: str) -> None:
     try:
-        raw = fs.cat_file(path)
+        raw = storage.cat_small(fs, path)
         held = json.loads(raw)
     except FileNotFoundError:
         return
@@ -64,7 +64,7 @@ def _break_if_expired(fs, path: str) -> None:
     if float(held.get("expires_at", 0)) < time.time():
         log.warning("breaking an expired lease held by %s", held.get("owner"))
         try:
-            if fs.cat_file(path) == raw:  # not a fresh lease taken meanwhile
+            if storage.cat_small(fs, path) == raw:  # not a fresh lease taken meanwhile
                 fs.rm(path)
         except FileNotFoundError:
             pass
@@ -72,7 +72,7 @@ def _break_if_expired(fs, path: str) -> None:
 
 def _describe(fs, path: str) -> str:
     try:
-        held = json.loads(fs.cat_file(path))
+        held = json.loads(storage.cat_small(fs, path))
         return f"held by {held.get('owner')} for {held.get('purpose')}"
     except (FileNotFoundError, ValueError):
         return "holder unknown"

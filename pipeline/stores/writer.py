@@ -198,7 +198,7 @@ class FeatureStoreWriter:
         if not paths:
             return {}
         self.fs.invalidate_cache()
-        blobs = storage.retrying(lambda: self.fs.cat(paths, on_error="omit"), what="read shard records")
+        blobs = storage.retrying(lambda: storage.cat_small(self.fs, paths, on_error="omit"), what="read shard records")
         return {int(rec["shard_id"]): rec for rec in (json.loads(b) for b in blobs.values())}
 
     def segment_files(self, segment: Segment) -> list[str]:

@@ -43,7 +43,7 @@ def _missing_or_short(fs, base: str, layer_dims: Mapping[str, int], n_rows: int)
     out: dict[str, int | None] = {}
     for layer, dim in layer_dims.items():
         try:
-            meta = json.loads(fs.cat_file(_array_meta_path(base, layer)))
+            meta = json.loads(storage.cat_small(fs, _array_meta_path(base, layer)))
         except FileNotFoundError:
             out[layer] = None
             continue
@@ -73,7 +73,7 @@ def _create(target, n_rows: int, layer_dims: Mapping[str, int], attrs: Mapping) 
 
 def _grow(fs, base: str, layer: str, n_rows: int) -> None:
     path = _array_meta_path(base, layer)
-    meta = json.loads(fs.cat_file(path))
+    meta = json.loads(storage.cat_small(fs, path))
     if meta["shape"][0] >= n_rows:
         return
     meta["shape"][0] = n_rows
@@ -83,4 +83,4 @@ def _grow(fs, base: str, layer: str, n_rows: int) -> None:
 
 
 def array_rows(fs, base: str, layer: str) -> int:
-    return int(json.loads(fs.cat_file(_array_meta_path(base, layer)))["shape"][0])
+    return int(json.loads(storage.cat_small(fs, _array_meta_path(base, layer)))["shape"][0])
