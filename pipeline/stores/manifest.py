@@ -111,7 +111,8 @@ class Version:
         }
 
     def to_bytes(self) -> bytes:
-        return storage.json_bytes(self.to_json())
+        """Compact JSON: a version lists every live segment, so its size grows with the store."""
+        return (json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
 
     @classmethod
     def from_json(cls, d: Mapping) -> Version:
