@@ -23,19 +23,22 @@ float16 features, all in one run:
             PNG with PIL and applies a torchvision transform (Resize 256 bicubic, CenterCrop 224, ToTensor,
             Normalize with the encoder's mean/std); forward hooks on the 4 modules average-pool into Python
             lists; `numpy.save` at the end. Timed end to end (model build, loading, forward, save).
-  strata    `run_extract(cfg)` end to end (listing, the driver's encoder card, decode tasks, encoder actor,
-            store writes, verification, commit) on a local Ray started by the variant's process, after an
+  strata    `run_extract(cfg)` end to end (listing, the driver's encoder card, store prepare, diff against
+            the latest version and block allocation, decode tasks, encoder actor, block writes, verification,
+            commit) on a local Ray started by the variant's process, after an
             untimed earlier run of the same spec left its encoder card in the cache (pipeline.encoders.card):
             a machine that ran this encoder before, as scheduled refreshes do. images/s is over
             `run_extract`; `ray.init` is reported on its own (and in an "incl. ray.init" rate); "once
-            running" is the rate from the first encoded shard to the last. A per-shard trace (decode /
-            encode / commit times) shows where the time goes.
+            running" is the rate from the first encoded shard to the last. The driver's phases
+            (_phases.py) and a per-shard trace (decode / encode / block-written times; _trace.py) show
+            where the time goes.
   strata_cold  the same with an empty card cache: the first run on a machine, whose driver builds the
             encoder (imports torch and timm) before the pipeline starts.
 
-Each variant runs in its own subprocess; the parent samples the RSS of that subprocess's whole process
-tree (Ray's work happens in raylet-spawned worker processes, not the driver) every 0.2 s and reports the
-peak of the sum (and of the PSS sum, sampled every ~1 s, which does not double count shared pages).
+The baselines' loops are in _baselines.py. Each variant runs in its own subprocess; the parent samples the
+RSS of that subprocess's whole process tree (Ray's work happens in raylet-spawned worker processes, not the
+driver) every 0.2 s and reports the peak of the sum (and of the PSS sum, sampled every ~1 s, which does not
+double count shared pages; _procmem.py).
 Everything runs at N and 4N images so that peak memory growth with N shows.
 
     .venv/bin/python benchmarks/bench_extract.py               # N=1024 and 4096 (about 15 minutes on 2 cores)
@@ -43,9 +46,9 @@ Everything runs at N and 4N images so that peak memory growth with N shows.
     .venv/bin/python benchmarks/bench_extract.py --n 512 --shard-rows 64 --json out/bench_extract.json
 
 Targets (the issue's): strata/bare >= 0.8, strata/tutorial > 1, strata peak RSS(4N)/peak RSS(N) < 1.5; the
-stricter strata/ceiling is printed beside them. strata pays a fixed start-up (Ray starts the encoder actor, which imports torch and timm and builds
-the model; strata_cold's driver does the same first), so its ratios grow with N; the breakdown at the end
-shows it.
+stricter strata/ceiling is printed beside them. strata pays a fixed start-up (Ray starts the encoder actor,
+which imports torch and timm and builds the model; strata_cold's driver does the same first), so its ratios
+grow with N; the breakdown at the end shows it.
 """
 from __future__ import annotations
 
@@ -54,24 +57,22 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
+from _baselines import ENCODER, IMAGE_SIZE, LAYERS, child_ceiling, child_encoder, child_tutorial, image_paths
 from _machine import machine_header  # benchmarks/ is on sys.path when run as a script
-from _trace import read_trace, stage_lines, traced_stages
+from _phases import instrumented, phase_sum
+from _procmem import watch
+from _trace import read_trace, stage_lines
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-ENCODER = "efficientnet_lite0"
-LAYERS = ("blocks.2", "blocks.4", "blocks.6", "bn2")
-IMAGE_SIZE = 224
 VARIANTS = ("bare", "ceiling", "encoder", "tutorial", "strata_cold", "strata")
 STRATA = ("strata", "strata_cold")
 TUNED_MALLOC = ("ceiling", "encoder")  # started with strata's encoder-actor malloc settings
@@ -84,165 +85,8 @@ TARGET_RSS_GROWTH = 1.5
 # children: one variant at one N, in a fresh process; results go to a JSON file
 # ----------------------------------------------------------------------------------------------------------
 
-def _image_paths(data: Path) -> list[Path]:
-    return sorted((data / "images").glob("*.png"))
-
-
-def _encoder_spec(batch_size: int):
-    from pipeline.config import EncoderSpec
-
-    return EncoderSpec(name=ENCODER, layers=LAYERS, pooling="avg", compute_dtype="fp32", batch_size=batch_size)
-
-
-def _predecoded(preprocessing, paths):
-    """(N, 3, H, W) uint8 torch tensor of the images, decoded and preprocessed (untimed)."""
-    import torch
-
-    from pipeline.images import decode_rgb
-
-    return torch.as_tensor(preprocessing.batch([decode_rgb(p.read_bytes()) for p in paths]))
-
-
-def _timed_loop(fn, batches) -> float:
-    fn(batches[0])  # warm-up (untimed): first-call allocations, oneDNN primitive creation
-    t0 = time.perf_counter()
-    for b in batches:
-        fn(b)
-    return time.perf_counter() - t0
-
-
-def child_ceiling(args) -> dict:
-    import torch
-
-    from pipeline.encoders.registry import build_model, resolve_entry
-
-    built = build_model(resolve_entry(ENCODER))
-    model = built.model.eval().to(memory_format=torch.channels_last)
-    paths = _image_paths(Path(args.data))
-    pixels = _predecoded(built.preprocessing, paths)
-    bs = args.batch_size
-    batches = [built.preprocessing.normalize(pixels[i:i + bs]).contiguous(memory_format=torch.channels_last)
-               for i in range(0, len(pixels), bs)]  # float32, normalised: only model(x) is left to time
-    del pixels
-    with torch.inference_mode():
-        seconds = _timed_loop(model, batches)
-    return {"images": len(paths), "seconds": seconds, "torch_threads": torch.get_num_threads()}
-
-
-def child_encoder(args) -> dict:
-    import torch
-
-    from pipeline.encoders import build_encoder
-
-    enc = build_encoder(_encoder_spec(args.batch_size), device="cpu")
-    paths = _image_paths(Path(args.data))
-    pixels = _predecoded(enc.preprocessing, paths)
-    bs = args.batch_size
-    seconds = _timed_loop(enc.encode, [pixels[i:i + bs] for i in range(0, len(pixels), bs)])
-    return {"images": len(paths), "seconds": seconds, "torch_threads": torch.get_num_threads(),
-            "folded_bn": enc.folded_bn}
-
-
-def child_tutorial(args) -> dict:
-    """What most feature-extraction tutorials do, written the way they write it."""
-    import numpy as np
-    import torch
-    from PIL import Image
-    from torch.utils.data import DataLoader, Dataset
-    from torchvision import transforms as T
-
-    from pipeline.encoders.registry import build_model, resolve_entry
-
-    t0 = time.perf_counter()
-    built = build_model(resolve_entry(ENCODER))  # the same bundled pretrained weights strata uses
-    model = built.model.eval()
-    pp = built.preprocessing
-    transform = T.Compose([
-        T.Resize(pp.resize_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(pp.crop_size),
-        T.ToTensor(),
-        T.Normalize(mean=pp.mean, std=pp.std),
-    ])
-
-    class ImageFiles(Dataset):
-        def __init__(self, paths, transform):
-            self.paths, self.transform = paths, transform
-
-        def __len__(self):
-            return len(self.paths)
-
-        def __getitem__(self, i):
-            with Image.open(self.paths[i]) as im:
-                return self.transform(im.convert("RGB"))
-
-    paths = _image_paths(Path(args.data))
-    loader = DataLoader(ImageFiles(paths, transform), batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.num_workers)
-    features: dict[str, list] = {name: [] for name in LAYERS}
-    modules = dict(model.named_modules())
-
-    def make_hook(name):
-        def hook(_module, _inputs, output):
-            features[name].append(output.mean(dim=(2, 3)).cpu().numpy())  # global average pooling
-        return hook
-
-    handles = [modules[name].register_forward_hook(make_hook(name)) for name in LAYERS]
-    with torch.no_grad():
-        for batch in loader:
-            model(batch)
-    for h in handles:
-        h.remove()
-    out = Path(args.workdir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in LAYERS:
-        np.save(out / f"{name}.npy", np.concatenate(features[name]).astype(np.float16))
-    np.save(out / "image_ids.npy", np.array([p.name for p in paths]))
-    seconds = time.perf_counter() - t0
-    return {"images": len(paths), "seconds": seconds, "torch_threads": torch.get_num_threads(),
-            "outputs": str(out)}
-
-
-def _install_instrumentation(timings: dict, trace_path: str | None) -> None:
-    """Wall-clock phases of run_extract (driver) and, with a trace path, per-shard decode/encode events.
-
-    Only wraps: the pipeline's own functions run unchanged. `execute`/`run_extract` look these names up
-    in the module at call time, so replacing the module attributes is enough.
-    """
-    from pipeline.extract import run as run_mod
-
-    def timed(name, fn):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
-                if name == "ray_data_execution":
-                    timings["ray_data_start_wall"] = t_wall
-        return wrapper
-
-    t_wall = 0.0
-    orig_pipeline = run_mod._run_pipeline
-
-    def run_pipeline(*a, **kw):
-        nonlocal t_wall
-        t_wall = time.time()
-        return orig_pipeline(*a, **kw)
-
-    run_mod.validate_extract = timed("validate", run_mod.validate_extract)
-    run_mod.list_records = timed("listing", run_mod.list_records)
-    run_mod.prepare_encoder = timed("driver_encoder_build", run_mod.prepare_encoder)  # in a thread, overlapped
-    run_mod.build_plan = timed("plan", run_mod.build_plan)
-    run_mod.FeatureStoreWriter.prepare = timed("store_prepare", run_mod.FeatureStoreWriter.prepare)
-    run_mod._run_pipeline = timed("ray_data_execution", run_pipeline)
-    run_mod._commit_if_new = timed("commit", run_mod._commit_if_new)
-    run_mod._verify = timed("verify", run_mod._verify)
-
-    if trace_path:
-        run_mod.decode_shard, run_mod.EncodeShard = traced_stages(trace_path)
-
-
-def _shard_commit_times(store_uri: str) -> list[float]:
+def _shard_record_times(store_uri: str) -> list[float]:
+    """When each block's shard record (written last, once its files are complete) landed in the store."""
     shards = Path(store_uri) / "_manifest" / "shards"
     return sorted(p.stat().st_mtime for p in shards.glob("*.json")) if shards.is_dir() else []
 
@@ -282,24 +126,25 @@ def child_strata(args) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     trace = str(workdir / "trace.jsonl") if args.trace else None
     timings: dict = {}
-    _install_instrumentation(timings, trace)
+    counts: dict = {}
     cfg = _strata_config(args, workdir)
     t = time.perf_counter()
     # address="local": a fresh local Ray for this process, even where another cluster runs on the machine
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
     ray_init = time.perf_counter() - t
     try:
-        t = time.perf_counter()
-        summary = run_extract(cfg)
-        seconds = time.perf_counter() - t
+        with instrumented(timings, counts, trace):
+            t = time.perf_counter()
+            summary = run_extract(cfg)
+            seconds = time.perf_counter() - t
     finally:
         t = time.perf_counter()
         ray.shutdown()
         timings["ray_shutdown"] = time.perf_counter() - t
     events = read_trace(trace)
     return {"images": summary.images, "encoded": summary.encoded, "errors": summary.errors,
-            "seconds": seconds, "ray_init": ray_init, "import": t_import, "timings": timings,
-            "trace": events, "commit_times": _shard_commit_times(summary.store_uri),
+            "seconds": seconds, "ray_init": ray_init, "import": t_import, "timings": timings, "counts": counts,
+            "trace": events, "shard_record_times": _shard_record_times(summary.store_uri),
             "store_uri": summary.store_uri, "bytes_written": summary.bytes_written,
             "shard_rows": cfg.store.shard_rows, "chunk_rows": cfg.store.chunk_rows}
 
@@ -312,64 +157,8 @@ def run_child(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# parent: data, subprocesses, process-tree memory sampling, report
+# parent: data, subprocesses, process-tree memory sampling (_procmem), report
 # ----------------------------------------------------------------------------------------------------------
-
-def _ppid_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # the command name may hold spaces and parentheses
-        children[int(fields[1])].append(int(entry))
-    return children
-
-
-def process_tree(root: int) -> list[int]:
-    children = _ppid_map()
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, ()))
-    return tree
-
-
-def _status_kb(pid: int, keys=("VmRSS", "RssAnon")) -> dict[str, int]:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key = line.split(":", 1)[0]
-                if key in keys:
-                    out[key] = int(line.split()[1])
-    except OSError:
-        pass
-    return out
-
-
-def _pss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return "?"
-
 
 def run_variant(variant: str, n: int, data: Path, workdir: Path, args, *, interval: float = 0.2,
                 pss_every: int = 5) -> dict:
@@ -401,44 +190,19 @@ def run_variant(variant: str, n: int, data: Path, workdir: Path, args, *, interv
             prime[prime.index("--result") + 1] = str(out / "prime.json")
             subprocess.run(prime, env=env, cwd=REPO, check=True, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
-    peak_rss = peak_anon = peak_pss = 0
-    peak_procs: list[str] = []
-    max_procs = samples = 0
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                 start_new_session=True)
-        try:
-            while proc.poll() is None:
-                tree = process_tree(proc.pid)
-                stats = [_status_kb(p) for p in tree]
-                rss = sum(s.get("VmRSS", 0) for s in stats)
-                anon = sum(s.get("RssAnon", 0) for s in stats)
-                if rss > peak_rss:
-                    peak_rss = rss
-                    peak_procs = sorted(_comm(p) for p in tree)
-                peak_anon = max(peak_anon, anon)
-                if samples % pss_every == 0:
-                    peak_pss = max(peak_pss, sum(_pss_kb(p) for p in tree))
-                max_procs = max(max_procs, len(tree))
-                samples += 1
-                if time.perf_counter() - t0 > args.timeout:
-                    os.killpg(proc.pid, signal.SIGTERM)  # the group this script started for the variant
-                    proc.wait(30)
-                    raise TimeoutError(f"{variant} N={n} ran past --timeout {args.timeout} s")
-                time.sleep(interval)
-        except BaseException:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        mem = watch(proc, timeout=args.timeout, what=f"{variant} N={n}", interval=interval, pss_every=pss_every)
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not result_path.exists():
         tail = log_path.read_text()[-4000:]
         raise RuntimeError(f"{variant} N={n} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     result = json.loads(result_path.read_text())
-    result.update(variant=variant, n=n, peak_rss_mb=peak_rss / 1024, peak_anon_mb=peak_anon / 1024,
-                  peak_pss_mb=peak_pss / 1024, max_procs=max_procs, peak_procs=peak_procs,
-                  process_wall=wall, samples=samples, log=str(log_path))
+    result.update(variant=variant, n=n, peak_rss_mb=mem.peak_rss / 1024, peak_anon_mb=mem.peak_anon / 1024,
+                  peak_pss_mb=mem.peak_pss / 1024, max_procs=mem.max_procs, peak_procs=mem.peak_procs,
+                  process_wall=wall, samples=mem.samples, log=str(log_path))
     result["ips"] = result["images"] / result["seconds"]
     return result
 
@@ -471,27 +235,21 @@ def steady_ips(r: dict) -> float:
 def strata_breakdown(r: dict) -> list[str]:
     t = r["timings"]
     total = r["seconds"]
-    exe = t.get("ray_data_execution", 0.0)
-    serial = ("validate", "plan", "store_prepare", "ray_data_execution", "verify", "commit")
-    # the driver's encoder build runs in a thread while the main thread lists the images
-    known = sum(t.get(k, 0.0) for k in serial) + max(t.get("listing", 0.0), t.get("driver_encoder_build", 0.0))
+    exe = t.get("ray_data", 0.0)
     lines = [
         f"  N={r['n']}: ray.init {r['ray_init']:.1f} s (outside run_extract) | run_extract {total:.1f} s = "
-        f"validate {t.get('validate', 0):.2f} + max(listing {t.get('listing', 0):.2f}, driver encoder card or build "
-        f"{t.get('driver_encoder_build', 0):.1f}; overlapped) + plan {t.get('plan', 0):.2f} + store prepare "
-        f"{t.get('store_prepare', 0):.2f} + Ray Data execution {exe:.1f} ({exe / total:.0%} of run_extract) + "
-        f"verify {t.get('verify', 0):.2f} + commit {t.get('commit', 0):.2f} + other (summary) "
-        f"{total - known:.2f} | ray.shutdown {t.get('ray_shutdown', 0):.1f} s"
+        f"{phase_sum(t, r.get('counts', {}), total, share_of='run_extract')} | "
+        f"ray.shutdown {t.get('ray_shutdown', 0):.1f} s"
     ]
     start = t.get("ray_data_start_wall")
     events = r.get("trace") or []
     if not start or not events:
         return lines
     parts = stage_lines(events, start, exe)
-    commits = r.get("commit_times") or []
-    if commits:
-        parts.append(f"commits: first shard +{commits[0] - start:.1f} s, last +{commits[-1] - start:.1f} s "
-                     f"({len(commits)} shards)")
+    written = r.get("shard_record_times") or []
+    if written:
+        parts.append(f"shard records written: first +{written[0] - start:.1f} s, last +{written[-1] - start:.1f} s "
+                     f"({len(written)} shards)")
     lines += [f"      {p}" for p in parts]
     return lines
 
@@ -520,7 +278,7 @@ def main_parent(args) -> int:
     try:
         for n in sizes:
             data = workdir / f"data-{n}"
-            if not (data / "images").is_dir() or len(_image_paths(data)) != n:
+            if not (data / "images").is_dir() or len(image_paths(data)) != n:
                 t = time.perf_counter()
                 write_shapes(data, n=n, size=IMAGE_SIZE, seed=0)
                 print(f"# generated {n} images in {time.perf_counter() - t:.1f} s", flush=True)
@@ -570,7 +328,8 @@ def main_parent(args) -> int:
             if "encoder" in variants:
                 parts.append(f"{sv}/encoder = {s['ips'] / results[('encoder', n)]['ips']:.2f} "
                              "(pipeline efficiency; no target)")
-            print(f"{sv:<11} N={n:<5} " + "   ".join(parts))
+            if parts:
+                print(f"{sv:<11} N={n:<5} " + "   ".join(parts))
         for v in variants:
             a, b = results[(v, sizes[0])], results[(v, sizes[1])]
             growth = b["peak_rss_mb"] / a["peak_rss_mb"]

@@ -15,9 +15,10 @@ kept for the three runs, so that the comparison is about the work, not about Ray
   no-op     `run_refresh(cfg)` again with nothing changed: no encoding, no new version.
 
 Heavy imports (torch, the encoder registry, Ray Data) are done before the clock starts; `ray.init` is
-timed on its own. Each run is split into driver phases (encoder build on the driver for provenance,
-listing + fingerprinting + plan, opening the old version, reading its index, store prepare, Ray Data
-execution, shard verification, commit, other) by wrapping the pipeline's functions -- they run unchanged --
+timed on its own. Each run is split into driver phases (_phases.py: the driver's encoder card or build for
+provenance, overlapped with the listing; dataset fingerprint, store prepare, finding the latest version,
+reading its index, the diff, block allocation, growing the arrays, the resume check's shard records, Ray Data
+execution, block verification, commit, other) by wrapping the pipeline's functions -- they run unchanged --
 and, with --trace (default), the encoder actor's start-up and per-shard decode/encode times.
 
     .venv/bin/python benchmarks/bench_refresh.py            # N=3000 (a few minutes on 2 cores)
@@ -29,7 +30,6 @@ Target: refresh/full <= 0.05 (seconds of a 1% refresh over seconds of the full e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 
 from _machine import machine_header  # benchmarks/ is on sys.path when run as a script
-from _trace import read_trace, stage_lines, traced_stages
+from _phases import instrumented, phase_sum
+from _trace import read_trace, stage_lines
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -52,79 +53,6 @@ IMAGE_SIZE = 64  # source PNGs; the encoder's preprocessing resizes them to its 
 SHARD_ROWS = 256
 CHUNK_ROWS = 64
 TARGET_REFRESH_VS_FULL = 0.05
-
-PHASES = (  # (key, label) in the order a run goes through them
-    ("encoder_build", "driver encoder build"),
-    ("plan", "listing+fingerprint+plan"),
-    ("open_store", "open old version"),
-    ("read_index", "read old index"),
-    ("prepare", "store prepare"),
-    ("committed_shards", "list shard records"),
-    ("ray_data", "Ray Data execution"),
-    ("verify", "verify shards"),
-    ("commit", "commit"),
-)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# instrumentation: wrappers around the pipeline's own functions (restored afterwards)
-# ----------------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def instrumented(timings: dict, counts: dict, trace_path: str | None):
-    """Time the driver phases of run_refresh / run_extract / execute into `timings` (seconds per key;
-    `counts` gets the list of per-call seconds).
-
-    `refresh.py` and `run.py` look these names up in their module at call time, so replacing the module
-    attributes (and two methods of the store classes) is enough; everything is put back on exit.
-    """
-    from pipeline.extract import refresh as refresh_mod
-    from pipeline.extract import run as run_mod
-    from pipeline.stores import FeatureStore, FeatureStoreWriter
-
-    saved: list[tuple[object, str, object]] = []
-
-    def patch(owner, name, new):
-        saved.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, new)
-
-    def timed(key, fn):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                dt = time.perf_counter() - t
-                timings[key] = timings.get(key, 0.0) + dt
-                counts.setdefault(key, []).append(dt)
-        return wrapper
-
-    for mod in (refresh_mod, run_mod):
-        patch(mod, "prepare_encoder", timed("encoder_build", mod.prepare_encoder))
-        patch(mod, "build_plan", timed("plan", mod.build_plan))
-    patch(refresh_mod, "FeatureStore", timed("open_store", refresh_mod.FeatureStore))
-    patch(FeatureStore, "index_table", timed("read_index", FeatureStore.index_table))
-    patch(FeatureStoreWriter, "prepare", timed("prepare", FeatureStoreWriter.prepare))
-    patch(FeatureStoreWriter, "committed_shards", timed("committed_shards", FeatureStoreWriter.committed_shards))
-    orig_pipeline = run_mod._run_pipeline
-
-    def run_pipeline(*a, **kw):
-        timings.setdefault("ray_data_start_wall", time.time())
-        return orig_pipeline(*a, **kw)
-
-    patch(run_mod, "_run_pipeline", timed("ray_data", run_pipeline))
-    patch(run_mod, "_verify", timed("verify", run_mod._verify))
-    patch(run_mod, "_commit_if_new", timed("commit", run_mod._commit_if_new))
-
-    if trace_path:
-        decode_shard, EncodeShard = traced_stages(trace_path)
-        patch(run_mod, "decode_shard", decode_shard)
-        patch(run_mod, "EncodeShard", EncodeShard)
-    try:
-        yield
-    finally:
-        for owner, name, orig in reversed(saved):
-            setattr(owner, name, orig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,16 +167,7 @@ def _flag(ok: bool) -> str:
 
 def breakdown(r: dict) -> list[str]:
     t, c, total = r["timings"], r["counts"], r["seconds"]
-    known = sum(t.get(k, 0.0) for k, _ in PHASES)
-    parts = []
-    for key, label in PHASES:
-        if key in t:
-            calls = c.get(key, [])
-            times = f" ({'+'.join(f'{x:.2f}' for x in calls)})" if 1 < len(calls) <= 3 else (
-                f" ({len(calls)} calls)" if len(calls) > 3 else "")
-            parts.append(f"{label} {t[key]:.3f}{times}")
-    parts.append(f"other (diff, summary) {total - known:.3f}")
-    lines = [f"  {r['variant']:<8} {total:6.2f} s = " + " + ".join(parts)]
+    lines = [f"  {r['variant']:<8} {total:6.2f} s = {phase_sum(t, c, total, digits=3)}"]
     start = t.get("ray_data_start_wall")
     events = r.get("trace") or []
     if not start or not events:
