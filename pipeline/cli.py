@@ -185,7 +185,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .stores.export import EXPORTERS
 
     store = FeatureStore.open(args.store, version=args.version)
-    out = EXPORTERS[args.format](store, args.layer, args.out, metric=args.metric, factory=args.index_factory)
+    options = {"metric": args.metric, "factory": args.index_factory} if args.format == "faiss" else {}
+    out = EXPORTERS[args.format](store, args.layer, args.out, **options)
     print(f"exported layer {args.layer} of version {store.version} ({len(store)} rows) as {args.format} to {out}")
     return 0
 

@@ -8,5 +8,12 @@ from .writer import EncodedShard, FeatureStoreWriter, StoreTarget, label_schema,
 
 __all__ = [
     "EncodedShard", "FeatureStore", "FeatureStoreWriter", "NoCommittedVersionError", "StoreTarget",
-    "featureset_name", "label_schema", "list_versions", "shard_plan_hash",
+    "featureset_name", "label_schema", "list_versions", "shard_plan_hash", "torch_dataset",
 ]
+
+
+def torch_dataset(store: FeatureStore, layer: str, *, label: str | None = None, iterable: bool = False, **kwargs):
+    """A PyTorch dataset over one layer (pipeline.stores.torch_data; torch is imported here, not before)."""
+    from .torch_data import torch_dataset as build
+
+    return build(store, layer, label=label, iterable=iterable, **kwargs)
