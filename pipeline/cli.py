@@ -377,7 +377,12 @@ def _configure_logging(level: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     level, argv = split_verbosity(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]  # `a=1 --config c.yaml b=2`: argparse stops at the option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _configure_logging(level)
     with tracebacks_hidden(level < 1):
         try:
