@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version", type=int, default=None, help="pin a store version (default: latest)")
     s.add_argument("--metric", choices=["ip", "l2", "cosine"], default="cosine",
                    help="faiss: inner product, L2, or cosine (inner product of L2-normalised rows; default)")
-    s.add_argument("--index-factory", default="Flat", help="faiss: index_factory string, e.g. Flat, HNSW32, IVF256,PQ16")
+    s.add_argument("--index-factory", default="Flat",
+                   help="faiss: index_factory string, e.g. Flat, HNSW32, IVF256,PQ16")
 
     s = command("report", "write the transferability report (static HTML + JSON)", _cmd_report)
     s.add_argument("--store", action="append", required=True, help="feature set URI (repeat to compare encoders)")

@@ -60,7 +60,8 @@ def test_probe_refuses_bad_config_in_one_line(tmp_path, overrides, needles):
 
 
 @pytest.mark.parametrize("data, needle", [
-    ({"tasks": ["a"], "heads": [{"kind": "linear", "lrs": ["fast"]}]}, "probes.heads[0] (linear).lrs[0]: expected a number"),
+    ({"tasks": ["a"], "heads": [{"kind": "linear", "lrs": ["fast"]}]},
+     "probes.heads[0] (linear).lrs[0]: expected a number"),
     ({"tasks": ["a"], "few_shot": [2.5]}, "probes.few_shot[0]: expected an integer, got 2.5"),
     ({"tasks": ["a"], "split": {"stratified": "maybe"}}, "probes.split.stratified: expected true or false"),
     ({"tasks": "a", "patience": True}, "probes.patience: expected an integer"),
@@ -86,7 +87,8 @@ def _help_keys(text: str, title: str) -> dict[str, list[str]]:
 
 def _extract_schema_keys() -> set[str]:
     sections = typing.get_type_hints(ExtractConfig)
-    return {f"{s.name}.{f.name}" for s in dataclasses.fields(ExtractConfig) for f in dataclasses.fields(sections[s.name])}
+    return {f"{s.name}.{f.name}" for s in dataclasses.fields(ExtractConfig)
+            for f in dataclasses.fields(sections[s.name])}
 
 
 @pytest.mark.parametrize("command", [["extract"], ["refresh"], ["config", "show"]])
@@ -95,7 +97,8 @@ def test_help_lists_every_extract_key_with_type_default_and_meaning(command):
     assert proc.returncode == 0, proc.stderr
     rows = _help_keys(proc.stdout, "config keys")
     assert set(rows) == _extract_schema_keys()
-    assert all(len(rest) >= 3 for rest in rows.values()), rows  # type, default, at least one word of meaning
+    no_help = sorted(k for k, rest in rows.items() if len(rest) < 3)  # type, default, at least one word of meaning
+    assert not no_help, f"keys without help: {no_help}; declare them with setting(default, 'one line of meaning')"
     defaults = ExtractConfig()
     assert rows["store.shard_rows"][:2] == ["int", str(defaults.store.shard_rows)]
     assert rows["run.keep_freed_memory"][:2] == ["bool", "true"]

@@ -69,8 +69,8 @@ class IterableFeatureDataset(torch.utils.data.IterableDataset):
     way on every rank for a given `seed` and `set_epoch(epoch)`.
     """
 
-    def __init__(self, store: FeatureStore, layer: str, *, label: str | None = None, shuffle: bool = False, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None, unit_rows: int = UNIT_ROWS,
+    def __init__(self, store: FeatureStore, layer: str, *, label: str | None = None, shuffle: bool = False,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None, unit_rows: int = UNIT_ROWS,
                  dtype=np.float32):
         if layer not in store.layer_dims:
             raise ValueError(f"layer {layer!r} not in this feature set; layers: {store.layers}")
