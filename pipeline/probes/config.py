@@ -146,14 +146,14 @@ class ProbeConfig:
         tasks = d["tasks"]
         if isinstance(tasks, (str, dict)):
             tasks = [tasks]
-        if not isinstance(tasks, list):
+        if not isinstance(tasks, (list, tuple)):
             raise ConfigError(f"probes.tasks: expected a list of label column names, got {tasks!r}")
         d["tasks"] = tuple(_task(t) for t in tasks)
         if "heads" in d:
             heads = d["heads"]
             if isinstance(heads, (str, dict)):
                 heads = [heads]
-            if not isinstance(heads, list):
+            if not isinstance(heads, (list, tuple)):
                 raise ConfigError(f"probes.heads: expected a list of head kinds, got {heads!r}; "
                                   f"valid kinds: {list(HEAD_SPECS)}")
             d["heads"] = tuple(_head(h, i) for i, h in enumerate(heads))
