@@ -4,13 +4,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test chromium clean
+.PHONY: demo test chromium clean constraints
 
-$(STAMP): pyproject.toml
+# pyproject.toml declares ranges; constraints.txt pins the exact versions CI and the images run.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+# After changing pyproject.toml: install what the new ranges need (old pins stay where they still fit),
+# then pin what .venv runs. Check the suite before committing the new constraints.txt.
+constraints:
+	$(PY) -m pip install -q -e '.[test]'
+	{ echo "# Exact versions of everything .venv runs: pip install -c constraints.txt -e '.[test]' (make does)."; \
+	  echo "# Rewritten by 'make constraints'; pyproject.toml holds the compatible ranges."; \
+	  $(PY) -m pip freeze --exclude-editable; } > constraints.txt
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo

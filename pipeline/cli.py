@@ -1,13 +1,21 @@
-"""`strata` command line: one subcommand per job, each a thin call into the library."""
+"""`strata` command line: one subcommand per job, each a thin call into the library.
+
+An expected failure (bad config, missing store, error budget, failed probe groups, unreachable storage) ends
+in one line on stderr and its exit code (pipeline.failures); `-v` shows the traceback as well.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
+from collections.abc import Callable, Sequence
 
-from .config import ConfigError
+from .failures import JobFailed, classify, stop_ray, tracebacks_hidden
 
 log = logging.getLogger("strata")
+VERBOSE_FLAGS, QUIET_FLAGS = ("-v", "--verbose"), ("-q", "--quiet")
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
@@ -31,29 +39,33 @@ def _cmd_encoders(_args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from .config import ExtractConfig, load_config
-    from .extract import run_extract
+    from .config import ExtractConfig, load_config, validate_extract
 
     cfg = load_config(ExtractConfig, args.config, args.overrides)
-    summary = run_extract(cfg)
-    print(summary)
+    validate_extract(cfg)  # before importing Ray
+    from .extract import run_extract
+
+    print(run_extract(cfg))
     return 0
 
 
-def _cmd_probe(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import yaml
-
-    from .config import apply_overrides
+def _probe_config(path: str | None, overrides: Sequence[str]):
+    from .config import apply_overrides, load_data
     from .probes.config import ProbeConfig
+
+    data = load_data(path) if path else {}
+    data = data.get("probes", data)
+    if not isinstance(data, dict):
+        from .config import ConfigError
+
+        raise ConfigError(f"{path}: expected a mapping of probe settings under 'probes:'")
+    return ProbeConfig.from_dict(apply_overrides(data, overrides))
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
     from .probes.job import run_probes
 
-    data = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
-    data = data.get("probes", data) if isinstance(data, dict) else data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{args.config}: expected a mapping of probe settings")
-    config = ProbeConfig.from_dict(apply_overrides(data, args.overrides))
+    config = _probe_config(args.config, args.overrides)
     run = run_probes(args.store, config, version=args.version, out_uri=args.out, use_ray=not args.no_ray)
     board = run.results.leaderboard()
     print(board.to_string(index=False) if len(board) else "no successful probe group")
@@ -63,6 +75,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         for _, row in failed.iterrows():
             print(f"  task={row['task']} layer={row['layer']}: {row['error']}")
     print(f"results: {run.out_uri}/results.parquet")
+    if len(failed):
+        first = failed.iloc[0]
+        raise JobFailed(f"{len(failed)} probe group(s) failed, {len(board)} task result(s) kept; first: "
+                        f"task={first['task']} layer={first['layer']}: {first['error']}")
     return 0
 
 
@@ -157,51 +173,156 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .config import ExtractConfig, apply_overrides, from_dict, load_data, validate_extract
+    from .storage import redact
+
+    data = load_data(args.config) if args.config else {}
+    if args.probes or "probes" in data:
+        plain = _probe_config(args.config, args.overrides).to_dict()
+    else:
+        cfg = from_dict(ExtractConfig, apply_overrides(data, args.overrides))
+        validate_extract(cfg)
+        plain = cfg.to_dict()
+    print(yaml.safe_dump(redact(plain), sort_keys=False, default_flow_style=False).rstrip())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .stores import FeatureStore
+    from .stores.export import EXPORTERS
+
+    store = FeatureStore.open(args.store, version=args.version)
+    options = {"metric": args.metric, "factory": args.index_factory} if args.format == "faiss" else {}
+    out = EXPORTERS[args.format](store, args.layer, args.out, **options)
+    print(f"exported layer {args.layer} of version {store.version} ({len(store)} rows) as {args.format} to {out}")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """A parser whose epilog (the config keys) is built only when its help is shown: listing probe keys
+    imports the probe package, and with it torch."""
+
+    def __init__(self, *args, keys_help: Callable[[], str] | None = None, **kwargs):
+        self._keys_help = keys_help
+        super().__init__(*args, **kwargs)
+
+    def format_help(self) -> str:
+        if self._keys_help is not None:
+            self.epilog = self._keys_help()
+        return super().format_help()
+
+
+def _extract_keys_help() -> str:
+    from .config import help_text
+
+    return help_text()
+
+
+def _probe_keys_help() -> str:
+    from .probes.config import help_text
+
+    return help_text()
+
+
 def _config_args(s: argparse.ArgumentParser) -> None:
     """The extraction config: a YAML file plus section.key=value overrides (extract and refresh share it)."""
-    s.add_argument("--config", required=False, help="YAML config (see configs/)")
+    s.add_argument("--config", required=False, help="YAML config, a path or any fsspec URI (see configs/)")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. store.root=s3://bucket/features")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="strata", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+def _verbosity_args(p: argparse.ArgumentParser) -> None:
+    # main() takes these out of the command line wherever they are; here they are for --help
+    p.add_argument(*VERBOSE_FLAGS, action="store_true", default=argparse.SUPPRESS,
+                   help="debug logging, and the traceback of a failure")
+    p.add_argument(*QUIET_FLAGS, action="store_true", default=argparse.SUPPRESS, help="warnings and errors only")
 
-    s = sub.add_parser("layers", help="list every tappable layer of an encoder with shapes and pooled dims")
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print strata's version and those of torch, ray and zarr, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
+def version_line() -> str:
+    """strata's version and its main dependencies', from package metadata (nothing is imported)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{d} {v(d)}" for d in ("torch", "torchvision", "timm", "ray", "zarr"))
+    return f"strata {v('strata')} ({deps}; python {platform.python_version()})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = _Parser(prog="strata", description=__doc__, formatter_class=fmt,
+                epilog="exit codes: 0 ok, 1 job failed, 2 bad command line or config, 3 not found, "
+                       "4 storage unreachable, 70 internal error, 130 interrupted")
+    p.add_argument("--version", action=_VersionAction)
+    _verbosity_args(p)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help: str, func, keys_help=None) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help, description=help, formatter_class=fmt, keys_help=keys_help)
+        _verbosity_args(s)
+        s.set_defaults(func=func)
+        return s
+
+    s = command("layers", "list every tappable layer of an encoder with shapes and pooled dims", _cmd_layers)
     s.add_argument("encoder")
     s.add_argument("--weights", default="random", help="weights to load for the trace (default: random)")
     s.add_argument("--pooling", default="avg")
-    s.set_defaults(func=_cmd_layers)
 
-    s = sub.add_parser("extract", help="encode a dataset into a feature store (Ray Data)")
+    s = command("extract", "encode a dataset into a feature store (Ray Data)", _cmd_extract, _extract_keys_help)
     _config_args(s)
-    s.set_defaults(func=_cmd_extract)
 
-    s = sub.add_parser("probe", help="train the probe grid (heads x layers x tasks) on a feature store")
+    s = command("probe", "train the probe grid (heads x layers x tasks) on a feature store", _cmd_probe,
+                _probe_keys_help)
     s.add_argument("--store", required=True, help="feature set URI")
-    s.add_argument("--config", help="YAML with probe settings (top level or under 'probes:')")
+    s.add_argument("--config", help="YAML with probe settings (top level or under 'probes:'); any fsspec URI")
     s.add_argument("--version", type=int, default=None, help="pin a store version (default: latest)")
     s.add_argument("--out", default=None, help="where results go (default: <store>/probes/v<version>-<hash>)")
     s.add_argument("--no-ray", action="store_true", help="train in this process instead of Ray tasks")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tasks=[digit] few_shot=[5,null]")
-    s.set_defaults(func=_cmd_probe)
 
-    s = sub.add_parser("refresh", help="encode only new or changed images and commit a new version")
+    s = command("refresh", "encode only new or changed images and commit a new version", _cmd_refresh,
+                _extract_keys_help)
     _config_args(s)
-    s.set_defaults(func=_cmd_refresh)
 
-    s = sub.add_parser("inspect", help="print a feature set's provenance, layers, rows and errors")
+    s = command("config", "show the effective config (defaults, file, overrides) with secrets redacted",
+                lambda args: args.config_parser.error("name a config command: show"))
+    s.set_defaults(config_parser=s)
+    config_sub = s.add_subparsers(dest="config_command", parser_class=_Parser)
+    s = config_sub.add_parser("show", help="print the effective config as YAML, secrets redacted",
+                              description="print the effective config as YAML, secrets redacted; extraction "
+                                          "config unless the file has a probes: section or --probes is given",
+                              formatter_class=fmt, keys_help=_extract_keys_help)
+    _verbosity_args(s)
+    _config_args(s)
+    s.add_argument("--probes", action="store_true", help="a probe grid config")
+    s.set_defaults(func=_cmd_config_show)
+
+    s = command("inspect", "print a feature set's provenance, layers, rows and errors", _cmd_inspect)
     s.add_argument("uri")
     s.add_argument("--version", type=int, default=None)
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=_cmd_inspect)
 
-    s = sub.add_parser("versions", help="list a feature set's committed versions")
+    s = command("versions", "list a feature set's committed versions", _cmd_versions)
     s.add_argument("uri")
-    s.set_defaults(func=_cmd_versions)
 
-    s = sub.add_parser("retain", help="compact, keep the newest N versions, delete what no kept version uses")
+    s = command("retain", "compact, keep the newest N versions, delete what no kept version uses", _cmd_retain)
     s.add_argument("uri")
     s.add_argument("--keep", type=int, required=True)
     s.add_argument("--dry-run", action="store_true")
@@ -211,45 +332,92 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grace-hours", type=float, default=24.0,
                    help="files no version references are deleted only when older than this (default 24): "
                         "a running job may still commit them")
-    s.set_defaults(func=_cmd_retain)
 
-    s = sub.add_parser("report", help="write the transferability report (static HTML + JSON)")
+    s = command("export", "write one layer for other tools: embedding-reader (npy + Parquet) or a FAISS index",
+                _cmd_export)
+    s.add_argument("--store", required=True, help="feature set URI")
+    s.add_argument("--layer", required=True)
+    s.add_argument("--format", required=True, choices=["embedding-reader", "faiss"])
+    s.add_argument("--out", required=True, help="output folder (any fsspec URI)")
+    s.add_argument("--version", type=int, default=None, help="pin a store version (default: latest)")
+    s.add_argument("--metric", choices=["ip", "l2", "cosine"], default="cosine",
+                   help="faiss: inner product, L2, or cosine (inner product of L2-normalised rows; default)")
+    s.add_argument("--index-factory", default="Flat",
+                   help="faiss: index_factory string, e.g. Flat, HNSW32, IVF256,PQ16")
+
+    s = command("report", "write the transferability report (static HTML + JSON)", _cmd_report)
     s.add_argument("--store", action="append", required=True, help="feature set URI (repeat to compare encoders)")
     s.add_argument("--out", required=True, help="output folder for index.html and report.json")
     s.add_argument("--map-sample", type=int, default=1000, help="rows in each 2-D map")
-    s.set_defaults(func=_cmd_report)
 
-    s = sub.add_parser("neighbors", help="nearest images by cosine similarity in one layer")
+    s = command("neighbors", "nearest images by cosine similarity in one layer", _cmd_neighbors)
     s.add_argument("--store", required=True)
     s.add_argument("--layer", required=True)
     s.add_argument("image_ids", nargs="+")
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--version", type=int, default=None)
-    s.set_defaults(func=_cmd_neighbors)
 
-    s = sub.add_parser("demo-data", help="generate a demo dataset locally (digits, shapes); no download")
+    s = command("demo-data", "generate a demo dataset locally (digits, shapes); no download", _cmd_demo_data)
     s.add_argument("name")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_cmd_demo_data)
 
-    s = sub.add_parser("encoders", help="list registered encoders")
-    s.set_defaults(func=_cmd_encoders)
+    command("encoders", "list registered encoders", _cmd_encoders)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+def split_verbosity(argv: Sequence[str]) -> tuple[int, list[str]]:
+    """(verbosity: -1 quiet, 0 normal, 1 verbose; the rest of the line): -v/-q count wherever they stand,
+    up to a `--`."""
+    level, rest = 0, []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            rest += argv[i:]
+            break
+        if arg in VERBOSE_FLAGS:
+            level = 1
+        elif arg in QUIET_FLAGS:
+            level = -1 if level < 1 else level
+        else:
+            rest.append(arg)
+    return level, rest
+
+
+def _configure_logging(level: int) -> None:
+    logging.basicConfig(level=logging.WARNING if level < 0 else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from . import storage
 
     storage.install_log_redaction()
-    try:
-        return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"strata {args.command}: error: {storage.scrub(str(e))}", file=sys.stderr)
-        return 2
+    if level > 0:
+        logging.getLogger("pipeline").setLevel(logging.DEBUG)
+    if level < 0:
+        logging.getLogger("ray").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    level, argv = split_verbosity(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]  # `a=1 --config c.yaml b=2`: argparse stops at the option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _configure_logging(level)
+    with tracebacks_hidden(level < 1):
+        try:
+            return int(args.func(args) or 0)
+        except BrokenPipeError:  # `strata ... | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        except (Exception, KeyboardInterrupt) as e:
+            failure = classify(e)
+            if level > 0:
+                traceback.print_exc()
+            stop_ray()
+            hint = "" if failure.expected or level > 0 else " (-v shows the traceback)"
+            print(f"strata {args.command}: error: {failure.message}{hint}", file=sys.stderr)
+            return failure.code
 
 
 if __name__ == "__main__":

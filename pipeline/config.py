@@ -1,152 +1,108 @@
-"""Typed job configuration, loaded from YAML with command-line overrides, validated before any work."""
+"""Typed job configuration, loaded from YAML (any fsspec URI) with command-line overrides, validated before any work.
+
+Each key is declared once, with its type, default and one line of meaning (`pipeline.schema.setting`):
+that declaration is the schema that refuses bad input, the `--help` listing and `strata config show`.
+"""
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .encoders.catalog import COMPUTE_DTYPE_NAMES
 from .encoders.preprocess import Preprocessing
+from .schema import ConfigError, build, keys, render_keys, section, setting, to_plain
+
+__all__ = [
+    "ConfigError", "EncoderSpec", "ExtractConfig", "RunSpec", "SourceSpec", "StoreSpec", "apply_overrides",
+    "from_dict", "load_config", "load_data", "to_plain", "validate_extract",
+]
 
 STORE_DTYPES = ("float16", "float32")
+STORE_FORMATS = ("zarr", "parquet")
+# pipeline.sources.SOURCE_KINDS and pipeline.encoders.pooling.POOLINGS, without importing them (a test
+# keeps these equal): loading a config must not import torch or every source's dependencies.
+SOURCE_KINDS = ("folder", "manifest", "glob", "parquet")
+POOLINGS = ("avg", "max", "multiscale", "cls", "token_mean", "spatial")
 
 
-class ConfigError(ValueError):
-    """A configuration that would fail: refused before any image is read."""
+def _preprocessing(value: Any) -> Preprocessing:
+    return build(Preprocessing, value, where="encoder.preprocessing")
 
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    name: str = "efficientnet_lite0"
-    weights: str | None = None  # None: the encoder's default weights
-    layers: tuple[str, ...] = ()  # (): the encoder's default layers; "-1" style indices allowed
-    pooling: str = "avg"
-    layer_pooling: Mapping[str, str] = field(default_factory=dict)  # per-layer overrides
-    multiscale_grid: tuple[int, ...] = (1, 2)
-    compute_dtype: str = "fp32"
-    device: str = "auto"
-    batch_size: int = 64
-    max_spatial_dim: int = 65536
-    fold_batchnorm: bool = True  # fold frozen BN into the preceding conv: same features, fewer passes
-    # Only for checkpoints whose training preprocessing differs from the architecture's default;
-    # recorded in the store, never implied.
-    preprocessing: Preprocessing | None = None
+    name: str = setting("efficientnet_lite0", "registered encoder (strata encoders) or timm:<model>")
+    weights: str | None = setting(None, "weights name, random:<seed> or checkpoint URI; null: the encoder's default")
+    layers: tuple[str, ...] = setting((), "layers to tap (strata layers <encoder>; -1 = last); []: the defaults")
+    pooling: str = setting("avg", "pooling of every tapped layer", choices=POOLINGS)
+    layer_pooling: Mapping[str, str] = setting(factory=dict, help="per-layer pooling overrides, {layer: pooling}")
+    multiscale_grid: tuple[int, ...] = setting((1, 2), "grid sizes averaged and concatenated by multiscale pooling")
+    compute_dtype: str = setting("fp32", "forward-pass precision (autocast)", choices=tuple(COMPUTE_DTYPE_NAMES))
+    device: str = setting("auto", "torch device of the driver's encoder: auto, cpu, cuda[:N]")
+    batch_size: int = setting(64, "images per forward pass")
+    max_spatial_dim: int = setting(65536, "spatial pooling is refused above this many values per image")
+    fold_batchnorm: bool = setting(True, "fold frozen BatchNorm into the conv before it: same features, fewer passes")
+    preprocessing: Preprocessing | None = setting(
+        None, "override of the weights' own transform {resize_size, crop_size, interpolation, mean, std}; recorded",
+        parse=_preprocessing)
 
 
 @dataclass(frozen=True)
 class SourceSpec:
-    kind: str = "folder"  # folder | manifest | glob | parquet
-    uri: str = ""
-    options: Mapping[str, Any] = field(default_factory=dict)  # passed to the source class
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    kind: str = setting("folder", "how images are listed", choices=SOURCE_KINDS)
+    uri: str = setting("", "folder, manifest file, glob pattern or Parquet dataset (any fsspec URI)")
+    options: Mapping[str, Any] = setting(factory=dict, help="options of the source class (e.g. uri_column)")
+    storage_options: Mapping[str, Any] = setting(factory=dict, help="fsspec options for the source's URIs")
 
 
 @dataclass(frozen=True)
 class StoreSpec:
-    root: str = "stores"
-    featureset: str | None = None  # None: derived from dataset + encoder + layers + pooling
-    dtype: str = "float16"
-    shard_rows: int = 1024
-    chunk_rows: int = 256
-    formats: tuple[str, ...] = ("zarr", "parquet")
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    root: str = setting("stores", "where feature sets go (any fsspec URI)")
+    featureset: str | None = setting(None, "feature set name; null: derived from dataset, encoder, layers, pooling")
+    dtype: str = setting("float16", "stored feature dtype", choices=STORE_DTYPES)
+    shard_rows: int = setting(1024, "rows per shard (one writer task each); a multiple of chunk_rows")
+    chunk_rows: int = setting(256, "rows per Zarr chunk")
+    formats: tuple[str, ...] = setting(STORE_FORMATS, "formats written", choices=STORE_FORMATS)
+    storage_options: Mapping[str, Any] = setting(factory=dict, help="fsspec options for the store (S3 endpoint...)")
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    num_encoders: int = 1  # actor pool size
-    gpus_per_encoder: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    decode_concurrency: int | None = None
-    torch_threads: int | None = None  # per CPU encoder actor; None: the node's cores / num_encoders
-    # encoder actors keep freed activation memory in the heap (glibc mallopt) instead of mmap/munmap per batch
-    keep_freed_memory: bool = True
-    # At most this many images to encode: do it in the driver with its encoder and skip Ray's start-up
-    # (small refreshes, retries). 0 always uses Ray.
-    local_max_images: int = 64
-    # CPU encoders: decode threads run this much nicer (Linux), so they use what the encoders leave of shared
-    # cores instead of slowing them; 0 = the same priority
-    decode_niceness: int = 10
-    max_error_fraction: float = 0.05
-    max_image_pixels: int = 89_478_485
-    ray_address: str | None = None
+    num_encoders: int = setting(1, "encoder actors (the actor pool size)")
+    gpus_per_encoder: float | None = setting(None, "GPUs per encoder actor; null: 1 when the cluster has GPUs")
+    decode_concurrency: int | None = setting(None, "concurrent decode tasks; null: Ray Data decides")
+    torch_threads: int | None = setting(None, "torch threads per CPU encoder actor; null: node cores / num_encoders")
+    keep_freed_memory: bool = setting(True, "encoder actors keep freed activation memory (glibc malloc settings)")
+    local_max_images: int = setting(64, "at most this many images: encode in the driver without Ray; 0: always Ray")
+    decode_niceness: int = setting(10, "CPU encoders: decode threads run this much nicer (0-19; 0 = same priority)")
+    max_error_fraction: float = setting(0.05, "the job stops once more than this fraction of images failed")
+    max_image_pixels: int = setting(89_478_485, "larger images are refused as decompression bombs")
+    ray_address: str | None = setting(None, "Ray cluster address; null: a running cluster or a local one")
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    source: SourceSpec = field(default_factory=SourceSpec)
-    encoder: EncoderSpec = field(default_factory=EncoderSpec)
-    store: StoreSpec = field(default_factory=StoreSpec)
-    run: RunSpec = field(default_factory=RunSpec)
+    source: SourceSpec = section(SourceSpec, "where the images come from")
+    encoder: EncoderSpec = section(EncoderSpec, "the frozen encoder, its layers and pooling")
+    store: StoreSpec = section(StoreSpec, "where and how features are stored")
+    run: RunSpec = section(RunSpec, "how the job runs on Ray")
 
     def to_dict(self) -> dict:
         return to_plain(self)
 
 
-def to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    return obj
-
-
 def from_dict(cls: type, data: Mapping[str, Any] | None, *, where: str = "") -> Any:
-    """Build a (nested) frozen dataclass, refusing unknown keys with the valid ones listed."""
-    data = dict(data or {})
-    if cls is Preprocessing:
-        try:
-            return Preprocessing.from_dict(data)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"{where or 'preprocessing'}: {e}") from None
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where or cls.__name__}; valid: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, where=f"{where}{'.' if where else ''}{name}")
-    return cls(**kwargs)
+    """Build a (nested) frozen config dataclass, refusing unknown keys and misfit values."""
+    return build(cls, data, where=where)
 
 
-def _coerce(tp: Any, value: Any, *, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, where=where)
-    if dataclasses.is_dataclass(tp) or tp is Preprocessing:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, where=where)
-    if origin is tuple:
-        items = [value] if isinstance(value, (str, int)) else list(value)
-        return tuple(_coerce(args[0], v, where=where) for v in items)
-    if origin in (Mapping, dict) or tp in (Mapping, dict):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is str:
-        return str(value)
-    if tp in (int, float):
-        try:
-            return tp(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
-    if tp is bool:
-        if isinstance(value, str):
-            return value.lower() in ("1", "true", "yes", "on")
-        return bool(value)
-    return value
+def help_text(cls: type = ExtractConfig) -> str:
+    """Every key of `cls` with its type, default and meaning, for `--help`."""
+    return render_keys("config keys (YAML sections, or section.key=value on the command line):", keys(cls))
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
@@ -157,44 +113,69 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         path, raw = item.split("=", 1)
         node = data
-        keys = path.split(".")
-        for k in keys[:-1]:
+        parts = path.split(".")
+        for k in parts[:-1]:
+            if node.get(k) is not None and not isinstance(node[k], Mapping):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
             node[k] = dict(node.get(k) or {})
             node = node[k]
-        node[keys[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: not a YAML value ({_first_line(e)})") from None
+    return data
+
+
+def load_data(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> dict:
+    """The YAML mapping at `path`: a local path or any fsspec URI (s3://, memory://...)."""
+    from . import storage
+
+    uri = str(path)
+    try:
+        fs, fpath = storage.resolve(uri, storage_options)
+        text = fs.cat_file(fpath).decode()
+    except FileNotFoundError:
+        raise ConfigError(f"config {storage.redact_uri(uri)} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config {storage.redact_uri(uri)} is a directory, not a YAML file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{storage.redact_uri(uri)}: not valid YAML ({_first_line(e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{storage.redact_uri(uri)}: the top level must be a mapping")
     return data
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
-    data: dict = {}
-    if path is not None:
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+    data = load_data(path) if path is not None else {}
     return from_dict(cls, apply_overrides(data, overrides))
+
+
+def _first_line(e: Exception) -> str:
+    return " ".join(str(e).split())
 
 
 def validate_extract(cfg: ExtractConfig) -> None:
     """Everything that can be checked without reading images; raises ConfigError."""
-    from .encoders.catalog import COMPUTE_DTYPE_NAMES, resolve_entry
+    from .encoders.catalog import resolve_entry
 
     try:
         resolve_entry(cfg.encoder.name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.encoder.compute_dtype not in COMPUTE_DTYPE_NAMES:
-        raise ConfigError(f"unknown compute_dtype {cfg.encoder.compute_dtype!r}; valid: {list(COMPUTE_DTYPE_NAMES)}")
-    if cfg.store.dtype not in STORE_DTYPES:
-        raise ConfigError(f"unknown store dtype {cfg.store.dtype!r}; valid: {list(STORE_DTYPES)}")
+    bad_pooling = sorted(set(cfg.encoder.layer_pooling.values()) - set(POOLINGS))
+    if bad_pooling:
+        raise ConfigError(f"encoder.layer_pooling: {bad_pooling[0]!r} is not a valid choice; valid: {list(POOLINGS)}")
     if cfg.store.shard_rows % cfg.store.chunk_rows:
         raise ConfigError(
             f"store.shard_rows ({cfg.store.shard_rows}) must be a multiple of store.chunk_rows "
             f"({cfg.store.chunk_rows}) so that each shard owns whole chunks"
         )
-    bad_formats = sorted(set(cfg.store.formats) - {"zarr", "parquet"})
-    if bad_formats or not cfg.store.formats:
-        raise ConfigError(f"unknown store format(s) {bad_formats}; valid: ['zarr', 'parquet']")
+    if not cfg.store.formats:
+        raise ConfigError(f"store.formats is empty; valid: {list(STORE_FORMATS)}")
     if not 0.0 <= cfg.run.max_error_fraction <= 1.0:
         raise ConfigError(f"run.max_error_fraction must be within [0, 1], got {cfg.run.max_error_fraction}")
     if not 0 <= cfg.run.decode_niceness <= 19:
@@ -202,3 +183,6 @@ def validate_extract(cfg: ExtractConfig) -> None:
                           f"{cfg.run.decode_niceness}")
     if cfg.encoder.batch_size < 1 or cfg.run.num_encoders < 1:
         raise ConfigError("encoder.batch_size and run.num_encoders must be >= 1")
+    for name in ("shard_rows", "chunk_rows"):
+        if getattr(cfg.store, name) < 1:
+            raise ConfigError(f"store.{name} must be >= 1, got {getattr(cfg.store, name)}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
-import tomllib
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -153,9 +152,10 @@ def test_configs_validate(path: Path) -> None:
 # --- Ray cluster launcher ----------------------------------------------------------------------
 
 def _pinned(dist: str) -> str:
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    (pin,) = [d for d in deps if re.match(rf"{re.escape(dist)}(\[[^\]]*\])?==", d)]
-    return pin.split("==", 1)[1]
+    """The exact version constraints.txt pins (pyproject.toml holds ranges); images and clusters run it."""
+    lines = (REPO / "constraints.txt").read_text().splitlines()
+    (pin,) = [ln for ln in lines if re.match(rf"{re.escape(dist)}==", ln.strip(), re.IGNORECASE)]
+    return pin.split("==", 1)[1].strip()
 
 
 def test_cluster_yaml_passes_ray_schema() -> None:
@@ -179,10 +179,10 @@ def test_cluster_yaml_passes_ray_schema() -> None:
     ((remote, local),) = raw["file_mounts"].items()
     assert (REPO / local).resolve() == REPO
     setup = " && ".join(config["setup_commands"])
-    assert f"cd {remote}" in setup and "pip install -e ." in setup
+    assert f"cd {remote}" in setup and "pip install -c constraints.txt -e '.[cluster]'" in setup
     assert f"torch=={_pinned('torch')}" in setup and f"torchvision=={_pinned('torchvision')}" in setup
     for image in (raw["docker"]["head_image"], raw["docker"]["worker_image"]):
-        assert f":{_pinned('ray')}-py311" in image, f"{image}: Ray and Python as pyproject.toml pins"
+        assert f":{_pinned('ray')}-py311" in image, f"{image}: Ray and Python as constraints.txt pins"
 
 
 def test_cluster_yaml_submit_commands() -> None:

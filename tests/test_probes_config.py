@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.probes.config import KNNHeadSpec, LinearHeadSpec, ProbeConfig, PrototypeHeadSpec, TaskSpec
+from pipeline.probes.config import ConfigError, KNNHeadSpec, LinearHeadSpec, ProbeConfig, PrototypeHeadSpec, TaskSpec
 
 
 def test_from_dict_builds_typed_config():
@@ -26,6 +26,7 @@ def test_from_dict_builds_typed_config():
     # the resolved config is plain data and round-trips
     d = json.loads(json.dumps(c.to_dict()))
     assert ProbeConfig.from_dict(d) == c
+    assert ProbeConfig.from_dict(c.to_dict()) == c  # tuples as well as lists
 
 
 @pytest.mark.parametrize("d, needle", [
@@ -44,4 +45,17 @@ def test_from_dict_builds_typed_config():
 def test_from_dict_refuses_with_valid_choices(d, needle):
     with pytest.raises(ValueError) as e:
         ProbeConfig.from_dict(d)
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"tasks": ["a"], "heads": [{"kind": "linear", "lrs": ["fast"]}]},
+     "probes.heads[0] (linear).lrs[0]: expected a number"),
+    ({"tasks": ["a"], "few_shot": [2.5]}, "probes.few_shot[0]: expected an integer, got 2.5"),
+    ({"tasks": ["a"], "split": {"stratified": "maybe"}}, "probes.split.stratified: expected true or false"),
+    ({"tasks": "a", "patience": True}, "probes.patience: expected an integer"),
+])
+def test_probe_values_are_strict(data, needle):
+    with pytest.raises(ConfigError) as e:
+        ProbeConfig.from_dict(data)
     assert needle in str(e.value)

@@ -68,4 +68,6 @@ class FeatureStoreDatasink(Datasink[list]):
         self.records = [r for task in write_result.write_returns for r in task]
 
     def on_write_failed(self, error: Exception) -> None:
-        log.error("feature store write failed: %s; committed shards stay valid", error)
+        cause = getattr(error, "cause", None) or error  # a Ray task error's own text is the remote traceback
+        first = next((ln for ln in str(cause).splitlines() if ln.strip()), type(cause).__name__)
+        log.error("feature store write failed: %s; committed shards stay valid", first)

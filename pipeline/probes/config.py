@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 from typing import Any, Union
+
+from ..schema import ConfigError, KeyDoc, build, coerce_field, keys, render_keys, section, setting
 
 DEVICES = ("cpu", "cuda", "auto")
 TASK_TYPES = ("auto", "classification", "regression")
@@ -21,10 +24,10 @@ class LinearHeadSpec:
     LogisticRegression C = 1 / (lambda * n_train)); Adam with a cosine lr decay.
     """
 
-    kind: str = "linear"
-    l2_normalize: bool = False
-    lrs: tuple[float, ...] = (1e-2, 1e-1)
-    weight_decays: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+    kind: str = setting("linear", "head kind")
+    l2_normalize: bool = setting(False, "L2-normalise features before the head")
+    lrs: tuple[float, ...] = setting((1e-2, 1e-1), "learning rates (Adam, cosine decay); one head each")
+    weight_decays: tuple[float, ...] = setting((1e-4, 1e-3, 1e-2, 1e-1), "L2 penalties; one head each")
 
 
 @dataclass(frozen=True)
@@ -34,40 +37,40 @@ class MLPHeadSpec:
     Trained with AdamW (decoupled weight decay) and a cosine lr decay, one head per lr x decay.
     """
 
-    kind: str = "mlp"
-    hidden_sizes: tuple[int, ...] = (512,)
-    dropout: float = 0.1
-    batch_norm: bool = True
-    lrs: tuple[float, ...] = (1e-3,)
-    weight_decays: tuple[float, ...] = (1e-2,)
+    kind: str = setting("mlp", "head kind")
+    hidden_sizes: tuple[int, ...] = setting((512,), "hidden layer widths")
+    dropout: float = setting(0.1, "dropout after each hidden layer, in [0, 1)")
+    batch_norm: bool = setting(True, "BatchNorm after each hidden Linear")
+    lrs: tuple[float, ...] = setting((1e-3,), "learning rates (AdamW, cosine decay); one head each")
+    weight_decays: tuple[float, ...] = setting((1e-2,), "decoupled weight decays; one head each")
 
 
 @dataclass(frozen=True)
 class PrototypeHeadSpec:
     """Nearest class mean; `learnable` fine-tunes the means (and a temperature) with `lr`."""
 
-    kind: str = "prototype"
-    metric: str = "cosine"
-    learnable: bool = False
-    lr: float = 1e-2
+    kind: str = setting("prototype", "head kind")
+    metric: str = setting("cosine", "distance to the class means", choices=PROTOTYPE_METRICS)
+    learnable: bool = setting(False, "fine-tune the means and a temperature")
+    lr: float = setting(1e-2, "learning rate when learnable")
 
 
 @dataclass(frozen=True)
 class KNNHeadSpec:
     """k-nearest neighbours over the (standardised) training features; one head per k."""
 
-    kind: str = "knn"
-    ks: tuple[int, ...] = (1, 10, 20)
-    cosine: bool = True
+    kind: str = setting("knn", "head kind")
+    ks: tuple[int, ...] = setting((1, 10, 20), "neighbour counts; one head each")
+    cosine: bool = setting(True, "cosine similarity instead of Euclidean distance")
 
 
 @dataclass(frozen=True)
 class AutoHeadSpec:
     """Pick prototype / linear / MLP from the training samples per class (see heads.choose_head)."""
 
-    kind: str = "auto"
-    prototype_below: float = 10.0
-    linear_below: float = 150.0
+    kind: str = setting("auto", "head kind")
+    prototype_below: float = setting(10.0, "prototype head below this many training samples per class")
+    linear_below: float = setting(150.0, "linear head below this many (MLP above)")
 
 
 HeadSpec = Union[LinearHeadSpec, MLPHeadSpec, PrototypeHeadSpec, KNNHeadSpec, AutoHeadSpec]
@@ -84,8 +87,8 @@ HEAD_SPECS: dict[str, type] = {
 class TaskSpec:
     """A label column of the index; `type` auto = regression for non-integer float columns."""
 
-    name: str
-    type: str = "auto"
+    name: str = setting(help="label column of the store's index")
+    type: str = setting("auto", "task type; auto: regression for non-integer float columns", choices=TASK_TYPES)
 
 
 @dataclass(frozen=True)
@@ -95,12 +98,12 @@ class SplitSpec:
     `column=None` uses a column named "split" when the index has one; an explicit name must exist.
     """
 
-    train: float = 0.7
-    val: float = 0.15
-    test: float = 0.15
-    seed: int = 0
-    stratified: bool = True
-    column: str | None = None
+    train: float = setting(0.7, "training fraction of the generated split")
+    val: float = setting(0.15, "validation fraction (selects heads and layers)")
+    test: float = setting(0.15, "test fraction (reported once)")
+    seed: int = setting(0, "seed of the generated split")
+    stratified: bool = setting(True, "keep class proportions in each split")
+    column: str | None = setting(None, "user split column; null: a column named split when the index has one")
 
 
 @dataclass(frozen=True)
@@ -114,47 +117,58 @@ class ProbeConfig:
     layers on validation (regression tasks always use r2). device "auto" = cuda when present.
     """
 
-    tasks: tuple[TaskSpec, ...]
-    layers: tuple[str, ...] | None = None
-    heads: tuple[HeadSpec, ...] = (LinearHeadSpec(),)
-    split: SplitSpec = field(default_factory=SplitSpec)
-    few_shot: tuple[int | None, ...] = (None,)
-    epochs: int = 100
-    max_steps: int | None = None
-    batch_size: int = 1024
-    patience: int = 10
-    device: str = "auto"
-    seed: int = 0
-    selection_metric: str = "accuracy"
+    tasks: tuple[TaskSpec, ...] = setting(help="label columns to probe: names, or {name, type} mappings")
+    layers: tuple[str, ...] | None = setting(None, "layers to probe; null: every layer of the store")
+    heads: tuple[HeadSpec, ...] = setting((LinearHeadSpec(),), "head kinds: names, or mappings with kind",
+                                          shown="[linear]")
+    split: SplitSpec = section(SplitSpec, "train/val/test split")
+    few_shot: tuple[int | None, ...] = setting((None,), "training examples per class, one grid axis each; null: all")
+    epochs: int = setting(100, "training epochs per head")
+    max_steps: int | None = setting(None, "cap on optimizer steps per head; null: no cap")
+    batch_size: int = setting(1024, "minibatch upper bound (a small training set gets >= 10 per epoch)")
+    patience: int = setting(10, "epochs without a lower validation loss before a head stops")
+    device: str = setting("auto", "torch device; auto: cuda when present", choices=DEVICES)
+    seed: int = setting(0, "seed of head initialisation and minibatch order")
+    selection_metric: str = setting("accuracy", "picks heads and layers on validation (regression: r2)",
+                                    choices=SELECTION_METRICS)
 
     def __post_init__(self) -> None:
         _validate(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ProbeConfig":
-        """Build from plain data (YAML); unknown keys, kinds or values raise ValueError."""
+        """Build from plain data (YAML); unknown keys, kinds or misfit values raise ConfigError (a ValueError)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"probes: expected a mapping of probe settings, got {type(d).__name__}")
         d = _check_keys(dict(d), cls, "probes")
         if "tasks" not in d:
-            raise ValueError("probes: 'tasks' is required (a list of label column names)")
+            raise ConfigError("probes: 'tasks' is required (a list of label column names)")
         tasks = d["tasks"]
         if isinstance(tasks, (str, dict)):
             tasks = [tasks]
+        if not isinstance(tasks, (list, tuple)):
+            raise ConfigError(f"probes.tasks: expected a list of label column names, got {tasks!r}")
         d["tasks"] = tuple(_task(t) for t in tasks)
-        if d.get("layers") is not None:
-            layers = d["layers"]
-            d["layers"] = (layers,) if isinstance(layers, str) else tuple(str(x) for x in layers)
         if "heads" in d:
             heads = d["heads"]
             if isinstance(heads, (str, dict)):
                 heads = [heads]
+            if not isinstance(heads, (list, tuple)):
+                raise ConfigError(f"probes.heads: expected a list of head kinds, got {heads!r}; "
+                                  f"valid kinds: {list(HEAD_SPECS)}")
             d["heads"] = tuple(_head(h, i) for i, h in enumerate(heads))
-        if "split" in d:
-            d["split"] = _build(SplitSpec, d["split"] or {}, "probes.split")
-        if "few_shot" in d:
-            fs = d["few_shot"]
-            fs = [fs] if fs is None or isinstance(fs, int) else fs
-            d["few_shot"] = tuple(None if k is None else int(k) for k in fs)
-        return cls(**d)
+        if "few_shot" in d and d["few_shot"] is None:
+            d["few_shot"] = [None]
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in set(d) - {"tasks", "heads"}:
+            d[name] = coerce_field(fields[name], hints[name], d[name], where=f"probes.{name}")
+        try:
+            return cls(**d)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (round-trips through `from_dict`); saved next to the results."""
@@ -228,32 +242,23 @@ def _check_keys(d: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(d) - set(valid))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {valid}")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {valid}")
     return d
 
 
 def _build(cls: type, d: Any, where: str) -> Any:
     if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
-    d = _check_keys(dict(d), cls, where)
-    for f in dataclasses.fields(cls):
-        if f.name in d and isinstance(d[f.name], list):
-            d[f.name] = tuple(d[f.name])
-    return cls(**d)
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    return build(cls, _check_keys(dict(d), cls, where), where=where)
 
 
 def _head(h: Any, i: int) -> HeadSpec:
     if isinstance(h, str):
         h = {"kind": h}
     if not isinstance(h, dict) or "kind" not in h:
-        raise ValueError(f"probes.heads[{i}]: expected a mapping with 'kind'; valid kinds: {list(HEAD_SPECS)}")
+        raise ConfigError(f"probes.heads[{i}]: expected a mapping with 'kind'; valid kinds: {list(HEAD_SPECS)}")
     if h["kind"] not in HEAD_SPECS:
-        raise ValueError(f"probes.heads[{i}]: kind {h['kind']!r} unknown; valid kinds: {list(HEAD_SPECS)}")
-    h = dict(h)
-    for name, cast in (("lrs", float), ("weight_decays", float), ("ks", int), ("hidden_sizes", int)):
-        if name in h:  # a scalar is a one-point grid
-            vals = h[name] if isinstance(h[name], (list, tuple)) else [h[name]]
-            h[name] = [cast(v) for v in vals]
+        raise ConfigError(f"probes.heads[{i}]: kind {h['kind']!r} unknown; valid kinds: {list(HEAD_SPECS)}")
     return _build(HEAD_SPECS[h["kind"]], h, f"probes.heads[{i}] ({h['kind']})")
 
 
@@ -261,3 +266,23 @@ def _task(t: Any) -> TaskSpec:
     if isinstance(t, str):
         return TaskSpec(name=t)
     return _build(TaskSpec, t, "probes.tasks[]")
+
+
+def key_docs() -> list[KeyDoc]:
+    """Every probe key: top level, split.*, tasks[].* and heads[<kind>].* per head kind."""
+    docs = []
+    for doc in keys(ProbeConfig):
+        docs.append(doc)
+        if doc.key == "tasks":
+            docs += keys(TaskSpec, "tasks[].")
+        elif doc.key == "heads":
+            docs.append(KeyDoc("heads[].kind", "str", "linear", "head kind; its keys follow", tuple(HEAD_SPECS)))
+            for kind, spec in HEAD_SPECS.items():
+                docs += [d for d in keys(spec, f"heads[{kind}].") if not d.key.endswith(".kind")]
+    return docs
+
+
+def help_text() -> str:
+    """Every probe key with its type, default and meaning, for `strata probe --help`."""
+    return render_keys("probe keys (YAML, top level or under probes:, or key=value on the command line):",
+                       key_docs())

@@ -21,9 +21,16 @@ from .writer import (
 )
 
 __all__ = [
-    "Allocation", "ChangeSet", "CompactResult", "compact_store", "CommitConflict", "CommitResult", "EncodedShard", "FeatureOverflowError",
-    "FeatureStore", "FeatureStoreWriter", "ImageState", "LiveIndex", "NoCommittedVersionError", "Segment",
-    "ListingDiff", "StoreTarget", "Upsert", "Version", "allocate", "check_feature_range", "chunk_records", "commit_change",
-    "diff_listing", "featureset_name",
-    "label_schema", "latest_version", "list_versions", "read_version", "shard_plan_hash",
+    "Allocation", "ChangeSet", "CommitConflict", "CommitResult", "CompactResult", "EncodedShard",
+    "FeatureOverflowError", "FeatureStore", "FeatureStoreWriter", "ImageState", "ListingDiff", "LiveIndex",
+    "NoCommittedVersionError", "Segment", "StoreTarget", "Upsert", "Version", "allocate", "check_feature_range",
+    "chunk_records", "commit_change", "compact_store", "diff_listing", "featureset_name", "label_schema",
+    "latest_version", "list_versions", "read_version", "shard_plan_hash", "torch_dataset",
 ]
+
+
+def torch_dataset(store: FeatureStore, layer: str, *, label: str | None = None, iterable: bool = False, **kwargs):
+    """A PyTorch dataset over one layer (pipeline.stores.torch_data; torch is imported here, not before)."""
+    from .torch_data import torch_dataset as build
+
+    return build(store, layer, label=label, iterable=iterable, **kwargs)

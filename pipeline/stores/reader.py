@@ -167,6 +167,12 @@ class FeatureStore:
 
     features = layer  # probes' FeatureTable protocol
 
+    def to_xarray(self, layer: str, *, dtype=np.float32):
+        """The layer as an xarray DataArray with image_id and label coordinates (pipeline.stores.xarray_view)."""
+        from .xarray_view import to_xarray
+
+        return to_xarray(self, layer, dtype=dtype)
+
     def torch(self, layer: str):
         import torch
 

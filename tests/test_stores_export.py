@@ -1,0 +1,95 @@
+"""`strata export`: the embedding-reader layout read back with embedding-reader itself, and FAISS index files
+that faiss.read_index opens, with ids that map back to image ids; both against FeatureStore.layer."""
+from __future__ import annotations
+
+import json
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.cli import main
+from pipeline.stores import FeatureStore
+from pipeline.stores.export import export_faiss
+from toystore import write_toy_store
+
+faiss = pytest.importorskip("faiss", reason="faiss-cpu is in the ann and test extras")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> FeatureStore:
+    return write_toy_store(tmp_path_factory.mktemp("toy"))
+
+
+def _by_id(store: FeatureStore, layer: str) -> dict[str, np.ndarray]:
+    return dict(zip(store.index_table().column("image_id").to_pylist(), store.layer(layer)))
+
+
+def test_embedding_reader_reads_the_export(store, tmp_path):
+    from embedding_reader import EmbeddingReader
+
+    out = tmp_path / "er"
+    assert main(["export", "--store", store.uri, "--layer", "a", "--format", "embedding-reader",
+                 "--out", str(out)]) == 0
+    reader = EmbeddingReader(embeddings_folder=str(out / "embeddings"), metadata_folder=str(out / "metadata"),
+                             meta_columns=["image_id", "shape"], file_format="parquet_npy")
+    assert (reader.count, reader.dimension) == (len(store), 6)
+    embeddings, meta = [], []
+    for emb, m in reader(batch_size=40, start=0, end=reader.count, show_progress=False):
+        embeddings.append(emb)
+        meta.append(m)
+    emb, meta = np.concatenate(embeddings), pd.concat(meta)
+    expected = _by_id(store, "a")
+    assert sorted(meta["image_id"]) == sorted(expected)
+    np.testing.assert_array_equal(emb, np.stack([expected[i] for i in meta["image_id"]]))
+    shapes = dict(zip(store.index_table().column("image_id").to_pylist(), store.labels("shape")))
+    assert [s if s == s else None for s in meta["shape"]] == [shapes[i] for i in meta["image_id"]]
+    info = json.loads((out / "export.json").read_text())
+    assert (info["format"], info["layer"], info["rows"], info["version"]) == ("embedding-reader", "a", len(store), 1)
+
+
+def _ids(path) -> dict[int, str]:
+    t = pd.read_parquet(path)
+    return dict(zip(t["id"], t["image_id"]))
+
+
+def test_faiss_cosine_index_finds_each_row_itself(store, tmp_path):
+    out = tmp_path / "faiss"
+    assert main(["export", "--store", store.uri, "--layer", "a", "--format", "faiss", "--out", str(out)]) == 0
+    index = faiss.read_index(str(out / "index.faiss"))
+    ids = _ids(out / "ids.parquet")
+    assert index.ntotal == len(store) == len(ids)
+    image_ids = store.index_table().column("image_id").to_pylist()
+    x = store.layer("a")
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    scores, found = index.search(np.ascontiguousarray(unit, np.float32), 3)
+    assert [ids[i] for i in found[:, 0]] == image_ids  # every row is its own nearest neighbour
+    np.testing.assert_allclose(scores[:, 0], 1.0, rtol=1e-5)
+    brute = np.argsort(-(unit @ unit.T), axis=1)[:, 1]
+    assert [ids[i] for i in found[:, 1]] == [image_ids[j] for j in brute]
+    rows = dict(zip(image_ids, store.index_table().column("row").to_pylist()))
+    np.testing.assert_allclose(index.reconstruct(int(rows[image_ids[4]])), unit[4], rtol=1e-6)
+
+
+def test_faiss_l2_trained_index_on_an_fsspec_uri(store):
+    out = "memory://strata-export/ivf"
+    export_faiss(store, "b", out, metric="l2", factory="IVF4,Flat")
+    fs = fsspec.filesystem("memory")
+    index = faiss.deserialize_index(np.frombuffer(fs.cat_file("/strata-export/ivf/index.faiss"), np.uint8))
+    assert index.ntotal == len(store) and index.is_trained
+    faiss.extract_index_ivf(index).nprobe = 4  # every list: exact
+    x = np.ascontiguousarray(store.layer("b"), np.float32)
+    dist, found = index.search(x, 1)
+    ids = dict(zip(*[pd.read_parquet(fs.open("/strata-export/ivf/ids.parquet"))[c] for c in ("id", "image_id")]))
+    assert [ids[i] for i in found[:, 0]] == store.index_table().column("image_id").to_pylist()
+    np.testing.assert_allclose(dist[:, 0], 0.0, atol=1e-5)
+
+
+def test_export_refusals_are_one_line(store, tmp_path, capsys):
+    assert main(["export", "--store", store.uri, "--layer", "zz", "--format", "faiss", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "strata export: error: layer 'zz' not in this feature set; layers: ['a', 'b']"
+    assert main(["export", "--store", store.uri, "--layer", "a", "--format", "faiss", "--index-factory", "Nope9",
+                 "--out", str(tmp_path)]) == 2
+    assert "faiss cannot build index 'Nope9'" in capsys.readouterr().err

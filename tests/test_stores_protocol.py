@@ -1,0 +1,114 @@
+"""The store's commit points: block allocation, the lease, create-if-absent on stores with and without it."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import fsspec
+import pytest
+
+from pipeline import storage
+from pipeline.stores import allocate, layout
+from pipeline.stores.cas import conditional_writes, create_exclusive
+from pipeline.stores.lock import StoreLockTimeout, store_lease
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def store_root(request, tmp_path):
+    if request.param == "local":
+        return storage.resolve(str(tmp_path / "fs"))
+    bucket = request.getfixturevalue("s3_bucket")
+    return storage.resolve(bucket.url("fs"), bucket.storage_options)
+
+
+def test_conditional_create_is_detected(store_root, tmp_path):
+    fs, base = store_root
+    assert storage.honours_conditional_create(fs, base)
+    assert conditional_writes(fs, base)
+    memory = fsspec.filesystem("memory")
+    assert storage.honours_conditional_create(memory, "/strata-probe")
+
+
+@pytest.mark.parametrize("mode", ["conditional", "verify"])
+def test_concurrent_allocations_never_share_a_block(store_root, mode, monkeypatch):
+    fs, base = store_root
+    if mode == "verify":  # the read-back protocol, with its real settle time (it is safe while a PUT is faster)
+        monkeypatch.setenv("STRATA_COMMIT_MODE", "verify")
+    got, errors = [], []
+
+    def claim(k: int):
+        try:
+            got.append(allocate(fs, base, [f"c{k}-{i}" for i in range(k % 3 + 1)], job_id=str(k)))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=claim, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    blocks = [b for a in got for b in a.blocks]
+    assert len(blocks) == len(set(blocks)) == sum(k % 3 + 1 for k in range(6))
+    assert sorted(a.seq for a in got) == list(range(6))
+
+
+def test_a_rerun_of_the_same_work_resumes_in_its_allocation(tmp_path):
+    fs, base = storage.resolve(str(tmp_path / "fs"))
+    first = allocate(fs, base, ["a", "b"], job_id="1")
+    other = allocate(fs, base, ["c"], job_id="2")
+    again = allocate(fs, base, ["a", "b"], job_id="3")
+    assert again.reused and again.blocks == first.blocks and other.first_block == 2
+    assert not allocate(fs, base, ["a", "b"], job_id="4", reuse=False).reused
+
+
+def test_an_allocator_that_died_between_its_writes_blocks_nobody(tmp_path):
+    fs, base = storage.resolve(str(tmp_path / "fs"))
+    allocate(fs, base, ["a", "b"], job_id="1")
+    # seq 1 claimed (its marker) but its named record never written: its blocks are still taken
+    marker = {"seq": 1, "first_block": 2, "contents": ["x", "y", "z"], "job_id": "dead", "created_at": ""}
+    storage.put_if_absent(fs, f"{layout.allocations_dir(base)}/seq-{1:010d}", json.dumps(marker).encode())
+    nxt = allocate(fs, base, ["c"], job_id="2")
+    assert nxt.seq == 2 and nxt.first_block == 5
+
+
+def test_the_lease_is_exclusive_and_expires(tmp_path):
+    fs, base = storage.resolve(str(tmp_path / "fs"))
+    inside, overlaps = [], []
+
+    def hold():
+        with store_lease(fs, base, purpose="test"):
+            inside.append(1)
+            if len(inside) > 1:
+                overlaps.append(1)
+            time.sleep(0.05)
+            inside.pop()
+
+    threads = [threading.Thread(target=hold) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not overlaps
+    # a holder that died: its lease expires and the next taker breaks it
+    path = layout.lock_path(base)
+    fs.pipe_file(path, json.dumps({"owner": "dead", "purpose": "x", "expires_at": time.time() - 1}).encode())
+    with store_lease(fs, base, purpose="after a crash", wait=5):
+        assert json.loads(fs.cat_file(path))["purpose"] == "after a crash"
+    assert not fs.exists(path)
+    fs.pipe_file(path, json.dumps({"owner": "alive", "purpose": "x", "expires_at": time.time() + 60}).encode())
+    with pytest.raises(StoreLockTimeout, match="stayed locked .*held by alive"):
+        with store_lease(fs, base, purpose="blocked", wait=0.3):
+            pass
+
+
+def test_create_exclusive_read_back_protocol(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRATA_COMMIT_MODE", "verify")
+    monkeypatch.setattr("pipeline.stores.cas.SETTLE_SECONDS", 0.1)
+    fs, base = storage.resolve(str(tmp_path / "fs"))
+    fs.makedirs(base, exist_ok=True)
+    assert not conditional_writes(fs, base)
+    assert create_exclusive(fs, base, f"{base}/x", b"mine")
+    assert not create_exclusive(fs, base, f"{base}/x", b"theirs")
+    assert fs.cat_file(f"{base}/x") == b"mine"
