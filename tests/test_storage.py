@@ -93,11 +93,17 @@ def test_endpoint_env_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
         "http://strata-env:2"
     )
     explicit = {"client_kwargs": {"endpoint_url": "http://explicit:3", "region_name": "r"}}
-    assert storage.storage_options_for("s3://b", explicit) == explicit
+    retry = {"config_kwargs": storage.client_retry_config()}
+    assert storage.storage_options_for("s3://b", explicit) == {**explicit, **retry}
     assert storage.storage_options_for("s3://b", {"endpoint_url": "http://e:4"}) == {
-        "endpoint_url": "http://e:4"
+        "endpoint_url": "http://e:4", **retry
     }
     assert storage.storage_options_for("memory://b") == {}
+    # one retry policy: botocore's, configured once; a user's own botocore settings win
+    monkeypatch.setenv("STRATA_STORAGE_ATTEMPTS", "3")
+    assert storage.storage_options_for("s3://b")["config_kwargs"]["retries"] == {"max_attempts": 3, "mode": "standard"}
+    mine = storage.storage_options_for("s3://b", {"config_kwargs": {"retries": {"max_attempts": 9}}})
+    assert mine["config_kwargs"]["retries"] == {"max_attempts": 9} and mine["config_kwargs"]["connect_timeout"] == 10
     assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(storage.storage_options_for("s3://b"))
 
 

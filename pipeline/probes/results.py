@@ -91,7 +91,7 @@ class ProbeResults:
         def put(rel: str, data: bytes) -> None:
             path = f"{root}/{rel}"
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            storage.retrying(lambda: storage.atomic_write_bytes(fs, path, data), what=f"write {rel}")
+            storage.atomic_write_bytes(fs, path, data)
             written.append(path)
 
         if self.config is not None:

@@ -14,7 +14,7 @@ from .redaction import (
     scrub,
     secret_values,
 )
-from .retries import PERMANENT_ERRORS, TRANSIENT_ERRORS, retrying
+from .retries import PERMANENT_ERRORS, TRANSIENT_ERRORS, client_retry_config, retrying
 from .uris import (
     ENDPOINT_ENV_VARS,
     S3_PROTOCOLS,
@@ -39,7 +39,7 @@ from .writes import (
 
 __all__ = [
     "ENDPOINT_ENV_VARS", "MASK", "PERMANENT_ERRORS", "S3_PROTOCOLS", "SECRET_ENV_VARS", "TMP_SUFFIX",
-    "TRANSIENT_ERRORS", "RedactingFilter", "atomic_write_bytes", "cat_small", "fingerprint_from_info", "honours_conditional_create",
+    "TRANSIENT_ERRORS", "RedactingFilter", "atomic_write_bytes", "cat_small", "client_retry_config", "fingerprint_from_info", "honours_conditional_create",
     "install_log_redaction",
     "is_local", "is_secret_key", "is_temporary", "json_bytes", "protocol_of", "put_if_absent", "read_json",
     "redact", "redact_uri", "register_secrets", "resolve", "retrying", "scrub", "secret_values",

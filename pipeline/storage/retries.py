@@ -1,4 +1,11 @@
-"""Retries with backoff for an object store's bad minutes; answers (missing, forbidden) are never retried."""
+"""Retries: one policy, applied where the retrying happens.
+
+Object-store requests are retried by the storage client itself (botocore's "standard" mode: exponential
+backoff with jitter, connection errors, throttling and 5xx; s3fs adds its own loop for a few read errors).
+strata configures that once, here (``STRATA_STORAGE_ATTEMPTS``, else ``AWS_MAX_ATTEMPTS``, default 5;
+``STRATA_STORAGE_CONNECT_TIMEOUT`` seconds, default 10), and does not wrap those calls again: stacked retries
+turn a dead endpoint into hundreds of attempts. :func:`retrying` is for what no client retries.
+"""
 from __future__ import annotations
 
 import logging
@@ -30,6 +37,16 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover
         pass
     return tuple(errors)
+
+
+def client_retry_config() -> dict:
+    """botocore ``Config`` arguments (s3fs ``config_kwargs``) for every S3 filesystem strata opens."""
+    import os
+
+    attempts = int(os.environ.get("STRATA_STORAGE_ATTEMPTS") or os.environ.get("AWS_MAX_ATTEMPTS") or 5)
+    return {"retries": {"max_attempts": max(1, attempts), "mode": os.environ.get("AWS_RETRY_MODE", "standard")},
+            "connect_timeout": float(os.environ.get("STRATA_STORAGE_CONNECT_TIMEOUT") or 10),
+            "read_timeout": 120}
 
 
 #: Default ``retry_on`` for :func:`retrying`.

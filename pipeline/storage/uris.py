@@ -11,6 +11,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from .redaction import redact, redact_uri, scrub, secret_values
+from .retries import client_retry_config
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store
@@ -35,13 +36,15 @@ def storage_options_for(
 ) -> dict[str, Any]:
     """Options for ``uri`` with environment defaults filled in; explicit options win.
 
-    Only the S3 endpoint is merged from the environment (``STRATA_S3_ENDPOINT_URL``,
+    S3 gets the one retry policy (botocore's, see :func:`client_retry_config`). Only the S3 endpoint is
+    merged from the environment (``STRATA_S3_ENDPOINT_URL``,
     then ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``). Credentials stay in the
     environment, where botocore reads them itself, so they are not copied around.
     """
     options = dict(storage_options or {})
     if protocol_of(uri) not in S3_PROTOCOLS:
         return options
+    options["config_kwargs"] = {**client_retry_config(), **dict(options.get("config_kwargs") or {})}
     client_kwargs = dict(options.get("client_kwargs") or {})
     if "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
         endpoint = next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)

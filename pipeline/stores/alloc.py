@@ -90,5 +90,5 @@ def _claim(fs, base: str, seq: int, path: str, data: bytes) -> bool:
     marker = f"{layout.allocations_dir(base)}/seq-{seq:010d}"
     if not create_exclusive(fs, base, marker, data):
         return False
-    storage.retrying(lambda: storage.atomic_write_bytes(fs, path, data), what=f"allocation {seq}")
+    storage.atomic_write_bytes(fs, path, data)
     return True

@@ -24,11 +24,17 @@ _support: dict[str, bool] = {}
 def create_exclusive(fs, base: str, path: str, data: bytes) -> bool:
     """Create ``path`` with ``data`` unless it exists; True when this call's document is the one stored."""
     if conditional_writes(fs, base):
-        return storage.retrying(lambda: storage.put_if_absent(fs, path, data), what=f"create {path}")
+        if storage.put_if_absent(fs, path, data):
+            return True
+        # the client retries a PUT whose reply was lost: the object that refused the retry may be this one
+        try:
+            return storage.cat_small(fs, path) == data
+        except FileNotFoundError:
+            return False
     fs.invalidate_cache(path)
     if fs.exists(path):
         return False
-    storage.retrying(lambda: storage.atomic_write_bytes(fs, path, data), what=f"create {path}")
+    storage.atomic_write_bytes(fs, path, data)
     time.sleep(SETTLE_SECONDS)
     fs.invalidate_cache(path)
     return fs.cat_file(path) == data

@@ -57,7 +57,7 @@ def read_tables(fs, base: str, paths: Sequence[str], schema: pa.Schema | None = 
     if not paths:
         return []
     full = [f"{base}/{p}" for p in paths]
-    blobs = storage.retrying(lambda: storage.cat_small(fs, full), what=f"read {len(full)} tables")
+    blobs = storage.cat_small(fs, full)
     return [pq.read_table(io.BytesIO(blobs[p]), schema=schema) for p in full]
 
 

@@ -137,8 +137,7 @@ class FeatureStoreWriter:
         }
         meta = json_round_trip(meta)
         path = layout.featureset_json(self.base)
-        if not storage.retrying(lambda: storage.put_if_absent(self.fs, path, storage.json_bytes(meta)),
-                                what="create feature set"):
+        if not storage.put_if_absent(self.fs, path, storage.json_bytes(meta)):
             old = storage.read_json(self.fs, path)
             self._check_compatible(old, meta)
             dropped = sorted({f["name"] for f in meta["label_schema"]} - {f["name"] for f in old["label_schema"]})
@@ -198,7 +197,7 @@ class FeatureStoreWriter:
         if not paths:
             return {}
         self.fs.invalidate_cache()
-        blobs = storage.retrying(lambda: storage.cat_small(self.fs, paths, on_error="omit"), what="read shard records")
+        blobs = storage.cat_small(self.fs, paths, on_error="omit")
         return {int(rec["shard_id"]): rec for rec in (json.loads(b) for b in blobs.values())}
 
     def segment_files(self, segment: Segment) -> list[str]:
@@ -284,7 +283,7 @@ class FeatureStoreWriter:
             "written_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
         path = layout.shard_record_path(self.base, shard.shard_id)
-        storage.retrying(lambda: storage.write_json_atomic(self.fs, path, record), what=f"record {path}")
+        storage.write_json_atomic(self.fs, path, record)
         return record
 
     def _write_zarr(self, shard: EncodedShard, n: int, ok_rows: np.ndarray) -> None:
@@ -297,7 +296,7 @@ class FeatureStoreWriter:
             block = np.full((n, feats.shape[1]), np.nan, dtype=self.target.dtype)
             block[ok_rows] = feats
             region = slice(shard.row_start, shard.row_start + n)
-            storage.retrying(lambda: group[layer].__setitem__(region, block), what=f"zarr {layer} rows {region}")
+            group[layer][region] = block
 
     def _index_table(self, shard: EncodedShard, rows: np.ndarray) -> pa.Table:
         recs = shard.records
@@ -318,7 +317,7 @@ class FeatureStoreWriter:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue()
-        storage.retrying(lambda: storage.atomic_write_bytes(self.fs, path, data), what=f"write {path}")
+        storage.atomic_write_bytes(self.fs, path, data)
 
 
 def json_round_trip(obj):

@@ -77,8 +77,7 @@ def _grow(fs, base: str, layer: str, n_rows: int) -> None:
     if meta["shape"][0] >= n_rows:
         return
     meta["shape"][0] = n_rows
-    storage.retrying(lambda: storage.atomic_write_bytes(fs, path, json.dumps(meta, indent=2).encode()),
-                     what=f"grow {layer}")
+    storage.atomic_write_bytes(fs, path, json.dumps(meta, indent=2).encode())
     log.debug("zarr array %s grown to %d rows", layer, n_rows)
 
 
