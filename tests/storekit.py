@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from pipeline.stores import EncodedShard, FeatureStoreWriter, StoreTarget
-from pipeline.stores.job import BlockTask, JobOutcome, update_featureset
+from pipeline.stores.job import BlockTask, JobOutcome, update_from_records
 
 LAYERS = {"early": 8, "late": 24}
 PROVENANCE = {"encoder": "toy", "layers": list(LAYERS), "weights_sha256": "0" * 64, "weights_source": "here"}
@@ -45,7 +45,7 @@ def encoded(task: BlockTask, *, bad: Iterable[str] = (), scale: float = 1.0) -> 
              for layer, dim in LAYERS.items()}
     errors = [{"image_id": r["image_id"], "uri": r["uri"], "stage": "decode", "reason": "truncated"}
               for r, o in zip(recs, ok) if not o]
-    return EncodedShard(task.block, task.row_start, recs, ok, feats, errors, task.content)
+    return EncodedShard(task.block, task.row_start, recs, ok, feats, errors, task.content, task.unit)
 
 
 def _write(t: StoreTarget, shard: EncodedShard) -> dict:
@@ -53,7 +53,8 @@ def _write(t: StoreTarget, shard: EncodedShard) -> dict:
 
 
 def job(t: StoreTarget, recs: Sequence[dict], *, operation: str = "extract", bad: Iterable[str] = (),
-        processes: int = 0, scale: float = 1.0, provenance: Mapping | None = None) -> JobOutcome:
+        processes: int = 0, scale: float = 1.0, provenance: Mapping | None = None,
+        page_images: int = 4096) -> JobOutcome:
     """One job that brings feature set ``t`` in line with ``recs``; blocks written in ``processes`` processes."""
     writer = FeatureStoreWriter(t)
     bad = set(bad)
@@ -70,7 +71,7 @@ def job(t: StoreTarget, recs: Sequence[dict], *, operation: str = "extract", bad
         done.update({int(r["shard_id"]): r for r in written})
         return {x.block: done[x.block] for x in tasks}
 
-    return update_featureset(writer, recs, operation=operation, write_blocks=write_blocks, layer_dims=LAYERS,
+    return update_from_records(writer, recs, page_images=page_images, operation=operation, write_blocks=write_blocks, layer_dims=LAYERS,
                              provenance=provenance or PROVENANCE, config={"store": {"storage_options": dict(t.storage_options)}})
 
 
@@ -94,11 +95,11 @@ def write_store(root: str, features: Mapping[str, np.ndarray], labels: Mapping[s
             rows = [position[r["image_id"]] for r in task.records]
             shard = EncodedShard(task.block, task.row_start, list(task.records), np.ones(len(rows), bool),
                                  {k: np.asarray(v)[rows].astype(np.float32) for k, v in features.items()}, [],
-                                 task.content)
+                                 task.content, task.unit)
             out[task.block] = writer.write_shard(shard)
         return out
 
-    update_featureset(writer, recs, operation="extract", write_blocks=write_blocks,
+    update_from_records(writer, recs, operation="extract", write_blocks=write_blocks,
                       layer_dims={k: int(np.asarray(v).shape[1]) for k, v in features.items()},
                       provenance=dict(provenance or {"encoder": "toy", "layers": list(features)}))
     return FeatureStore(t.uri)

@@ -50,7 +50,7 @@ def test_retain_compacts_and_reclaims(tmp_path):
     after = FeatureStore(t.uri)
     assert after.versions() == [4] and sorted(after.index().image_id) == ids
     _check(after)
-    assert sorted(s.block for s in after.info.segments) == [3, 4]
+    assert len(after.info.segments) == 2 and min(s.block for s in after.info.segments) > 2
     for layer in LAYERS:
         assert not (base / "features.zarr" / layer / "c" / "0" / "0").exists()
     assert not list(base.glob("index/shard-00000000-*")) and not list(base.glob("_manifest/shards/shard-00000001*"))

@@ -51,17 +51,17 @@ def test_a_pinned_version_never_changes(tmp_path):
     # a second extract whose listing gained 8 images that sort first: appended, nothing renumbered
     early = records(8, prefix="a")
     out = job(t, early + v1_listing)
-    assert out.version == 2 and out.diff.added == 8 and out.diff.unchanged == 24
+    assert out.version == 2 and out.counts["added"] == 8 and out.counts["unchanged"] == 24
     # a refresh with changed, deleted and relabelled images
     listing = [dict(r) for r in early + v1_listing if r["image_id"] not in ("m-0003", "a-0001")]
     listing[2] = dict(listing[2], fingerprint="changed")
     listing[5] = dict(listing[5], labels={"digit": 42, "parity": "odd"})
     out = job(t, listing, operation="refresh")
-    assert (out.version, out.diff.changed, len(out.diff.deletes), len(out.diff.relabels)) == (3, 1, 2, 1)
+    assert (out.version, out.counts["changed"], out.counts["deleted"], out.counts["relabelled"]) == (3, 1, 2, 1)
     # a label-only refresh encodes nothing and still publishes
     relabelled = [dict(r, split="test") if r["image_id"].startswith("m-001") else r for r in listing]
     out = job(t, relabelled, operation="refresh")
-    assert out.version == 4 and not out.written and len(out.diff.relabels) == 10
+    assert out.version == 4 and not out.written and out.counts["relabelled"] == 10
     latest = FeatureStore(t.uri)
     assert set(latest.index()[lambda d: d.split == "test"].image_id) == {f"m-{i:04d}" for i in range(10, 20)}
     assert latest.index().set_index("image_id").loc[listing[5]["image_id"], "digit"] == 42
@@ -154,7 +154,7 @@ def _race_listing(i: int, who: str) -> list[dict]:
     return list(common.values())
 
 
-def _racer(who, uri, so, iterations, barrier, results, env):
+def _racer(who, uri, so, iterations, barrier, results, env, pages):
     os.environ.update(env)
     import pipeline.stores.commit as c
 
@@ -169,7 +169,7 @@ def _racer(who, uri, so, iterations, barrier, results, env):
     try:
         for i in range(iterations):
             waiting["on"] = True
-            out = job(target(uri, so), _race_listing(i, who), operation="refresh")
+            out = job(target(uri, so), _race_listing(i, who), operation="refresh", page_images=pages)
             results.put((who, i, out.version, out.commit.attempts))
             barrier.wait(timeout=120)  # the next iteration starts from both commits
     except BaseException as e:  # noqa: BLE001 - reported to the parent
@@ -185,12 +185,15 @@ def test_racing_refreshes_both_land(backend, mode, tmp_path, request):
     else:
         bucket = request.getfixturevalue("s3_bucket")
         uri, so = bucket.url("s"), bucket.storage_options
-    job(target(uri, so), records(40))
+    # small pages: the racers' changes mostly fall in different units (merged without reading images);
+    # one page: every race is a unit both changed (merged image by image)
+    pages = 8 if mode == "conditional" else 4096
+    job(target(uri, so), records(40), page_images=pages)
     iterations = 6 if mode == "conditional" else 2
     env = {"STRATA_COMMIT_MODE": "verify"} if mode == "verify" else {}
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_racer, args=(who, uri, so, iterations, barrier, results, env)) for who in "ab"]
+    procs = [ctx.Process(target=_racer, args=(who, uri, so, iterations, barrier, results, env, pages)) for who in "ab"]
     for p in procs:
         p.start()
     got = [results.get(timeout=300) for _ in range(2 * iterations)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.stores import FeatureStore, FeatureStoreWriter, StoreTarget
-from pipeline.stores.job import update_featureset
+from pipeline.stores.job import update_from_records
 from pipeline.stores.writer import EncodedShard
 
 N, SHARD_ROWS, DIMS = 150, 64, {"a": 6, "b": 3}
@@ -36,10 +36,10 @@ def write_toy_store(root, *, formats=("zarr", "parquet"), seed=0) -> FeatureStor
             errors = [{"image_id": r["image_id"], "uri": r["uri"], "stage": "decode", "reason": "toy"}
                       for r, good in zip(task.records, ok) if not good]
             out[task.block] = writer.write_shard(EncodedShard(task.block, task.row_start, list(task.records), ok,
-                                                              feats, errors, task.content))
+                                                              feats, errors, task.content, task.unit))
         return out
 
-    update_featureset(writer, records, operation="extract", write_blocks=write_blocks, layer_dims=DIMS,
+    update_from_records(writer, records, operation="extract", write_blocks=write_blocks, layer_dims=DIMS,
                       provenance={"encoder": "toy", "layers": list(DIMS)})
     return FeatureStore(target.uri)
 
@@ -53,5 +53,5 @@ def drop_images(store: FeatureStore, *, keep: int) -> None:
     writer = FeatureStoreWriter(StoreTarget(root=store.uri.rsplit("/", 1)[0], featureset=store.meta["featureset"],
                                             shard_rows=store.meta["shard_rows"], chunk_rows=store.meta["chunk_rows"],
                                             formats=tuple(store.meta["formats"])))
-    update_featureset(writer, records, operation="refresh", write_blocks=lambda tasks: {}, layer_dims=DIMS,
+    update_from_records(writer, records, operation="refresh", write_blocks=lambda tasks: {}, layer_dims=DIMS,
                       provenance=store.provenance)

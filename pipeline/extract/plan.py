@@ -26,10 +26,12 @@ class ShardTask:
     row_start: int
     records: tuple[dict, ...]
     plan_hash: str
+    unit: str = ""
 
     def to_item(self) -> dict:
         """The Ray Data row that carries this shard through the pipeline."""
-        return {"shard_id": self.shard_id, "row_start": self.row_start, "records": json.dumps(self.records)}
+        return {"shard_id": self.shard_id, "row_start": self.row_start, "records": json.dumps(self.records),
+                "unit": self.unit}
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ class RefreshSummary:
 
 def run_refresh(cfg: ExtractConfig) -> RefreshSummary:
     outcome = sync_store(cfg, operation="refresh")
-    d = outcome.diff
-    summary = RefreshSummary(outcome.store_uri, outcome.version, d.added, d.changed, len(d.deletes), d.unchanged,
-                             outcome.seconds, outcome.extract, len(d.relabels))
+    c = outcome.counts
+    summary = RefreshSummary(outcome.store_uri, outcome.version, c["added"], c["changed"], c["deleted"],
+                             c["unchanged"], outcome.seconds, outcome.extract, c["relabelled"])
     log.info("%s", summary)
     return summary

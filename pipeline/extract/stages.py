@@ -139,4 +139,5 @@ def row_to_shard(row: dict, layers) -> EncodedShard:
         features={layer: np.asarray(row[FEATURE_PREFIX + layer]) for layer in layers},
         errors=json.loads(row["errors"]),
         plan_hash=shard_plan_hash(records),
+        unit=str(row.get("unit") or ""),
     )

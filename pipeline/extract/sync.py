@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from .. import storage
 from ..config import ExtractConfig, validate_extract
 from ..stores import FeatureStoreWriter
-from ..stores.diff import ListingDiff
-from ..stores.job import BlockTask, update_featureset
+from ..stores.job import update_from_records
+from ..stores.units import BlockTask
 from .plan import ExtractPlan, ShardTask, build_target, dataset_fingerprint, list_records
 from .run import ExecuteResult, ExtractSummary, _ensure_ray, execute, prepare_encoder
 
@@ -27,7 +27,7 @@ class SyncResult:
     store_uri: str
     version: int | None
     published: bool
-    diff: ListingDiff
+    counts: dict  # added, changed, deleted, relabelled, unchanged images
     extract: ExtractSummary | None
     seconds: float
 
@@ -57,22 +57,22 @@ def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = Fa
     executed: list[ExecuteResult] = []
 
     def write_blocks(tasks: list[BlockTask]):
-        plan = ExtractPlan(target, tuple(ShardTask(t.block, t.row_start, t.records, t.content) for t in tasks),
-                           fingerprint)
+        plan = ExtractPlan(target, tuple(ShardTask(t.block, t.row_start, t.records, t.content, t.unit)
+                                         for t in tasks), fingerprint)
         executed.append(execute(cfg, plan, writer, encoder))
         return executed[-1].records
 
-    outcome = update_featureset(writer, records, operation=operation, write_blocks=write_blocks,
-                                layer_dims=encoder.layer_dims, provenance=encoder.provenance(),
-                                dataset_fingerprint=fingerprint, config=cfg.to_dict(),
-                                stats=lambda: _stats(executed[0] if executed else None))
+    outcome = update_from_records(writer, records, operation=operation, write_blocks=write_blocks,
+                                  layer_dims=encoder.layer_dims, provenance=encoder.provenance(),
+                                  dataset_fingerprint=fingerprint, config=cfg.to_dict(),
+                                  stats=lambda: _stats(executed[0] if executed else None))
     summary = None
     if executed:
         r = executed[0]
         summary = ExtractSummary(target.uri, outcome.version, r.rows, r.encoded, r.errors, r.skipped_shards,
                                  time.perf_counter() - t0, r.bytes_written)
         log.info("%s", summary)
-    return SyncResult(target.uri, outcome.version, outcome.published, outcome.diff, summary,
+    return SyncResult(target.uri, outcome.version, outcome.published, dict(outcome.counts), summary,
                       time.perf_counter() - t0)
 
 

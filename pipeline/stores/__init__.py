@@ -4,7 +4,7 @@ Knows nothing of torch models or Ray.
 """
 from .alloc import Allocation, allocate
 from .compact import CompactResult, compact as compact_store
-from .commit import ChangeSet, CommitConflict, CommitResult, Upsert, commit_change
+from .commit import CommitConflict, CommitResult, JobChange, commit_change
 from .diff import ListingDiff, chunk_records, diff_listing
 from .layout import featureset_name
 from .live import ImageState, LiveIndex
@@ -21,9 +21,9 @@ from .writer import (
 )
 
 __all__ = [
-    "Allocation", "ChangeSet", "CommitConflict", "CommitResult", "CompactResult", "EncodedShard",
+    "Allocation", "CommitConflict", "JobChange", "CommitResult", "CompactResult", "EncodedShard",
     "FeatureOverflowError", "FeatureStore", "FeatureStoreWriter", "ImageState", "ListingDiff", "LiveIndex",
-    "NoCommittedVersionError", "Segment", "StoreTarget", "Upsert", "Version", "allocate", "check_feature_range",
+    "NoCommittedVersionError", "Segment", "StoreTarget", "Version", "allocate", "check_feature_range",
     "chunk_records", "commit_change", "compact_store", "diff_listing", "featureset_name", "label_schema",
     "latest_version", "list_versions", "read_version", "shard_plan_hash", "torch_dataset",
 ]

@@ -7,18 +7,19 @@ job's state). The old blocks stay for the versions that still reference them unt
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 
 from .. import storage
 from .alloc import allocate
-from .commit import ChangeSet, CommitResult, Upsert, commit_change
-from .live import LiveIndex, read_tables, state_of
-from .manifest import Segment, Version, latest_version
+from .commit import CommitResult, JobChange, commit_change
+from .live import LiveIndex, read_tables
+from .manifest import Segment, latest_version
+from .units import UnitChange, UnitSpec, unit_live_index
 from .writer import ERRORS_SCHEMA, EncodedShard, FeatureStoreWriter, StoreTarget, shard_plan_hash
 
 log = logging.getLogger(__name__)
@@ -53,34 +54,42 @@ def compact(uri: str, *, min_deleted: float = 0.5, storage_options: Mapping[str,
     chosen = [s for s in latest.segments if s.deleted and len(s.deleted) >= min_deleted * s.n_rows]
     if dry_run or not chosen:
         return CompactResult(latest.version, [s.block for s in chosen], sum(s.live_rows for s in chosen), None)
-    labels = [f.name for f in writer.label_schema]
-    live = LiveIndex.of(writer.fs, writer.base, latest, labels)
-    shards = _rewritten(writer, latest, chosen, live)
-    change = ChangeSet(operation="compact", parent=live, on_conflict="theirs",
-                       dataset_fingerprint=latest.dataset_fingerprint,
-                       stats={"segments_rewritten": [s.block for s in chosen]})
-    alloc = allocate(writer.fs, writer.base, [s.plan_hash for s in shards], job_id=change.job_id)
+    job_id = uuid.uuid4().hex
+    by_unit: dict[str, list[Segment]] = {}
+    for seg in chosen:
+        by_unit.setdefault(seg.unit, []).append(seg)
+    pending = []  # (unit, its rewritten shards)
+    for unit, segs in sorted(by_unit.items()):
+        pending.append((unit, segs, _rewritten(writer, segs, unit_live_index(writer, segs))))
+    all_shards = [sh for _, _, shards in pending for sh in shards]
+    alloc = allocate(writer.fs, writer.base, [sh.plan_hash for sh in all_shards], job_id=job_id)
     writer.grow(alloc.blocks.stop * writer.target.shard_rows)
-    for block, shard in zip(alloc.blocks, shards):
-        shard.shard_id, shard.row_start = block, block * writer.target.shard_rows
-        record = writer.write_shard(shard)
-        segment = Segment.from_record(record)
-        missing, _ = writer.check_segment(segment)
-        if missing:
-            raise RuntimeError(f"compacted block {block} is missing {missing[:3]} right after being written")
-        change.new_segments.append(segment)
-        for i, r in enumerate(shard.records):
-            change.upserts[r["image_id"]] = Upsert(shard.row_start + i, r["fingerprint"],
-                                                   "ok" if shard.ok[i] else "error",
-                                                   state_of(r["uri"], r["split"], r["labels"]))
+    blocks = iter(alloc.blocks)
+    changes = []
+    for unit, segs, shards in pending:
+        new = []
+        for shard in shards:
+            block = next(blocks)
+            shard.shard_id, shard.row_start = block, block * writer.target.shard_rows
+            segment = Segment.from_record(writer.write_shard(shard))
+            missing, _ = writer.check_segment(segment)
+            if missing:
+                raise RuntimeError(f"compacted block {block} is missing {missing[:3]} right after being written")
+            new.append(segment)
+        old = latest.unit_segments(unit)
+        deleted = {s.block: [s.row_start + i for i in range(s.n_rows)] for s in segs}
+        spec = UnitSpec(unit, **latest.units[unit]) if unit in latest.units else UnitSpec(unit)
+        changes.append(UnitChange(spec, old, new, deleted, {}))
+    change = JobChange(operation="compact", parent=latest, units=changes, on_conflict="theirs",
+                       dataset_fingerprint=latest.dataset_fingerprint, job_id=job_id,
+                       stats={"segments_rewritten": [s.block for s in chosen]})
     outcome = commit_change(writer, change)
-    moved = sum(len(s.records) for s in shards)
-    log.info("compacted %d segments (%d live rows) into %d", len(chosen), moved, len(shards))
+    moved = sum(len(sh.records) for sh in all_shards)
+    log.info("compacted %d segments (%d live rows) into %d", len(chosen), moved, len(all_shards))
     return CompactResult(outcome.version, [s.block for s in chosen], moved, outcome)
 
 
-def _rewritten(writer: FeatureStoreWriter, version: Version, chosen: list[Segment],
-               live: LiveIndex) -> list[EncodedShard]:
+def _rewritten(writer: FeatureStoreWriter, chosen: list[Segment], live: LiveIndex) -> list[EncodedShard]:
     """The live rows of ``chosen`` (index rows, features, errors), cut into block-sized shards by image id."""
     labels = [f.name for f in writer.label_schema]
     rows: list[tuple[dict, bool, dict[str, np.ndarray], dict | None]] = []
@@ -109,7 +118,7 @@ def _rewritten(writer: FeatureStoreWriter, version: Version, chosen: list[Segmen
         errors = [e if e is not None else {"image_id": r["image_id"], "uri": r["uri"], "stage": "unknown",
                                            "reason": "failed in an earlier run"}
                   for r, o, _, e in part if not o]
-        shards.append(EncodedShard(-1, -1, records, ok, features, errors, shard_plan_hash(records)))
+        shards.append(EncodedShard(-1, -1, records, ok, features, errors, shard_plan_hash(records), chosen[0].unit))
     return shards
 
 

@@ -1,91 +1,184 @@
-"""One job's update of a feature set, whatever computes its features: listing in, committed version out.
+"""One job's update of a feature set, whatever computes its features: units in, committed version out.
 
-diff the listing with the latest version -> allocate fresh blocks for new and changed images -> have them
-written (``write_blocks``: the extraction pipeline, or anything that writes whole blocks) -> commit the change.
+The driver's part holds units, never images: `plan_job` compares the listed units with the latest version's
+(O(units)) and reserves blocks for the units that need work; `plan_unit` (in a task, per unit) compares the
+unit's images with its old blocks; the blocks are written (``write_blocks``: the extraction pipeline, or
+anything that writes whole blocks); `finish_job` commits. `update_featureset` runs all of it in this process.
 """
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from .alloc import allocate
-from .commit import ChangeSet, CommitResult, Upsert, commit_change
-from .diff import ListingDiff, chunk_records, diff_listing
-from .live import LiveIndex, state_of
-from .manifest import Segment, latest_version
+from .commit import CommitResult, JobChange, commit_change
+from .layout import stable_hash
+from .manifest import Segment, Version, latest_version
+from .units import BlockTask, UnitChange, UnitPlan, UnitSpec, plan_unit
 from .writer import FeatureStoreWriter, label_schema
 
 log = logging.getLogger(__name__)
 
+#: Images a unit of unknown count is assumed to hold per byte of its size, for its block reservation.
+BYTES_PER_IMAGE_GUESS = 8192
+
 
 @dataclass(frozen=True)
-class BlockTask:
-    """A block to write: its number, its first row, its records (in row order) and their content hash."""
+class UnitWork:
+    """A unit that needs a task: the unit as listed, its segments in the parent, its reserved blocks."""
 
-    block: int
-    row_start: int
-    records: tuple[dict, ...]
-    content: str
+    unit: Any  # a sources.units.WorkUnit (or anything with unit_id, fingerprint, meta, n_images, size_bytes)
+    old: tuple[Segment, ...]
+    blocks: tuple[int, ...]
+
+    @property
+    def spec(self) -> UnitSpec:
+        return UnitSpec(self.unit.unit_id, self.unit.fingerprint, self.unit.meta)
 
 
-#: Writes every task's block (skipping ones already written) and returns each block's shard record, after
-#: checking that all their files are in the store.
-WriteBlocks = Callable[[list[BlockTask]], Mapping[int, Mapping]]
+@dataclass
+class JobPlan:
+    parent: Version | None
+    work: list[UnitWork] = field(default_factory=list)
+    removed: list[UnitPlan] = field(default_factory=list)
+    unchanged: int = 0  # units
+    unchanged_images: int = 0  # rows of those units, errors included
+    listed: int = 0
+    job_id: str = ""
+
+    @property
+    def empty(self) -> bool:
+        return not (self.work or self.removed)
+
+
+def plan_job(writer: FeatureStoreWriter, units: Sequence[Any], *, job_id: str) -> JobPlan:
+    """Which units need a task (new, changed, or of unknown content), which left the source; blocks reserved."""
+    parent = latest_version(writer.fs, writer.base)
+    known = parent.units if parent else {}
+    segments = parent.by_unit() if parent else {}
+    plan = JobPlan(parent, job_id=job_id, listed=len(units))
+    reserve: list[tuple[Any, int]] = []
+    seen = set()
+    for unit in units:
+        if unit.unit_id in seen:
+            raise ValueError(f"the source lists unit {unit.unit_id!r} twice; unit ids must be unique")
+        seen.add(unit.unit_id)
+        state = known.get(unit.unit_id)
+        if state and unit.fingerprint and state == {"fingerprint": unit.fingerprint, "meta": unit.meta}:
+            plan.unchanged += 1
+            plan.unchanged_images += sum(s.live_rows for s in segments.get(unit.unit_id, []))
+            continue
+        content_same = bool(state and unit.fingerprint and state["fingerprint"] == unit.fingerprint)
+        reserve.append((unit, 0 if content_same else _blocks_needed(unit, writer.target.shard_rows)))
+    for uid in sorted(set(known) - seen):
+        plan.removed.append(UnitPlan(UnitSpec(uid, **known[uid]), segments.get(uid, []), removed=True,
+                                     counts={"deleted": sum(s.live_rows for s in segments.get(uid, []))}))
+    total = sum(n for _, n in reserve)
+    first = 0
+    if total:
+        keys = [stable_hash([parent.version if parent else 0, u.unit_id, u.fingerprint, u.meta, k])
+                for u, n in reserve for k in range(n)]
+        alloc = allocate(writer.fs, writer.base, keys, job_id=job_id)
+        writer.grow(alloc.blocks.stop * writer.target.shard_rows)
+        first = alloc.first_block
+    for unit, n in reserve:
+        plan.work.append(UnitWork(unit, tuple(segments.get(unit.unit_id, [])), tuple(range(first, first + n))))
+        first += n
+    return plan
+
+
+def _blocks_needed(unit: Any, shard_rows: int) -> int:
+    n = unit.n_images
+    if n is None:
+        n = max(1, (unit.size_bytes or 0) // BYTES_PER_IMAGE_GUESS)
+    return max(1, math.ceil(n / shard_rows))
+
+
+def finish_job(writer: FeatureStoreWriter, plan: JobPlan, unit_plans: Sequence[UnitPlan],
+               written: Mapping[int, Mapping], *, operation: str, on_conflict: str = "fail",
+               dataset_fingerprint: str = "", config: Mapping[str, Any] | None = None,
+               stats: Mapping[str, Any] | None = None) -> CommitResult:
+    changes: list[UnitChange] = [p.change(written) for p in [*unit_plans, *plan.removed]]
+    change = JobChange(operation=operation, parent=plan.parent, units=changes, on_conflict=on_conflict,
+                       dataset_fingerprint=dataset_fingerprint, config=dict(config or {}), stats=dict(stats or {}),
+                       job_id=plan.job_id)
+    return commit_change(writer, change)
+
+
+def counts(unit_plans: Sequence[UnitPlan], plan: JobPlan) -> dict[str, int]:
+    out = {"added": 0, "changed": 0, "deleted": 0, "relabelled": 0, "unchanged": plan.unchanged_images}
+    for p in [*unit_plans, *plan.removed]:
+        for k, v in p.counts.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 @dataclass(frozen=True)
 class JobOutcome:
     version: int | None
     published: bool
-    diff: ListingDiff
+    counts: Mapping[str, int]
     commit: CommitResult | None
     written: Mapping[int, Mapping]  # block -> shard record
+    plan: JobPlan
 
 
-def update_featureset(writer: FeatureStoreWriter, records: Sequence[dict], *, operation: str,
+WriteBlocks = Callable[[list[BlockTask]], Mapping[int, Mapping]]
+
+
+def update_featureset(writer: FeatureStoreWriter, units: Sequence[Any], *, expand: Callable[[Any], list[dict]],
                       write_blocks: WriteBlocks, layer_dims: Mapping[str, int], provenance: Mapping[str, Any],
-                      dataset_fingerprint: str = "", config: Mapping[str, Any] | None = None,
-                      stats: Callable[[], Mapping[str, Any]] | None = None) -> JobOutcome:
-    """Bring the feature set in line with ``records`` (image_id, uri, fingerprint, split, labels)."""
-    meta = writer.prepare(n_rows=0, layer_dims=layer_dims, provenance=provenance, labels=label_schema(records))
-    latest = latest_version(writer.fs, writer.base)
-    label_names = [f["name"] for f in meta["label_schema"]]
-    live = LiveIndex.of(writer.fs, writer.base, latest, label_names) if latest else LiveIndex.empty(label_names)
-    diff = diff_listing(records, live)
-    if diff.empty:
-        log.info("nothing changed since version %d; no new version committed", latest.version)
-        return JobOutcome(latest.version, False, diff, None, {})
-    log.info("%s of %s: %d added, %d changed, %d deleted, %d relabelled, %d unchanged", operation,
-             writer.target.featureset, diff.added, diff.changed, len(diff.deletes), len(diff.relabels),
-             diff.unchanged)
-    change = ChangeSet(operation=operation, parent=live, deletes=diff.deletes, relabels=diff.relabels,
-                       dataset_fingerprint=dataset_fingerprint, config=dict(config or {}))
-    written: Mapping[int, Mapping] = {}
-    chunks = chunk_records(diff.encode, writer.target.shard_rows)
-    if chunks:
-        alloc = allocate(writer.fs, writer.base, [digest for _, digest in chunks], job_id=change.job_id)
-        rows = writer.target.shard_rows
-        writer.grow(alloc.blocks.stop * rows)
-        tasks = [BlockTask(b, b * rows, recs, digest) for b, (recs, digest) in zip(alloc.blocks, chunks)]
-        log.info("%d images in %d blocks of %d rows (blocks %d..%d)", len(diff.encode), len(tasks), rows,
-                 alloc.first_block, alloc.blocks.stop - 1)
-        written = write_blocks(tasks)
-        _add_blocks(change, tasks, written)
-    change.stats = dict(stats() if stats else {})
-    outcome = commit_change(writer, change)
-    return JobOutcome(outcome.version, outcome.published, diff, outcome, written)
+                      labels: pa.Schema | None = None, operation: str = "extract", dataset_fingerprint: str = "",
+                      config: Mapping[str, Any] | None = None, on_conflict: str = "fail",
+                      job_id: str | None = None, stats: Callable[[], Mapping[str, Any]] | None = None) -> JobOutcome:
+    """The whole job in this process: units listed by the caller, expanded by ``expand``."""
+    import uuid
+
+    job_id = job_id or uuid.uuid4().hex
+    if labels is None:
+        labels = label_schema(expand(units[0]) if units else [])
+    writer.prepare(n_rows=0, layer_dims=layer_dims, provenance=provenance, labels=labels)
+    plan = plan_job(writer, units, job_id=job_id)
+    unit_plans = [plan_unit(writer, w.spec, expand(w.unit), w.old, w.blocks, job_id=job_id) for w in plan.work]
+    tasks = [t for p in unit_plans for t in p.blocks]
+    written = write_blocks(tasks) if tasks else {}
+    tally = counts(unit_plans, plan)
+    tally["unchanged_units"] = plan.unchanged
+    if plan.empty:
+        log.info("nothing changed in %d units since version %s", plan.unchanged,
+                 plan.parent.version if plan.parent else None)
+        return JobOutcome(plan.parent.version if plan.parent else None, False, tally, None, {}, plan)
+    outcome = finish_job(writer, plan, unit_plans, written, operation=operation, on_conflict=on_conflict,
+                         dataset_fingerprint=dataset_fingerprint, config=config, stats=stats() if stats else None)
+    return JobOutcome(outcome.version, outcome.published, tally, outcome, written, plan)
 
 
-def _add_blocks(change: ChangeSet, tasks: list[BlockTask], written: Mapping[int, Mapping]) -> None:
-    columns = change.parent.label_columns
-    for task in tasks:
-        record = written[task.block]
-        change.new_segments.append(Segment.from_record(record))
-        failed = set(record.get("error_rows", ()))
-        for i, r in enumerate(task.records):
-            labels = r.get("labels") or {}
-            meta = state_of(r["uri"], r.get("split"), {c: labels.get(c) for c in columns})
-            change.upserts[r["image_id"]] = Upsert(task.row_start + i, r["fingerprint"],
-                                                   "error" if i in failed else "ok", meta)
+def units_from_records(records: Sequence[dict], *, page_images: int | None = None) -> tuple[list, dict]:
+    """Content-defined pages of an in-memory listing as units, and their records by unit id (for tests and
+    small sources)."""
+    from ..sources.units import PAGE_IMAGES, WorkUnit, paginate
+    from .live import state_of
+
+    ordered = sorted(records, key=lambda r: r["image_id"])
+    rows = [(r["image_id"], r["fingerprint"], state_of(r["uri"], r.get("split"), r.get("labels") or {}))
+            for r in ordered]
+    units, by_unit, start = [], {}, 0
+    for page in paginate(rows, page_images or PAGE_IMAGES):
+        unit = WorkUnit(f"page:{page.key}", page.content.hexdigest(), page.count, page.meta.hexdigest())
+        units.append(unit)
+        by_unit[unit.unit_id] = list(ordered[start:start + page.count])
+        start += page.count
+    return units, by_unit
+
+
+def update_from_records(writer: FeatureStoreWriter, records: Sequence[dict], *, page_images: int | None = None,
+                        **kwargs: Any) -> JobOutcome:
+    """`update_featureset` over an in-memory listing, paged into units (tests and small sources)."""
+    units, by_unit = units_from_records(records, page_images=page_images)
+    kwargs.setdefault("labels", label_schema(records))
+    return update_featureset(writer, units, expand=lambda u: by_unit[u.unit_id], **kwargs)

@@ -33,6 +33,7 @@ class Segment:
     errors: str
     parquet: Mapping[str, str] = field(default_factory=dict)  # layer -> relative path
     deleted: tuple[int, ...] = ()  # rows of this block no longer in the version
+    unit: str = ""  # the source unit (tar, row group, listing page) whose images the block holds
 
     @property
     def row_end(self) -> int:
@@ -48,13 +49,14 @@ class Segment:
     def to_json(self) -> dict:
         return {"block": self.block, "row_start": self.row_start, "n_rows": self.n_rows, "n_ok": self.n_ok,
                 "content": self.content, "index": self.index, "errors": self.errors,
-                "parquet": dict(sorted(self.parquet.items())), "deleted": list(self.deleted)}
+                "parquet": dict(sorted(self.parquet.items())), "deleted": list(self.deleted), "unit": self.unit}
 
     @classmethod
     def from_json(cls, d: Mapping) -> Segment:
         return cls(block=int(d["block"]), row_start=int(d["row_start"]), n_rows=int(d["n_rows"]),
                    n_ok=int(d["n_ok"]), content=d["content"], index=d["index"], errors=d["errors"],
-                   parquet=dict(d.get("parquet") or {}), deleted=tuple(int(r) for r in d.get("deleted", ())))
+                   parquet=dict(d.get("parquet") or {}), deleted=tuple(int(r) for r in d.get("deleted", ())),
+                   unit=d.get("unit", ""))
 
     @classmethod
     def from_record(cls, record: Mapping) -> Segment:
@@ -62,7 +64,7 @@ class Segment:
         files = record["files"]
         return cls(block=int(record["shard_id"]), row_start=int(record["row_start"]), n_rows=int(record["n_rows"]),
                    n_ok=int(record["n_ok"]), content=record["plan_hash"], index=files["index"],
-                   errors=files["errors"], parquet=dict(files.get("parquet") or {}))
+                   errors=files["errors"], parquet=dict(files.get("parquet") or {}), unit=record.get("unit", ""))
 
     def files(self) -> list[str]:
         """Relative paths of its tables (Zarr chunks aside)."""
@@ -82,6 +84,7 @@ class Version:
     changes: Mapping[str, Any] = field(default_factory=dict)
     job_id: str = ""
     format_version: int = layout.FORMAT_VERSION
+    units: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # unit id -> fingerprint, meta
 
     @property
     def n_rows(self) -> int:
@@ -93,6 +96,15 @@ class Version:
 
     def segment_map(self) -> dict[int, Segment]:
         return {s.block: s for s in self.segments}
+
+    def unit_segments(self, unit: str) -> list[Segment]:
+        return sorted((s for s in self.segments if s.unit == unit), key=lambda s: s.block)
+
+    def by_unit(self) -> dict[str, list[Segment]]:
+        out: dict[str, list[Segment]] = {u: [] for u in self.units}
+        for s in sorted(self.segments, key=lambda s: s.block):
+            out.setdefault(s.unit, []).append(s)
+        return out
 
     def to_json(self) -> dict:
         segments = sorted(self.segments, key=lambda s: s.block)
@@ -106,6 +118,7 @@ class Version:
             "index_files": [s.index for s in segments],
             "parquet_files": {layer: [s.parquet[layer] for s in segments if layer in s.parquet] for layer in layers},
             "deleted_rows": sorted(r for s in segments for r in s.deleted),
+            "units": {u: dict(v) for u, v in sorted(self.units.items())},
             "config": dict(self.config), "config_hash": layout.stable_hash(dict(self.config)),
             "stats": dict(self.stats), "changes": dict(self.changes),
         }
@@ -122,7 +135,8 @@ class Version:
                    operation=d.get("operation", ""), segments=tuple(Segment.from_json(s) for s in d["segments"]),
                    dataset_fingerprint=d.get("dataset_fingerprint", ""), config=d.get("config") or {},
                    stats=d.get("stats") or {}, changes=d.get("changes") or {}, job_id=d.get("job_id", ""),
-                   format_version=int(d.get("format_version", layout.FORMAT_VERSION)))
+                   format_version=int(d.get("format_version", layout.FORMAT_VERSION)),
+                   units={u: dict(v) for u, v in (d.get("units") or {}).items()})
 
 
 def now_iso() -> str:

@@ -62,6 +62,7 @@ class EncodedShard:
     features: dict[str, np.ndarray]  # layer -> (n_ok, dim), rows of ok records in order
     errors: list[dict]  # image_id, uri, stage, reason
     plan_hash: str
+    unit: str = ""  # the source unit the block's images come from
 
 
 def shard_plan_hash(records: Sequence[Mapping]) -> str:
@@ -279,6 +280,7 @@ class FeatureStoreWriter:
             "n_errors": n - int(len(ok_rows)),
             "error_rows": [int(i) for i in np.flatnonzero(~np.asarray(shard.ok, dtype=bool))],
             "plan_hash": shard.plan_hash,
+            "unit": shard.unit,
             "files": files,
             "written_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
