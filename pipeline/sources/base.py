@@ -7,7 +7,7 @@ import hashlib
 import logging
 import posixpath
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +15,8 @@ from typing import Any
 import fsspec.core
 from fsspec import AbstractFileSystem
 
-from ..storage import fingerprint_from_info
+from ..storage import fingerprint_from_info, redact_uri
+from .units import PAGE_IMAGES, Page, WorkUnit, paginate
 
 __all__ = [
     "GLOB_CHARS",
@@ -71,6 +72,21 @@ class Source(ABC):
     @abstractmethod
     def list_images(self) -> list[ImageRecord]:
         """Every image, sorted by ``image_id``; the same storage state gives the same list."""
+
+    def list_units(self) -> Iterator[WorkUnit]:
+        """The source's work units, for the driver: metadata only, never one object per image kept.
+
+        This fallback pages the full listing (held once, then dropped) and carries each page's records in
+        its unit; sources that can list partitions from metadata override it together with :meth:`expand`.
+        """
+        records = self.list_images()
+        for page, recs in paged_records(records):
+            yield WorkUnit(f"page:{page.key}", page.content.hexdigest(), page.count, page.meta.hexdigest(),
+                           params={"records": [record_to_json(r) for r in recs]})
+
+    def expand(self, unit: WorkUnit) -> list[ImageRecord]:
+        """The images of one unit, in a task (a unit of the fallback carries them)."""
+        return [record_from_json(r) for r in unit.params["records"]]
 
     def read_bytes(self, record: ImageRecord) -> bytes:
         """The raw file bytes: inline data when the record carries it, else read through fsspec."""
@@ -142,3 +158,27 @@ def sorted_unique(records: Iterable[ImageRecord], *, hint: str = "") -> list[Ima
     if not records:
         logger.warning("source listed no images")
     return records
+
+
+def record_to_json(r: ImageRecord) -> dict:
+    return {"image_id": r.image_id, "uri": r.uri, "fingerprint": r.fingerprint, "labels": dict(r.labels),
+            "split": r.split}
+
+
+def record_from_json(d: Mapping[str, Any]) -> ImageRecord:
+    return ImageRecord(d["image_id"], d["uri"], d["fingerprint"], d.get("labels") or {}, d.get("split"))
+
+
+def page_rows(records: Iterable[ImageRecord]) -> Iterator[tuple[str, Any, Any]]:
+    """(id, content, metadata) of records, what a page's two fingerprints are made of."""
+    for r in records:
+        yield r.image_id, r.fingerprint, [redact_uri(r.uri), r.split, sorted(r.labels.items())]
+
+
+def paged_records(records: Sequence[ImageRecord],
+                  page_images: int = PAGE_IMAGES) -> Iterator[tuple[Page, Sequence[ImageRecord]]]:
+    """Content-defined pages of an in-memory listing, with each page's records."""
+    start = 0
+    for page in paginate(page_rows(records), page_images):
+        yield page, records[start:start + page.count]
+        start += page.count

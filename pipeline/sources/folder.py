@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
@@ -13,10 +13,12 @@ from pipeline.sources.base import (
     Source,
     fingerprint_file,
     is_hidden,
+    paged_records,
     relative_id,
     sorted_unique,
     url_to_fs,
 )
+from pipeline.sources.units import WorkUnit
 
 __all__ = ["ImageFolderSource"]
 
@@ -65,6 +67,41 @@ class ImageFolderSource(Source):
             )
         logger.info("listed %d images under %s", len(records), self.root_uri)
         return sorted_unique(records)
+
+    def list_units(self) -> Iterator[WorkUnit]:
+        """Pages of each folder's listing, one folder at a time: the driver never holds more than one folder's
+        entries. A unit names its folder and the ids that bound it; a task lists that folder again."""
+        fs, root = url_to_fs(self.root_uri, self.storage_options)
+        root = root.rstrip("/")
+        if not fs.isdir(root):
+            raise FileNotFoundError(f"image folder {self.root_uri!r} does not exist or is not a folder")
+        for folder, _dirs, files in fs.walk(root, detail=True):
+            records = self._folder_records(fs, root, folder, files)
+            rel = relative_id(folder, root) if folder.rstrip("/") != root else ""
+            for page, recs in paged_records(records):
+                yield WorkUnit(f"{rel}/page:{page.key}" if rel else f"page:{page.key}", page.content.hexdigest(),
+                               page.count, page.meta.hexdigest(),
+                               params={"folder": folder, "first": recs[0].image_id, "last": recs[-1].image_id})
+
+    def expand(self, unit: WorkUnit) -> list[ImageRecord]:
+        fs, root = url_to_fs(self.root_uri, self.storage_options)
+        root = root.rstrip("/")
+        folder, first, last = unit.params["folder"], unit.params["first"], unit.params["last"]
+        files = {info["name"]: info for info in fs.ls(folder, detail=True)}
+        return [r for r in self._folder_records(fs, root, folder, files) if first <= r.image_id <= last]
+
+    def _folder_records(self, fs, root: str, folder: str, files: Mapping[str, Mapping]) -> list[ImageRecord]:
+        records = []
+        for name, info in files.items():
+            path = name if "/" in name else f"{folder.rstrip('/')}/{name}"
+            image_id = relative_id(path, root)
+            if info.get("type") == "directory" or not self._wanted(image_id):
+                continue
+            parts = image_id.split("/")
+            labels = {self.label_name: parts[0]} if len(parts) > 1 else {}
+            records.append(ImageRecord(image_id=image_id, uri=fs.unstrip_protocol(path),
+                                       fingerprint=fingerprint_file(fs, path, info), labels=labels))
+        return sorted(records, key=lambda r: r.image_id)
 
     def _wanted(self, image_id: str) -> bool:
         return not is_hidden(image_id) and image_id.lower().endswith(self.extensions)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
@@ -15,6 +15,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
+from pipeline.sources.units import WorkUnit
 from pipeline.storage import redact_uri
 
 from pipeline.sources.base import (
@@ -100,18 +101,35 @@ class ManifestSource(Source):
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
 
     def list_images(self) -> list[ImageRecord]:
+        table = read_table(self.manifest_uri, format=self.format, string_columns=self._text_columns(),
+                           storage_options=self.storage_options)
+        records = self.records(table, fingerprints=True)
+        logger.info("listed %d images from manifest %s", len(records), self.manifest_uri)
+        return sorted_unique(records, hint="; pass id_column= naming a unique column")
+
+    def list_units(self) -> Iterator[WorkUnit]:
+        """Content-defined pages of the manifest's rows, streamed: the driver keeps units (and an 8-byte hash
+        per id, to refuse duplicates), never rows. Without a fingerprint column a unit's content is unknown
+        to the driver: its task asks the storage for each image's fingerprint."""
+        from .manifest_units import list_manifest_units
+
+        return list_manifest_units(self)
+
+    def expand(self, unit: WorkUnit) -> list[ImageRecord]:
+        from .manifest_units import read_unit_rows
+
+        return sorted(self.records(read_unit_rows(self, unit), fingerprints=True), key=lambda r: r.image_id)
+
+    def _text_columns(self) -> list[str]:
         id_column = self.id_column or "image_id"
-        text_columns = (self.uri_column, id_column, self.split_column, self.fingerprint_column)
-        table = read_table(
-            self.manifest_uri,
-            format=self.format,
-            string_columns=[name for name in text_columns if name],
-            storage_options=self.storage_options,
-        )
+        return [n for n in (self.uri_column, id_column, self.split_column, self.fingerprint_column) if n]
+
+    def records(self, table: pa.Table, *, fingerprints: bool) -> list[ImageRecord]:
+        """Records of manifest rows; without a fingerprint column, ``fingerprints`` asks the storage (one
+        request per image), else the fingerprint is left empty."""
         roles = self._columns(table.column_names)
         used = [roles["uri"], roles["id"], roles["split"], roles["fingerprint"], *roles["labels"]]
         column = {name: table.column(name).to_pylist() for name in used if name}
-
         raw_uris = column[roles["uri"]]
         empty = [row for row, raw in enumerate(raw_uris) if not raw]
         if empty:
@@ -121,22 +139,20 @@ class ManifestSource(Source):
         uris = [uri for uri, _ in resolved]
         ids = [str(v) for v in column[roles["id"]]] if roles["id"] else [_public_id(i) for _, i in resolved]
         if roles["fingerprint"]:
-            fingerprints = [str(v) for v in column[roles["fingerprint"]]]
+            prints = [str(v) for v in column[roles["fingerprint"]]]
         else:
-            fingerprints = self._fingerprints(uris)
+            prints = self._fingerprints(uris) if fingerprints else [""] * len(uris)
         splits = column[roles["split"]] if roles["split"] else [None] * len(uris)
-        records = [
+        return [
             ImageRecord(
                 image_id=ids[row],
                 uri=uris[row],
-                fingerprint=fingerprints[row],
+                fingerprint=prints[row],
                 labels={name: column[name][row] for name in roles["labels"]},
                 split=None if splits[row] is None else str(splits[row]),
             )
             for row in range(len(uris))
         ]
-        logger.info("listed %d images from manifest %s", len(records), self.manifest_uri)
-        return sorted_unique(records, hint="; pass id_column= naming a unique column")
 
     def _columns(self, present: Sequence[str]) -> dict[str, Any]:
         """Which column plays which role; a named column that is absent is an error."""

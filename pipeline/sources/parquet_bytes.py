@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import logging
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
@@ -17,12 +17,14 @@ from pipeline.sources.base import (
     ImageRecord,
     Source,
     fingerprint_bytes,
+    fingerprint_from_info,
     has_glob,
     relative_id,
     sorted_unique,
     url_to_fs,
 )
 from pipeline.sources.globbing import glob_root
+from pipeline.sources.units import WorkUnit
 
 __all__ = ["ParquetBytesSource"]
 
@@ -38,8 +40,8 @@ class ParquetBytesSource(Source):
     The image column is either a struct ``{bytes: binary, path: string}`` (what
     ``datasets`` writes) or plain binary. Records carry the bytes in ``data``; the
     uri is ``<file uri>#<row>`` and the fingerprint is the sha256 of the bytes.
-    Ids come from ``id_column``, else the struct's ``path`` when every row has one,
-    else ``<file path relative to the root, no suffix>/<row>``.
+    Ids come from ``id_column``, else the struct's ``path`` when every row of the file has one,
+    else ``<file path relative to the root, no suffix>/<row>``. Work units are row groups.
     """
 
     uri_or_glob: str
@@ -57,24 +59,49 @@ class ParquetBytesSource(Source):
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
 
     def list_images(self) -> list[ImageRecord]:
+        records = [r for unit in self.list_units() for r in self.expand(unit)]
+        logger.info("listed %d images from parquet files at %s", len(records), self.uri_or_glob)
+        return sorted_unique(records, hint="; pass id_column= naming a unique column")
+
+    def list_units(self) -> Iterator[WorkUnit]:
+        """One unit per row group, from each file's footer and listing metadata: the driver never reads image
+        bytes (only, without an id column, the image paths, to choose how ids are made)."""
         fs, target = url_to_fs(self.uri_or_glob, self.storage_options)
         root, paths = _parquet_files(fs, target)
-        files = [(path, self._read(fs, path)) for path in paths]
-        use_struct_path = self.id_column is None and all(
-            None not in image_paths for _, (_, image_paths, _) in files
-        )
-        records = []
-        for path, (blobs, image_paths, table) in files:
+        for path in paths:
+            info = fs.info(path)
+            file_print = fingerprint_from_info(info) or f"size:{info.get('size')}"
             stem = relative_id(path, root)
             for suffix in _PARQUET_SUFFIXES:
                 stem = stem.removesuffix(suffix)
-            records.extend(
-                self._records(fs.unstrip_protocol(path), stem, blobs, image_paths, table, use_struct_path)
-            )
-        logger.info(
-            "listed %d images from %d parquet files at %s", len(records), len(files), self.uri_or_glob
-        )
-        return sorted_unique(records, hint="; pass id_column= naming a unique column")
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                use_path = self.id_column is None and self._has_paths(pf)
+                row0 = 0
+                for g in range(pf.num_row_groups):
+                    n = pf.metadata.row_group(g).num_rows
+                    yield WorkUnit(f"{stem}#rg={g}", f"{file_print}#rg={g}", n, size_bytes=info.get("size"),
+                                   params={"path": path, "rg": g, "row0": row0, "stem": stem, "struct_path": use_path})
+                    row0 += n
+
+    def expand(self, unit: WorkUnit) -> list[ImageRecord]:
+        """A row group's images, bytes included (fingerprints are their sha256)."""
+        fs, _ = url_to_fs(self.uri_or_glob, self.storage_options)
+        p = unit.params
+        with fs.open(p["path"], "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(p["rg"])
+        self._check_columns(p["path"], table)
+        blobs, image_paths = _image_bytes(table.column(self.image_column))
+        records = self._records(fs.unstrip_protocol(p["path"]), p["stem"], blobs, image_paths, table,
+                                p["struct_path"], row0=p["row0"])
+        return sorted(records, key=lambda r: r.image_id)
+
+    def _has_paths(self, pf: pq.ParquetFile) -> bool:
+        kind = pf.schema_arrow.field(self.image_column).type if self.image_column in pf.schema_arrow.names else None
+        if kind is None or not pa.types.is_struct(kind) or kind.get_field_index("path") < 0:
+            return False
+        paths = pf.read(columns=[f"{self.image_column}.path"]).column(0)
+        return paths.null_count == 0
 
     def read_bytes(self, record: ImageRecord) -> bytes:
         """Inline bytes, or (for a record that lost them) the row re-read from its file."""
@@ -123,9 +150,7 @@ class ParquetBytesSource(Source):
                 for (i, _), blob in zip(rows, blobs):
                     out[i] = blob or b""
 
-    def _read(self, fs: AbstractFileSystem, path: str) -> tuple[list, list, pa.Table]:
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
+    def _check_columns(self, path: str, table: pa.Table) -> None:
         for name, role in (
             (self.image_column, "image"),
             (self.id_column, "id"),
@@ -133,8 +158,6 @@ class ParquetBytesSource(Source):
         ):
             if name is not None and name not in table.column_names:
                 raise ValueError(f"{path}: no {role} column {name!r}; columns are {table.column_names}")
-        blobs, image_paths = _image_bytes(table.column(self.image_column))
-        return blobs, image_paths, table
 
     def _records(
         self,
@@ -144,6 +167,7 @@ class ParquetBytesSource(Source):
         image_paths: list,
         table: pa.Table,
         use_struct_path: bool,
+        row0: int = 0,
     ) -> list[ImageRecord]:
         split = self.split_column if self.split_column in table.column_names else None
         roles = {self.image_column, self.id_column, split}
@@ -158,16 +182,16 @@ class ParquetBytesSource(Source):
         records = []
         for row, blob in enumerate(blobs):
             if blob is None:
-                logger.warning("%s row %d has no image bytes", file_uri, row)
+                logger.warning("%s row %d has no image bytes", file_uri, row0 + row)
             data = blob or b""  # empty bytes: decoding records "empty file" for this row
             if ids is not None:
                 image_id = str(ids[row])
             else:
-                image_id = image_paths[row] if use_struct_path else f"{stem}/{row}"
+                image_id = image_paths[row] if use_struct_path else f"{stem}/{row0 + row}"
             records.append(
                 ImageRecord(
                     image_id=image_id,
-                    uri=f"{file_uri}#{row}",
+                    uri=f"{file_uri}#{row0 + row}",
                     fingerprint=fingerprint_bytes(data),
                     labels={name: values[row] for name, values in labels.items()},
                     split=None if splits[row] is None else str(splits[row]),
