@@ -16,7 +16,8 @@ import fsspec.core
 from fsspec import AbstractFileSystem
 
 from ..storage import fingerprint_from_info, redact_uri
-from .units import PAGE_IMAGES, Page, WorkUnit, paginate
+from . import units as _units
+from .units import Page, WorkUnit, paginate
 
 __all__ = [
     "GLOB_CHARS",
@@ -176,9 +177,9 @@ def page_rows(records: Iterable[ImageRecord]) -> Iterator[tuple[str, Any, Any]]:
 
 
 def paged_records(records: Sequence[ImageRecord],
-                  page_images: int = PAGE_IMAGES) -> Iterator[tuple[Page, Sequence[ImageRecord]]]:
+                  page_images: int | None = None) -> Iterator[tuple[Page, Sequence[ImageRecord]]]:
     """Content-defined pages of an in-memory listing, with each page's records."""
     start = 0
-    for page in paginate(page_rows(records), page_images):
+    for page in paginate(page_rows(records), page_images or _units.PAGE_IMAGES):
         yield page, records[start:start + page.count]
         start += page.count

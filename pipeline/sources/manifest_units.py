@@ -18,7 +18,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from .base import page_rows, url_to_fs
-from .units import PAGE_IMAGES, WorkUnit, paginate
+from . import units as _units
+from .units import WorkUnit, paginate
 
 if TYPE_CHECKING:
     from .manifest import ManifestSource
@@ -71,7 +72,7 @@ def list_manifest_units(source: ManifestSource) -> Iterator[WorkUnit]:
             rows += table.num_rows
 
     start = 0
-    for page in paginate(rows_of(), PAGE_IMAGES):
+    for page in paginate(rows_of(), _units.PAGE_IMAGES):
         pages.append((page, start))
         start += page.count
     _refuse_duplicates(source, seen)

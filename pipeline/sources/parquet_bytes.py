@@ -100,8 +100,10 @@ class ParquetBytesSource(Source):
         kind = pf.schema_arrow.field(self.image_column).type if self.image_column in pf.schema_arrow.names else None
         if kind is None or not pa.types.is_struct(kind) or kind.get_field_index("path") < 0:
             return False
-        paths = pf.read(columns=[f"{self.image_column}.path"]).column(0)
-        return paths.null_count == 0
+        column = pf.read(columns=[f"{self.image_column}.path"]).column(0).combine_chunks()
+        if pa.types.is_struct(column.type):  # pyarrow keeps the parent struct around the selected child
+            return column.null_count == 0 and column.field("path").null_count == 0
+        return column.null_count == 0
 
     def read_bytes(self, record: ImageRecord) -> bytes:
         """Inline bytes, or (for a record that lost them) the row re-read from its file."""
