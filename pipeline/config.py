@@ -25,7 +25,7 @@ STORE_DTYPES = ("float16", "float32")
 STORE_FORMATS = ("zarr", "parquet")
 # pipeline.sources.SOURCE_KINDS and pipeline.encoders.pooling.POOLINGS, without importing them (a test
 # keeps these equal): loading a config must not import torch or every source's dependencies.
-SOURCE_KINDS = ("folder", "manifest", "glob", "parquet")
+SOURCE_KINDS = ("folder", "manifest", "glob", "parquet", "hf", "webdataset")
 POOLINGS = ("avg", "max", "multiscale", "cls", "token_mean", "spatial")
 
 
@@ -54,7 +54,7 @@ class EncoderSpec:
 @dataclass(frozen=True)
 class SourceSpec:
     kind: str = setting("folder", "how images are listed", choices=SOURCE_KINDS)
-    uri: str = setting("", "folder, manifest file, glob pattern or Parquet dataset (any fsspec URI)")
+    uri: str = setting("", "folder, manifest file, glob pattern, Parquet or HF dataset, tar shards (any fsspec URI)")
     options: Mapping[str, Any] = setting(factory=dict, help="options of the source class (e.g. uri_column)")
     storage_options: Mapping[str, Any] = setting(factory=dict, help="fsspec options for the source's URIs")
 

@@ -282,7 +282,7 @@ def test_records_are_frozen_hashable_and_sources_pickle(folder: Path):
 
 
 def test_source_kinds(folder: Path):
-    assert set(SOURCE_KINDS) == {"folder", "manifest", "glob", "parquet"}
+    assert set(SOURCE_KINDS) == {"folder", "manifest", "glob", "parquet", "hf", "webdataset"}
     assert make_source("folder", str(folder)).list_images()[0].image_id == "cat/a.jpg"
-    with pytest.raises(ValueError, match=r"valid: \['folder', 'glob', 'manifest', 'parquet'\]"):
+    with pytest.raises(ValueError, match=r"valid: \['folder', 'glob', 'hf', 'manifest', 'parquet', 'webdataset'\]"):
         make_source("ftp", "x")

@@ -1,4 +1,5 @@
-"""Listings of images (folders, manifests, globs, Parquet bytes) with stable ids and fingerprints."""
+"""Listings of images (folders, manifests, globs, Parquet bytes, Hugging Face datasets, WebDataset tars) with
+stable ids and fingerprints."""
 
 from __future__ import annotations
 
@@ -7,17 +8,21 @@ from typing import Any
 from pipeline.sources.base import ImageRecord, Source
 from pipeline.sources.folder import ImageFolderSource
 from pipeline.sources.globbing import GlobSource
+from pipeline.sources.huggingface import HuggingFaceSource
 from pipeline.sources.manifest import ManifestSource
 from pipeline.sources.parquet_bytes import ParquetBytesSource
+from pipeline.sources.webdataset import WebDatasetSource
 
 __all__ = [
     "SOURCE_KINDS",
     "GlobSource",
+    "HuggingFaceSource",
     "ImageFolderSource",
     "ImageRecord",
     "ManifestSource",
     "ParquetBytesSource",
     "Source",
+    "WebDatasetSource",
     "make_source",
 ]
 
@@ -26,6 +31,8 @@ SOURCE_KINDS: dict[str, type[Source]] = {
     "manifest": ManifestSource,
     "glob": GlobSource,
     "parquet": ParquetBytesSource,
+    "hf": HuggingFaceSource,
+    "webdataset": WebDatasetSource,
 }
 
 

@@ -1,4 +1,4 @@
-"""Parquet files that hold the image bytes themselves (the Hugging Face datasets export layout)."""
+"""Parquet files whose image column holds the images (the Hugging Face datasets export layout)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import bisect
 import logging
 import posixpath
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
+from pipeline.sources.arrow_files import ARROW_SUFFIX, take_arrow_rows
 from pipeline.sources.base import (
     ImageRecord,
     Source,
@@ -24,29 +26,47 @@ from pipeline.sources.base import (
     url_to_fs,
 )
 from pipeline.sources.globbing import glob_root
+from pipeline.sources.image_columns import (
+    detect_image_column,
+    image_cells,
+    path_fingerprints,
+    paths_complete,
+    resolve_path,
+    storage_options_for,
+)
 from pipeline.sources.units import WorkUnit
 
-__all__ = ["ParquetBytesSource"]
+__all__ = ["ParquetBytesSource", "row_of"]
 
 logger = logging.getLogger(__name__)
 
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
+def row_of(uri: str) -> tuple[str, int | None]:
+    """(file uri, row) of a ``<parquet or arrow file>#<row>`` uri; (uri, None) for an image file's own uri."""
+    head, sep, tail = uri.rpartition("#")
+    if sep and tail.isdigit() and head.lower().endswith((*_PARQUET_SUFFIXES, ARROW_SUFFIX)):
+        return head, int(tail)
+    return uri, None
+
+
 @dataclass(frozen=True)
 class ParquetBytesSource(Source):
-    """Rows of Parquet files (one file, a folder of them, or a glob) whose image column holds bytes.
+    """Rows of Parquet files (one file, a folder of them, or a glob) with an image column.
 
-    The image column is either a struct ``{bytes: binary, path: string}`` (what
-    ``datasets`` writes) or plain binary. Records carry the bytes in ``data``; the
-    uri is ``<file uri>#<row>`` and the fingerprint is the sha256 of the bytes.
-    Ids come from ``id_column``, else the struct's ``path`` when every row of the file has one,
-    else ``<file path relative to the root, no suffix>/<row>``. Work units are row groups.
+    The image column is a struct ``{bytes: binary, path: string}`` (what ``datasets`` writes), plain binary,
+    or plain path strings (``image_column: null`` picks the column ``datasets`` typed ``Image``, else
+    ``image``). Rows with bytes carry them in ``data`` (uri ``<file uri>#<row>``, fingerprint the sha256 of
+    the bytes); rows with only a path are read from that path, resolved under the dataset root when relative
+    (uri the image file's, fingerprint from its metadata, fetched in the task). Ids come from ``id_column``,
+    else the image path when every row of the file has one, else ``<file path relative to the root, no
+    suffix>/<row>``. Work units are row groups.
     """
 
     uri_or_glob: str
     _: KW_ONLY
-    image_column: str = "image"
+    image_column: str | None = "image"
     id_column: str | None = None
     label_columns: Sequence[str] | None = None
     split_column: str | None = "split"
@@ -60,7 +80,7 @@ class ParquetBytesSource(Source):
 
     def list_images(self) -> list[ImageRecord]:
         records = [r for unit in self.list_units() for r in self.expand(unit)]
-        logger.info("listed %d images from parquet files at %s", len(records), self.uri_or_glob)
+        logger.info("listed %d images from %s", len(records), self.uri_or_glob)
         return sorted_unique(records, hint="; pass id_column= naming a unique column")
 
     def list_units(self) -> Iterator[WorkUnit]:
@@ -81,7 +101,8 @@ class ParquetBytesSource(Source):
                 for g in range(pf.num_row_groups):
                     n = pf.metadata.row_group(g).num_rows
                     yield WorkUnit(f"{stem}#rg={g}", f"{file_print}#rg={g}", n, size_bytes=info.get("size"),
-                                   params={"path": path, "rg": g, "row0": row0, "stem": stem, "struct_path": use_path})
+                                   params={"path": path, "rg": g, "row0": row0, "stem": stem, "struct_path": use_path,
+                                           "root": fs.unstrip_protocol(root), "split": self._file_split(stem)})
                     row0 += n
 
     def expand(self, unit: WorkUnit) -> list[ImageRecord]:
@@ -90,52 +111,76 @@ class ParquetBytesSource(Source):
         p = unit.params
         with fs.open(p["path"], "rb") as f:
             table = pq.ParquetFile(f).read_row_group(p["rg"])
-        self._check_columns(p["path"], table)
-        blobs, image_paths = _image_bytes(table.column(self.image_column))
-        records = self._records(fs.unstrip_protocol(p["path"]), p["stem"], blobs, image_paths, table,
-                                p["struct_path"], row0=p["row0"])
-        return sorted(records, key=lambda r: r.image_id)
+        return self._table_records(table, fs.unstrip_protocol(p["path"]), p, row0=p["row0"])
+
+    def _file_split(self, stem: str) -> str | None:
+        """The split a file's name gives its rows (none here; the Hugging Face source reads it from names)."""
+        return None
 
     def _has_paths(self, pf: pq.ParquetFile) -> bool:
-        kind = pf.schema_arrow.field(self.image_column).type if self.image_column in pf.schema_arrow.names else None
-        if kind is None or not pa.types.is_struct(kind) or kind.get_field_index("path") < 0:
+        """Whether every row names an image path, reading the path column only (never image bytes)."""
+        schema = pf.schema_arrow
+        column = detect_image_column(schema, self.image_column)
+        if column not in schema.names:
             return False
-        column = pf.read(columns=[f"{self.image_column}.path"]).column(0).combine_chunks()
-        if pa.types.is_struct(column.type):  # pyarrow keeps the parent struct around the selected child
-            return column.null_count == 0 and column.field("path").null_count == 0
-        return column.null_count == 0
+        kind = schema.field(column).type
+        if pa.types.is_struct(kind) and kind.get_field_index("path") >= 0:
+            return paths_complete(pf.read(columns=[f"{column}.path"]).column(0).combine_chunks())
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            return paths_complete(pf.read(columns=[column]).column(0).combine_chunks())
+        return False
 
     def read_bytes(self, record: ImageRecord) -> bytes:
-        """Inline bytes, or (for a record that lost them) the row re-read from its file."""
+        """Inline bytes, or (for a record that lost them) the row re-read from its file, or the image file."""
         result = self.read_many([record])[0]
         if isinstance(result, Exception):
             raise result
         return result
 
     def read_many(self, records: Sequence[ImageRecord], *, threads: int = 8) -> list[bytes | Exception]:
-        """Rows grouped by file and row group: each needed row group's image column is read once.
+        """Rows grouped by file and row group (or batch): each needed part of the image column is read once.
 
-        Records travel to decode workers without their inline bytes, so a shard of rows from one
-        big file costs one pass over the row groups it touches, not one read of the file per row.
+        Records travel to decode workers without their inline bytes, so a shard of rows from one big file
+        costs one pass over the row groups it touches, not one read of the file per row. Path-only images
+        are read from their own files, concurrently.
         """
         out: list[bytes | Exception | None] = [r.data for r in records]
         by_file: dict[str, list[tuple[int, int]]] = {}
+        own_files: list[int] = []
         for i, r in enumerate(records):
             if r.data is None:
-                file_uri, _, row = r.uri.rpartition("#")
-                by_file.setdefault(file_uri, []).append((i, int(row)))
+                file_uri, row = row_of(r.uri)
+                if row is None:
+                    own_files.append(i)
+                else:
+                    by_file.setdefault(file_uri, []).append((i, row))
         for file_uri, wanted in by_file.items():
             try:
                 self._read_rows(file_uri, wanted, out)
             except Exception as e:  # noqa: BLE001 - an unreadable file fails its rows only
                 for i, _ in wanted:
                     out[i] = out[i] if out[i] is not None else e
+        if own_files:
+            with ThreadPoolExecutor(max_workers=max(1, min(threads, len(own_files)))) as pool:
+                for i, result in zip(own_files, pool.map(self._read_file, [records[i].uri for i in own_files])):
+                    out[i] = result
         return out
+
+    def _read_file(self, uri: str) -> bytes | Exception:
+        try:
+            fs, path = url_to_fs(uri, storage_options_for(uri, self.uri_or_glob, self.storage_options))
+            return fs.cat_file(path)
+        except Exception as e:  # noqa: BLE001
+            return e
 
     def _read_rows(self, file_uri: str, wanted: list[tuple[int, int]], out: list) -> None:
         fs, path = url_to_fs(file_uri, self.storage_options)
         with fs.open(path, "rb") as f:
+            if path.lower().endswith(ARROW_SUFFIX):
+                self._read_arrow_rows(f, file_uri, wanted, out)
+                return
             parquet = pq.ParquetFile(f)
+            column = detect_image_column(parquet.schema_arrow, self.image_column)
             starts = [0]
             for g in range(parquet.num_row_groups):
                 starts.append(starts[-1] + parquet.metadata.row_group(g).num_rows)
@@ -147,60 +192,71 @@ class ParquetBytesSource(Source):
                 g = bisect.bisect_right(starts, row) - 1
                 by_group.setdefault(g, []).append((i, row - starts[g]))
             for g, rows in sorted(by_group.items()):
-                column = parquet.read_row_group(g, columns=[self.image_column]).column(self.image_column)
-                blobs, _ = _image_bytes(column.take([r for _, r in rows]))
-                for (i, _), blob in zip(rows, blobs):
-                    out[i] = blob or b""
+                table = parquet.read_row_group(g, columns=[column])
+                self._fill(file_uri, table.column(column).take([r for _, r in rows]), [i for i, _ in rows], out)
 
-    def _check_columns(self, path: str, table: pa.Table) -> None:
+    def _read_arrow_rows(self, f, file_uri: str, wanted: list[tuple[int, int]], out: list) -> None:
+        table, seen = take_arrow_rows(f, [r for _, r in wanted])
+        for i, row in wanted:
+            if row >= seen:
+                out[i] = IndexError(f"{file_uri} has {seen} rows, no row {row}")
+        column = detect_image_column(table.schema, self.image_column)
+        self._fill(file_uri, table.column(column), [i for i, r in wanted if r < seen], out)
+
+    def _fill(self, file_uri: str, column: pa.ChunkedArray, targets: list[int], out: list) -> None:
+        blobs, paths = image_cells(column)
+        for i, blob, path in zip(targets, blobs, paths):
+            if blob is None and path is not None:  # listed with bytes, now a path: the file was rewritten
+                out[i] = OSError(f"{file_uri}: the row holds only the path {path!r} now; the file changed since "
+                                 f"it was listed")
+            else:
+                out[i] = blob or b""
+
+    def _table_records(self, table: pa.Table, file_uri: str, params: Mapping[str, Any], *,
+                       row0: int = 0) -> list[ImageRecord]:
+        """The records of a table read from one file (a row group, or an Arrow file), sorted by id."""
+        column = detect_image_column(table.schema, self.image_column)
+        self._check_columns(params["path"], table, column)
+        blobs, image_paths = image_cells(table.column(column))
+        split = self.split_column if self.split_column in table.column_names else None
+        roles = {column, self.id_column, split}
+        label_names = (list(self.label_columns) if self.label_columns is not None
+                       else [name for name in table.column_names if name not in roles])
+        labels = {name: table.column(name).to_pylist() for name in label_names}
+        ids = table.column(self.id_column).to_pylist() if self.id_column else None
+        splits = table.column(split).to_pylist() if split else [params.get("split")] * table.num_rows
+        root = params["root"]
+        by_path = [i for i, (b, p) in enumerate(zip(blobs, image_paths)) if b is None and p is not None]
+        uris = {i: resolve_path(image_paths[i], root) for i in by_path}
+        prints = dict(zip(by_path, path_fingerprints([uris[i] for i in by_path], self.storage_options, root)))
+        prefix = params.get("id_prefix", "")
+        records = []
+        for row, blob in enumerate(blobs):
+            if row in uris:
+                uri, fingerprint, data = uris[row], prints[row], None
+            else:
+                if blob is None:
+                    logger.warning("%s row %d has no image", file_uri, row0 + row)
+                data = blob or b""  # empty bytes: decoding records "empty file" for this row
+                uri, fingerprint = f"{file_uri}#{row0 + row}", fingerprint_bytes(data)
+            if ids is not None:
+                image_id = str(ids[row])
+            else:
+                image_id = image_paths[row] if params["struct_path"] else f"{params['stem']}/{row0 + row}"
+            records.append(ImageRecord(
+                image_id=prefix + image_id, uri=uri, fingerprint=fingerprint,
+                labels={name: values[row] for name, values in labels.items()},
+                split=None if splits[row] is None else str(splits[row]), data=data))
+        return sorted(records, key=lambda r: r.image_id)
+
+    def _check_columns(self, path: str, table: pa.Table, column: str) -> None:
         for name, role in (
-            (self.image_column, "image"),
+            (column, "image"),
             (self.id_column, "id"),
             *((name, "label") for name in self.label_columns or ()),
         ):
             if name is not None and name not in table.column_names:
                 raise ValueError(f"{path}: no {role} column {name!r}; columns are {table.column_names}")
-
-    def _records(
-        self,
-        file_uri: str,
-        stem: str,
-        blobs: list,
-        image_paths: list,
-        table: pa.Table,
-        use_struct_path: bool,
-        row0: int = 0,
-    ) -> list[ImageRecord]:
-        split = self.split_column if self.split_column in table.column_names else None
-        roles = {self.image_column, self.id_column, split}
-        label_names = (
-            list(self.label_columns)
-            if self.label_columns is not None
-            else [name for name in table.column_names if name not in roles]
-        )
-        labels = {name: table.column(name).to_pylist() for name in label_names}
-        ids = table.column(self.id_column).to_pylist() if self.id_column else None
-        splits = table.column(split).to_pylist() if split else [None] * table.num_rows
-        records = []
-        for row, blob in enumerate(blobs):
-            if blob is None:
-                logger.warning("%s row %d has no image bytes", file_uri, row0 + row)
-            data = blob or b""  # empty bytes: decoding records "empty file" for this row
-            if ids is not None:
-                image_id = str(ids[row])
-            else:
-                image_id = image_paths[row] if use_struct_path else f"{stem}/{row0 + row}"
-            records.append(
-                ImageRecord(
-                    image_id=image_id,
-                    uri=f"{file_uri}#{row0 + row}",
-                    fingerprint=fingerprint_bytes(data),
-                    labels={name: values[row] for name, values in labels.items()},
-                    split=None if splits[row] is None else str(splits[row]),
-                    data=data,
-                )
-            )
-        return records
 
 
 def _parquet_files(fs: AbstractFileSystem, target: str) -> tuple[str, list[str]]:
@@ -212,18 +268,3 @@ def _parquet_files(fs: AbstractFileSystem, target: str) -> tuple[str, list[str]]
     if fs.isdir(target):
         return target, sorted(p for p in fs.find(target) if p.lower().endswith(_PARQUET_SUFFIXES))
     return posixpath.dirname(target), [target]
-
-
-def _image_bytes(column: pa.ChunkedArray) -> tuple[list[bytes | None], list[str | None]]:
-    """(bytes, struct paths) of an image column: struct {bytes, path} or plain binary."""
-    array = column.combine_chunks()
-    kind = array.type
-    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
-        paths = array.field("path").to_pylist() if kind.get_field_index("path") >= 0 else [None] * len(array)
-        blobs = array.field("bytes").to_pylist()
-        # A null struct means no image at all, whatever its fields say.
-        valid = array.is_valid().to_pylist()
-        return [b if ok else None for b, ok in zip(blobs, valid)], paths
-    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
-        return array.to_pylist(), [None] * len(array)
-    raise ValueError(f"image column has type {kind}; expected binary or struct<bytes: binary, path: string>")
