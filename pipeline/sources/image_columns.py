@@ -68,9 +68,12 @@ def paths_complete(array: pa.Array) -> bool:
 
 
 def resolve_path(path: str, root_uri: str) -> str:
-    """The URI of an image path: as it is when it names a protocol or is absolute, else under the dataset root."""
-    if "://" in path or path.startswith("/"):
+    """The URI of an image path: as it is when it names a protocol, a local file when absolute (where
+    ``datasets`` wrote it), else under the dataset root."""
+    if "://" in path:
         return path
+    if path.startswith("/"):
+        return f"file://{path}"
     return posixpath.join(root_uri.rstrip("/"), path)
 
 

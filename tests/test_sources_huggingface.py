@@ -1,0 +1,171 @@
+"""Hugging Face datasets made with the `datasets` package: save_to_disk folders (Arrow) and Parquet exports, image
+columns with bytes, with paths only (relative or absolute) and null images."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import datasets
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image as PILImage
+
+from pipeline.config import ExtractConfig, load_config
+from pipeline.extract import run_extract
+from pipeline.sources import HuggingFaceSource, ImageRecord, ParquetBytesSource, make_source
+from pipeline.sources.arrow_files import read_arrow, take_arrow_rows
+from pipeline.stores import FeatureStore
+
+TINY = ["encoder.name=resnet18", "encoder.weights=random:0", "encoder.layers=[layer1,layer2]",
+        "encoder.preprocessing={resize_size: 32, crop_size: 32, interpolation: bilinear, "
+        "mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}", "store.shard_rows=32", "store.chunk_rows=16",
+        "run.local_max_images=1000"]
+
+
+def png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    PILImage.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _key(r: ImageRecord):
+    return r.image_id, r.uri, r.fingerprint, tuple(sorted(r.labels.items())), r.split
+
+
+def _consistent(source) -> list:
+    units = list(source.list_units())
+    assert sorted(_key(r) for u in units for r in source.expand(u)) == sorted(_key(r) for r in source.list_images())
+    assert [u.unit_id for u in units] == sorted({u.unit_id for u in units})
+    return units
+
+
+def _stripped(records):
+    return [ImageRecord(r.image_id, r.uri, r.fingerprint, r.labels, r.split) for r in records]
+
+
+def embedded(n: int, seed: int = 0) -> datasets.Dataset:
+    """Images as `datasets` holds them once saved: {bytes, path} structs; row 3 has no image."""
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    rows = [None if i == 3 else {"bytes": png(seed + i), "path": None} for i in range(n)]
+    return datasets.Dataset.from_dict({"img": rows, "label": [i % 3 for i in range(n)]}, features=features)
+
+
+def test_save_to_disk_arrow_files_are_units(tmp_path: Path):
+    embedded(12).save_to_disk(str(tmp_path / "ds"), num_shards=2)
+    source = make_source("hf", str(tmp_path / "ds"))
+    units = _consistent(source)
+    assert [u.unit_id for u in units] == ["data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
+    assert all(u.n_images is None and u.size_bytes and u.fingerprint for u in units)
+    records = source.list_images()
+    # the image column is found from the features metadata; no path in any row: ids are <file>/<row>
+    assert [r.image_id for r in records[:3]] == [f"data-00000-of-00002/{i}" for i in (0, 1, 2)]
+    assert records[0].uri == f"file://{tmp_path}/ds/data-00000-of-00002.arrow#0"
+    assert records[0].data == png(0) and records[0].labels == {"label": 0} and records[0].split is None
+    assert records[3].data == b""  # the null image: decoding records "empty file"
+    assert source.read_many(_stripped(records)) == [r.data for r in records]
+
+
+def test_dataset_dict_splits_and_path_only_images(tmp_path: Path):
+    """A DatasetDict whose image column holds paths only: relative to the dataset folder, and absolute."""
+    (tmp_path / "dd" / "pics").mkdir(parents=True)
+    for i in range(6):
+        (tmp_path / "dd" / "pics" / f"{i}.png").write_bytes(png(100 + i))
+    path_struct = datasets.Features({"image": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+                                     "label": datasets.Value("int64")})
+    train = datasets.Dataset.from_dict(
+        {"image": [{"bytes": None, "path": f"pics/{i}.png"} for i in range(4)], "label": [0, 1, 0, 1]},
+        features=path_struct)
+    test = datasets.Dataset.from_dict({"image": [str(tmp_path / "dd" / "pics" / f"{i}.png") for i in (4, 5)],
+                                       "label": [1, 0]})  # a plain string column of absolute paths
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "dd"))
+    source = HuggingFaceSource(str(tmp_path / "dd"))
+    units = _consistent(source)
+    assert [u.unit_id for u in units] == ["test/data-00000-of-00001.arrow", "train/data-00000-of-00001.arrow"]
+    records = {r.image_id: r for r in source.list_images()}
+    assert sorted(records) == [f"test/{tmp_path}/dd/pics/{i}.png" for i in (4, 5)] + [
+        f"train/pics/{i}.png" for i in range(4)]
+    first = records["train/pics/0.png"]
+    assert first.uri == f"file://{tmp_path}/dd/pics/0.png" and first.split == "train" and first.data is None
+    assert first.fingerprint.startswith("size:")  # from the file's metadata, fetched by the task
+    assert records[f"test/{tmp_path}/dd/pics/5.png"].split == "test"
+    assert source.read_many(list(records.values())) == [png(100 + i) for i in (4, 5, 0, 1, 2, 3)]
+    (tmp_path / "dd" / "pics" / "2.png").unlink()
+    gone = source.list_images()
+    assert [r.fingerprint for r in gone if r.image_id == "train/pics/2.png"] == ["missing"]
+    assert isinstance(source.read_many([records["train/pics/2.png"]])[0], FileNotFoundError)
+
+
+def test_parquet_export_split_names_and_absolute_paths(tmp_path: Path):
+    (tmp_path / "pics").mkdir()
+    for i in range(5):
+        (tmp_path / "pics" / f"{i}.png").write_bytes(png(200 + i))
+    by_path = datasets.Dataset.from_dict({"image": [str(tmp_path / "pics" / f"{i}.png") for i in range(5)],
+                                         "label": list(range(5))}).cast_column("image", datasets.Image())
+    by_path.to_parquet(str(tmp_path / "export" / "data" / "train-00000-of-00001.parquet"))  # paths, no bytes
+    embedded(7, seed=50).to_parquet(str(tmp_path / "export" / "data" / "test-00000-of-00001.parquet"),
+                                    batch_size=3)  # row groups of 3
+    source = HuggingFaceSource(str(tmp_path / "export"))
+    units = _consistent(source)
+    assert [u.unit_id for u in units] == ["data/test-00000-of-00001#rg=0", "data/test-00000-of-00001#rg=1",
+                                          "data/test-00000-of-00001#rg=2", "data/train-00000-of-00001#rg=0"]
+    assert [u.n_images for u in units] == [3, 3, 1, 5]
+    records = source.list_images()
+    splits = {r.image_id: r.split for r in records}
+    assert splits["data/test-00000-of-00001/6"] == "test" and splits[str(tmp_path / "pics" / "0.png")] == "train"
+    by_id = {r.image_id: r for r in records}
+    assert by_id[str(tmp_path / "pics" / "4.png")].uri == f"file://{tmp_path}/pics/4.png"
+    expected = {**{f"data/test-00000-of-00001/{i}": png(50 + i) if i != 3 else b"" for i in range(7)},
+                **{str(tmp_path / "pics" / f"{i}.png"): png(200 + i) for i in range(5)}}
+    assert source.read_many(_stripped(records)) == [expected[r.image_id] for r in records]
+    # the `parquet` kind reads the same export, path-only rows included, without splits from names
+    plain = ParquetBytesSource(str(tmp_path / "export"), image_column=None)  # each file its own Image column
+    assert {r.image_id for r in plain.list_images()} == set(splits)
+    assert {r.split for r in plain.list_images()} == {None}
+
+
+def test_arrow_stream_and_file_formats(tmp_path: Path):
+    table = pa.table({"image": [png(i) for i in range(10)], "n": list(range(10))})
+    for name, open_writer in (("s.arrow", pa.ipc.new_stream), ("f.arrow", pa.ipc.new_file)):
+        with pa.OSFile(str(tmp_path / name), "wb") as sink, open_writer(sink, table.schema) as writer:
+            for start in range(0, 10, 4):
+                writer.write_table(table.slice(start, 4))
+        with open(tmp_path / name, "rb") as f:
+            assert read_arrow(f).equals(table)
+        with open(tmp_path / name, "rb") as f:
+            taken, seen = take_arrow_rows(f, [5, 1, 12])
+        assert taken.column("n").to_pylist() == [5, 1] and seen == 10
+
+
+def test_extract_from_a_dataset_dict(tmp_path: Path):
+    dd = datasets.DatasetDict({"train": embedded(10), "validation": embedded(4, seed=40)})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    cfg = load_config(ExtractConfig, None, ["source.kind=hf", f"source.uri={tmp_path / 'dd'}",
+                                            f"store.root={tmp_path}/s", "run.max_error_fraction=0.5", *TINY])
+    summary = run_extract(cfg)
+    store = FeatureStore(summary.store_uri)
+    index = store.index().set_index("image_id")
+    assert summary.images == 14 and summary.errors == 2  # the null image of each split
+    assert set(store.errors().to_pandas().image_id) == {"train/data-00000-of-00001/3",
+                                                        "validation/data-00000-of-00001/3"}
+    assert index.loc["validation/data-00000-of-00001/2", "split"] == "validation"
+    assert index.loc["train/data-00000-of-00001/5", "label"] == 2
+
+
+@pytest.mark.s3
+def test_save_to_disk_on_s3_with_relative_paths(s3_bucket, tmp_path: Path):
+    (tmp_path / "ds" / "pics").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / "ds" / "pics" / f"{i}.png").write_bytes(png(300 + i))
+    datasets.Dataset.from_dict({"image": [f"pics/{i}.png" for i in range(3)]}).save_to_disk(str(tmp_path / "ds"))
+    fs = fsspec.filesystem("s3", **s3_bucket.storage_options)
+    fs.put(str(tmp_path / "ds"), s3_bucket.url("hf", "ds"), recursive=True)
+    source = HuggingFaceSource(s3_bucket.url("hf", "ds"), image_column="image",
+                               storage_options=s3_bucket.storage_options)
+    _consistent(source)
+    records = source.list_images()
+    assert [r.uri for r in records] == [s3_bucket.url("hf", "ds", "pics", f"{i}.png") for i in range(3)]
+    assert all(r.fingerprint.startswith("etag:") for r in records)
+    assert source.read_many(records) == [png(300 + i) for i in range(3)]
