@@ -55,7 +55,8 @@ class EncoderSpec:
 class SourceSpec:
     kind: str = setting("folder", "how images are listed", choices=SOURCE_KINDS)
     uri: str = setting("", "folder, manifest file, glob pattern, Parquet or HF dataset, tar shards (any fsspec URI)")
-    options: Mapping[str, Any] = setting(factory=dict, help="options of the source class (e.g. uri_column)")
+    options: Mapping[str, Any] = setting(factory=dict, help="options of the source class (e.g. uri_column, "
+                                                            "json_fields; README: Sources)")
     storage_options: Mapping[str, Any] = setting(factory=dict, help="fsspec options for the source's URIs")
 
 

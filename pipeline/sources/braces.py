@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["expand_braces", "has_braces"]
+__all__ = ["expand_braces"]
 
 _NUMBERS = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
 _LETTERS = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.(-?\d+))?$")
-
-
-def has_braces(pattern: str) -> bool:
-    """True when ``pattern`` has a group that expands to more than itself."""
-    return expand_braces(pattern) != [pattern]
 
 
 def expand_braces(pattern: str) -> list[str]:

@@ -97,7 +97,7 @@ def _stream(fileobj: BinaryIO, visit: Callable[[tarfile.TarInfo, bytes], bool]) 
             if not visit(info, tar.extractfile(info).read()):
                 return None
             last, current = info, None
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError) as e:  # not OSError: a failed read of the file is no broken tar
         reason = f"{type(e).__name__}: {e}"
         if current is not None:
             return TarBreak(current.offset, current.name, True, reason)
