@@ -13,7 +13,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from pipeline.sources.arrow_files import ARROW_SUFFIX, read_arrow
-from pipeline.sources.base import ImageRecord, fingerprint_from_info, has_glob, relative_id, url_to_fs
+from pipeline.sources.base import ImageRecord, has_glob, relative_id, url_to_fs
 from pipeline.sources.image_columns import detect_image_column, paths_complete
 from pipeline.sources.parquet_bytes import ParquetBytesSource
 from pipeline.sources.units import WorkUnit
@@ -37,7 +37,9 @@ class HuggingFaceSource(ParquetBytesSource):
     ``<split>-00000-of-00003`` when the rows have no split column. Ids of a ``DatasetDict`` start with
     ``<split>/``. Units are Parquet row groups, and for ``save_to_disk`` whole Arrow files (``datasets``
     caps them at ``max_shard_size``, 500 MB by default): the driver reads ``state.json`` and one listing
-    per split, never an Arrow file (its record batches are only found by reading it through).
+    per split, never an Arrow file (its record batches are only found by reading it through). Arrow units
+    have no fingerprint, so a refresh re-reads them and compares image by image (encoding only images
+    whose bytes or files changed).
     """
 
     _: KW_ONLY
@@ -71,7 +73,9 @@ class HuggingFaceSource(ParquetBytesSource):
                 raise FileNotFoundError(f"{fs.unstrip_protocol(folder)}/state.json names {name!r}, which is not "
                                         f"there; the dataset was not saved completely")
             path = f"{folder}/{name}"
-            yield WorkUnit(relative_id(path, root), fingerprint_from_info(info) or "", None,
+            # No fingerprint: rows may hold only paths to files the Arrow file's own does not cover (datasets
+            # before 4.8.5 kept local Image files as paths), and telling needs the file read through.
+            yield WorkUnit(relative_id(path, root), "", None,
                            size_bytes=info.get("size"),
                            params={"path": path, "format": "arrow", "stem": name.removesuffix(ARROW_SUFFIX),
                                    "split": split, "id_prefix": f"{split}/" if split else "",

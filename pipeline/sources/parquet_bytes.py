@@ -100,7 +100,8 @@ class ParquetBytesSource(Source):
                 row0 = 0
                 for g in range(pf.num_row_groups):
                     n = pf.metadata.row_group(g).num_rows
-                    yield WorkUnit(f"{stem}#rg={g}", f"{file_print}#rg={g}", n, size_bytes=info.get("size"),
+                    unit_print = f"{file_print}#rg={g}" if self._bytes_only(pf, g) else ""
+                    yield WorkUnit(f"{stem}#rg={g}", unit_print, n, size_bytes=info.get("size"),
                                    params={"path": path, "rg": g, "row0": row0, "stem": stem, "struct_path": use_path,
                                            "root": fs.unstrip_protocol(root), "split": self._file_split(stem)})
                     row0 += n
@@ -116,6 +117,27 @@ class ParquetBytesSource(Source):
     def _file_split(self, stem: str) -> str | None:
         """The split a file's name gives its rows (none here; the Hugging Face source reads it from names)."""
         return None
+
+    def _bytes_only(self, pf: pq.ParquetFile, group: int) -> bool:
+        """Whether every row of the row group holds its image bytes, from the footer's null counts: a row
+        with a path only depends on a file the Parquet file's fingerprint does not cover, so its unit gets
+        no fingerprint (and is re-checked image by image on each refresh)."""
+        schema = pf.schema_arrow
+        column = detect_image_column(schema, self.image_column)
+        if column not in schema.names:
+            return True  # expand() will say what is wrong
+        kind = schema.field(column).type
+        if not pa.types.is_struct(kind):
+            return not (pa.types.is_string(kind) or pa.types.is_large_string(kind))
+        if kind.get_field_index("path") < 0:
+            return True
+        meta = pf.metadata.row_group(group)
+        for j in range(meta.num_columns):
+            chunk = meta.column(j)
+            if chunk.path_in_schema == f"{column}.bytes":
+                stats = chunk.statistics
+                return stats is not None and stats.has_null_count and stats.null_count == 0
+        return False
 
     def _has_paths(self, pf: pq.ParquetFile) -> bool:
         """Whether every row names an image path, reading the path column only (never image bytes)."""
