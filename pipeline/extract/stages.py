@@ -1,4 +1,4 @@
-"""The per-shard stages Ray Data runs: decode (CPU tasks) and encode (actors that own the model).
+"""The per-block stages Ray Data runs: decode (CPU tasks) and encode (actors that own the model).
 
 Plain callables over row dicts; `run.py` wires them into a Dataset. Decoding never imports
 torch, so decode workers start fast and stay small.
@@ -15,7 +15,6 @@ import numpy as np
 
 from ..encoders.preprocess import Preprocessing
 from ..images import ImageDecodeError, decode_rgb
-from ..sources import ImageRecord
 from ..stores import EncodedShard, check_feature_range, shard_plan_hash
 
 log = logging.getLogger(__name__)
@@ -51,29 +50,28 @@ def lower_thread_priority(niceness: int) -> None:
         log.debug("decode thread priority unchanged: %s", e)
 
 
-def decode_shard(row: dict, *, source, preprocessing: Preprocessing, max_pixels: int, threads: int = 8,
-                 niceness: int = 0) -> dict:
-    """Shard row -> the same row plus `pixels` (n_ok, 3, H, W) uint8, `ok` mask and `errors`.
+def decode_records(records, *, source, preprocessing: Preprocessing, max_pixels: int, threads: int = 8,
+                   niceness: int = 0) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """ImageRecords -> (`ok` mask, `pixels` (n_ok, 3, H, W) uint8, error rows). Records holding their bytes
+    (tar members, Parquet rows) are not read again.
 
     With `niceness`, the decoding threads yield to CPU encoder actors on the same cores: decode then runs
     ahead on what the encoders leave, rather than slowing the step that sets the pace.
     """
-    records = json.loads(row["records"])
     step = source.read_chunk or max(1, len(records))
     results = []
     with ThreadPoolExecutor(max_workers=threads, initializer=lower_thread_priority,
                             initargs=(niceness,)) as pool:  # PIL releases the GIL while decoding
         for start in range(0, len(records), step):
             chunk = records[start:start + step]
-            blobs = source.read_many([ImageRecord(r["image_id"], r["uri"], r["fingerprint"], r.get("labels") or {},
-                                                  r.get("split")) for r in chunk], threads=threads)
-            results += pool.map(lambda rd: _decode_one(*rd, preprocessing, max_pixels), zip(chunk, blobs))
+            blobs = source.read_many(chunk, threads=threads)
+            dicts = [{"image_id": r.image_id, "uri": r.uri} for r in chunk]
+            results += pool.map(lambda rd: _decode_one(*rd, preprocessing, max_pixels), zip(dicts, blobs))
     ok = np.array([t is not None for t, _ in results], dtype=bool)
     size = preprocessing.crop_size
     tensors = [t for t, _ in results if t is not None]
     pixels = np.stack(tensors) if tensors else np.zeros((0, 3, size, size), np.uint8)
-    errors = [e for _, e in results if e is not None]
-    return {**row, "ok": ok, "pixels": pixels, "errors": json.dumps(errors)}
+    return ok, pixels, [e for _, e in results if e is not None]
 
 
 class EncodeShard:
