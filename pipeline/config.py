@@ -33,6 +33,7 @@ class EncoderSpec:
     batch_size: int = 64
     max_spatial_dim: int = 65536
     fold_batchnorm: bool = True  # fold frozen BN into the preceding conv: same features, fewer passes
+    compile: bool = False  # torch.compile the tapped forward: same features, faster on GPUs after a warm-up
     # Only for checkpoints whose training preprocessing differs from the architecture's default;
     # recorded in the store, never implied.
     preprocessing: Preprocessing | None = None
