@@ -61,7 +61,7 @@ class StoreSpec:
 @dataclass(frozen=True)
 class RunSpec:
     num_encoders: int = 1  # actor pool size
-    gpus_per_encoder: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    gpus_per_encoder: float | None = None  # None: 1 when the cluster has GPUs, else 0; 0.5: two actors per GPU
     decode_concurrency: int | None = None
     torch_threads: int | None = None  # per CPU encoder actor; None: the node's cores / num_encoders
     # encoder actors keep freed activation memory in the heap (glibc mallopt) instead of mmap/munmap per batch
@@ -72,6 +72,10 @@ class RunSpec:
     # CPU encoders: decode threads run this much nicer (Linux), so they use what the encoders leave of shared
     # cores instead of slowing them; 0 = the same priority
     decode_niceness: int = 10
+    # "exact": PIL decode and resize, as the weights' reference transforms; "fast": torch's resize, large JPEGs
+    # DCT-downscaled, JPEGs decoded on the GPU where the encoders run there (features within cos 0.995 of exact,
+    # recorded in the feature set's provenance)
+    decode: str = "exact"
     max_error_fraction: float = 0.05
     max_image_pixels: int = 89_478_485
     ray_address: str | None = None
@@ -178,7 +182,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[s
 
 def validate_extract(cfg: ExtractConfig) -> None:
     """Everything that can be checked without reading images; raises ConfigError."""
-    from .encoders.catalog import COMPUTE_DTYPE_NAMES, resolve_entry
+    from .encoders.catalog import COMPUTE_DTYPE_NAMES, DECODES, resolve_entry
 
     try:
         resolve_entry(cfg.encoder.name)
@@ -201,5 +205,11 @@ def validate_extract(cfg: ExtractConfig) -> None:
     if not 0 <= cfg.run.decode_niceness <= 19:
         raise ConfigError(f"run.decode_niceness must be within [0, 19] (a nice increment), got "
                           f"{cfg.run.decode_niceness}")
+    if cfg.run.decode not in DECODES:
+        raise ConfigError(f"unknown run.decode {cfg.run.decode!r}; valid: {list(DECODES)}")
+    gpus = cfg.run.gpus_per_encoder
+    if gpus is not None and (gpus < 0 or (gpus > 1 and gpus != int(gpus))):
+        raise ConfigError(f"run.gpus_per_encoder must be 0, a fraction of one GPU (0.25: four actors share it) or a "
+                          f"whole number of GPUs, got {gpus}")
     if cfg.encoder.batch_size < 1 or cfg.run.num_encoders < 1:
         raise ConfigError("encoder.batch_size and run.num_encoders must be >= 1")

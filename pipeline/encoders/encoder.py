@@ -120,7 +120,8 @@ class FrozenEncoder:
         # like BN folding, compiling keeps the network's numbers (a parity test holds it to that): not provenance
         self.compiled = compile
         self.taps = PooledTaps(self.model, self.layers, poolers, stop_early=not compile)
-        self._forward = torch.compile(self.taps) if compile else self.taps
+        self._forward = torch.compile(self.taps, dynamic=False) if compile else self.taps
+        self._compiled_batch = 0
         self._uploads = HostToDevice(self.device)
 
     def encode(self, pixels) -> dict[str, torch.Tensor]:
@@ -139,9 +140,15 @@ class FrozenEncoder:
             yield {n: t.cpu() for n, t in zip(self.layers, pooled)}
 
     def _run(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = pixels.shape[0]
+        if self.compiled:  # a shard's short last batch is padded: one compiled shape, no recompilation
+            self._compiled_batch = max(self._compiled_batch, n)
+            if n < self._compiled_batch:
+                pad = pixels.new_zeros((self._compiled_batch - n, *pixels.shape[1:]))
+                pixels = torch.cat([pixels, pad])
         x = self.preprocessing.normalize(pixels).contiguous(memory_format=self.memory_format)
         with torch.inference_mode(), self._autocast():
-            return self._forward(x)
+            return tuple(t[:n] for t in self._forward(x))
 
     def layer_infos(self) -> list[LayerInfo]:
         return [

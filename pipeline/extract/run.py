@@ -50,7 +50,7 @@ def prepare_encoder(cfg: ExtractConfig):
     from ..encoders.card import load_card, save_card
 
     options = dict(cfg.store.storage_options) or None
-    card = load_card(cfg.encoder, options)
+    card = load_card(cfg.encoder, options, decode=cfg.run.decode)
     if card is not None:
         log.info("encoder %s: layers and provenance from its cached card", card.name)
         return card
@@ -63,7 +63,8 @@ def build_driver_encoder(cfg: ExtractConfig):
     from ..encoders import build_encoder
 
     try:
-        return build_encoder(cfg.encoder, device="cpu", storage_options=dict(cfg.store.storage_options) or None)
+        return build_encoder(cfg.encoder, device="cpu", storage_options=dict(cfg.store.storage_options) or None,
+                             decode=cfg.run.decode)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
 
@@ -151,7 +152,7 @@ def _run_local(cfg: ExtractConfig, todo, writer: FeatureStoreWriter, encoder) ->
     records = []
     for shard in todo:
         row = decode_shard(shard.to_item(), source=source, preprocessing=encoder.preprocessing,
-                           max_pixels=cfg.run.max_image_pixels)
+                           max_pixels=cfg.run.max_image_pixels, decode=cfg.run.decode)
         row = encode_row(encoder, row, batch_size=cfg.encoder.batch_size, store_dtype=cfg.store.dtype)
         records.append(writer.write_shard(row_to_shard(row, encoder.layers)))
     return records
@@ -227,12 +228,15 @@ def _run_pipeline(cfg: ExtractConfig, todo, plan: ExtractPlan, *, layers, prepro
     ds = ray.data.from_items([s.to_item() for s in todo], override_num_blocks=len(todo))
     ds = ds.map(decode_shard, fn_kwargs={"source": source, "preprocessing": preprocessing,
                                          "max_pixels": cfg.run.max_image_pixels,
-                                         "niceness": 0 if gpus else cfg.run.decode_niceness},
+                                         "niceness": 0 if gpus else cfg.run.decode_niceness,
+                                         "decode": cfg.run.decode,
+                                         "device_decode": bool(gpus) and cfg.run.decode == "fast"},
                 num_cpus=0.5, concurrency=cfg.run.decode_concurrency)  # != encoder's: keeps decode in tasks
     ds = ds.map(EncodeShard, fn_constructor_kwargs={"encoder_spec": cfg.encoder, "device": device,
                                                     "store_dtype": cfg.store.dtype,
                                                     "storage_options": dict(cfg.store.storage_options) or None,
-                                                    "torch_threads": threads, "expected_provenance": provenance},
+                                                    "torch_threads": threads, "expected_provenance": provenance,
+                                                    "decode": cfg.run.decode},
                 compute=ray.data.ActorPoolStrategy(size=cfg.run.num_encoders), num_gpus=gpus,
                 num_cpus=0 if gpus else actor_cpus, **_encoder_runtime_env(cfg))
     budget = ErrorBudget.remote(cfg.run.max_error_fraction, len(plan.records))
