@@ -11,6 +11,8 @@ layer; the store records `decode: fast` in its provenance.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -72,15 +74,18 @@ def decode_jpegs_on_device(blobs: list[bytes], preprocessing: Preprocessing, dev
         return [], []
     data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
     kwargs = {"mode": ImageReadMode.RGB, "apply_exif_orientation": True, "device": device}
-    try:
-        decoded: list = decode_jpeg(data, **kwargs)
-    except RuntimeError:
-        decoded = []
-        for d in data:
-            try:
-                decoded.append(decode_jpeg(d, **kwargs))
-            except RuntimeError as e:
-                decoded.append(ImageDecodeError("corrupt", detail=f"decode_jpeg: {e}"))
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its image codecs for TorchCodec, which is not a dependency (yet)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            decoded: list = decode_jpeg(data, **kwargs)
+        except RuntimeError:
+            decoded = []
+            for d in data:
+                try:
+                    decoded.append(decode_jpeg(d, **kwargs))
+                except RuntimeError as e:
+                    decoded.append(ImageDecodeError("corrupt", detail=f"decode_jpeg: {e}"))
     out: list[torch.Tensor | None] = []
     reasons: list[str | None] = []
     for item in decoded:
