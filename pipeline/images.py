@@ -136,7 +136,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if mode in _ALPHA_MODES or image.has_transparency_data:
             rgba = image.convert("RGBA")
             return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
-        return image.convert("RGB")
+        return image if mode == "RGB" else image.convert("RGB")  # RGB already: no copy
     except ValueError as exc:  # PIL has no conversion path for this mode (e.g. LAB)
         raise ImageDecodeError(f"unsupported mode {mode}", detail=str(exc)) from exc
 

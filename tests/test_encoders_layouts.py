@@ -85,11 +85,17 @@ def test_pooled_layers_agree_with_timm(family, arch, kwargs, final, pooling, pos
     assert torch.allclose(got, expected, atol=1e-3 * scale, rtol=0), float((got - expected).abs().max() / scale)
 
 
-def test_strata_layers_prints_true_swin_channels():
-    infos = {i.name: i for i in describe_layers("timm:swin_tiny_patch4_window7_224")}
-    assert [infos[f"layers.{i}"].dim for i in range(4)] == [96, 192, 384, 768]
-    assert {infos[f"layers.{i}"].layout for i in range(4)} == {"NHWC"}
-    assert infos["layers.0"].shape == (56, 56, 96)
+def test_strata_layers_prints_true_swin_channels(capsys):
+    import re
+
+    from pipeline.cli import main
+
+    assert main(["layers", "timm:swin_tiny_patch4_window7_224"]) == 0
+    out = capsys.readouterr().out
+    for stage, (side, channels) in enumerate(zip((56, 28, 14, 7), (96, 192, 384, 768))):
+        # layer, kind, layout, one image's shape, pooled dim: the channels, not the height
+        pattern = rf"^layers\.{stage}\s+map\s+NHWC\s+\({side}, {side}, {channels}\)\s+{channels}\s"
+        assert re.search(pattern, out, re.MULTILINE), out
 
 
 def test_hiera_refusals_name_the_reason():
