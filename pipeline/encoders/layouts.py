@@ -111,7 +111,7 @@ def _channel_count(module: nn.Module) -> int | None:
 def _own_output_fmt(module: nn.Module) -> str | None:
     """timm's PatchEmbed (and kin) say what they emit: `flatten` -> NLC tokens, else their `output_fmt`."""
     fmt = getattr(module, "output_fmt", None)
-    if fmt is None or isinstance(module, nn.modules.module.Module) and hasattr(module, "feature_info"):
+    if fmt is None or hasattr(module, "feature_info"):
         return None  # a whole model's output_fmt describes its stages, not its own output
     if getattr(module, "flatten", None) is True:
         return "NLC"
