@@ -101,56 +101,62 @@ def _rate(fn, n_images: int, sync, repeats: int = 2) -> float:
 def run_throughput(clock: Clock, *, cuda: bool, batch: int, batches: int, dtype: str) -> None:
     import torch
 
+    g = torch.Generator().manual_seed(0)
+    host = [torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, generator=g).numpy()
+            for _ in range(min(batches, 4))]
+    feed = [host[i % len(host)] for i in range(batches)]
+    for name, (weights, layers) in MODELS.items():
+        if clock.left() < 60:
+            row("throughput", name, "skipped", "out of time")
+            continue
+        _throughput_one(clock, name, weights, layers, feed, cuda=cuda, dtype=dtype)
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def _throughput_one(clock: Clock, name: str, weights: str, layers, feed: list, *, cuda: bool, dtype: str) -> None:
+    import torch
+
     from pipeline.config import EncoderSpec
     from pipeline.encoders import build_encoder
 
     device = "cuda" if cuda else "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    g = torch.Generator().manual_seed(0)
-    host = [torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, generator=g).numpy()
-            for _ in range(min(batches, 4))]
-    feed = [host[i % len(host)] for i in range(batches)]
+    batch, batches = len(feed[0]), len(feed)
     n = batch * batches
-    for name, (weights, layers) in MODELS.items():
-        if clock.left() < 60:
-            row("throughput", name, "skipped", "out of time")
-            continue
-        enc = build_encoder(EncoderSpec(name=name, weights=weights, layers=layers, compute_dtype=dtype,
-                                        batch_size=batch), device=device)
-        x = enc.preprocessing.normalize(torch.from_numpy(host[0]).to(device)).contiguous(
-            memory_format=enc.memory_format)
+    enc = build_encoder(EncoderSpec(name=name, weights=weights, layers=layers, compute_dtype=dtype,
+                                    batch_size=batch), device=device)
+    x = enc.preprocessing.normalize(torch.from_numpy(feed[0]).to(device)).contiguous(memory_format=enc.memory_format)
 
-        def bare(model=enc.model):
-            with torch.inference_mode(), enc._autocast():
-                for _ in range(batches):
-                    model(x)
+    def bare(model=enc.model):
+        with torch.inference_mode(), enc._autocast():
+            for _ in range(batches):
+                model(x)
 
-        bare_rate = _rate(bare, n, sync)
-        row("throughput", f"{name}: bare model(x)", f"{bare_rate:,.0f} img/s", f"{dtype}, batch {batch}, {device}")
-        if clock.left() > 150:
-            t = time.perf_counter()
-            compiled = torch.compile(enc.model)
-            bare(compiled)  # compiles
-            sync()
-            row("throughput", f"{name}: torch.compile(model)(x)", f"{_rate(lambda: bare(compiled), n, sync):,.0f} img/s",
-                f"compile {time.perf_counter() - t:.0f} s")
-        else:
-            row("throughput", f"{name}: torch.compile(model)(x)", "skipped", "out of time")
-        strata = _rate(lambda: list(enc.encode_batches(iter(feed))), n, sync)
-        row("throughput", f"{name}: strata, {len(layers)} taps pooled", f"{strata:,.0f} img/s",
-            f"{strata / bare_rate:.2f}x bare; uint8 from host, normalised on the device")
-        del enc, x
-        if cuda:
-            torch.cuda.empty_cache()
+    bare_rate = _rate(bare, n, sync)
+    row("throughput", f"{name}: bare model(x)", f"{bare_rate:,.0f} img/s", f"{dtype}, batch {batch}, {device}")
+    if clock.left() > 150:
+        t = time.perf_counter()
+        compiled = torch.compile(enc.model)
+        bare(compiled)  # compiles
+        sync()
+        row("throughput", f"{name}: torch.compile(model)(x)", f"{_rate(lambda: bare(compiled), n, sync):,.0f} img/s",
+            f"compile {time.perf_counter() - t:.0f} s")
+    else:
+        row("throughput", f"{name}: torch.compile(model)(x)", "skipped", "out of time")
+    strata = _rate(lambda: list(enc.encode_batches(iter(feed))), n, sync)
+    row("throughput", f"{name}: strata, {len(layers)} taps pooled", f"{strata:,.0f} img/s",
+        f"{strata / bare_rate:.2f}x bare; uint8 from host, normalised on the device")
 
 
 # -- decode --------------------------------------------------------------------------------------------------
 def _init_decoder() -> None:
+    import importlib
+
     import torch
 
     torch.set_num_threads(1)
-    from pipeline.encoders import fast_decode  # noqa: F401 - imports torch before the clock
-
+    importlib.import_module("pipeline.encoders.fast_decode")  # its imports happen before the clock
 
 def _decode_chunk(args) -> int:
     mode, blobs = args

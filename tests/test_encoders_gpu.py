@@ -8,7 +8,6 @@ import torch
 
 from pipeline.config import EncoderSpec
 from pipeline.encoders import build_encoder
-from pipeline.encoders.preprocess import Preprocessing
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -9,7 +9,7 @@ import torch
 import timm
 from torch import nn
 
-from pipeline.encoders import FrozenEncoder, LayoutError, describe_layers
+from pipeline.encoders import FrozenEncoder, LayoutError
 from pipeline.encoders.layouts import LayoutReader, declared_layout
 from pipeline.encoders.preprocess import Preprocessing
 from pipeline.encoders.registry import BuiltModel

@@ -1,7 +1,7 @@
 """The per-shard stages Ray Data runs: decode (CPU tasks) and encode (actors that own the model).
 
 Plain callables over row dicts; `run.py` wires them into a Dataset. Decoding never imports
-torch, so decode workers start fast and stay small.
+torch, so decode workers start fast and stay small (but for the opt-in `run.decode: fast`).
 """
 from __future__ import annotations
 
