@@ -17,6 +17,7 @@ from ..stores import FeatureStoreWriter, Segment
 from .plan import build_source
 from .sink import ErrorBudget, ErrorBudgetExceeded, FeatureStoreDatasink, write_row
 from .stages import EncodeShard, check_encoder_matches, encode_row
+from .unit_stage import expand_unit, unit_item
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def prepare_encoder(cfg: ExtractConfig):
     from ..encoders.card import load_card, save_card
 
     options = dict(cfg.store.storage_options) or None
-    card = load_card(cfg.encoder, options)
+    card = load_card(cfg.encoder, options, decode=cfg.run.decode)
     if card is not None:
         log.info("encoder %s: layers and provenance from its cached card", card.name)
         return card
@@ -64,7 +65,8 @@ def build_driver_encoder(cfg: ExtractConfig):
     from ..encoders import build_encoder
 
     try:
-        return build_encoder(cfg.encoder, device="cpu", storage_options=dict(cfg.store.storage_options) or None)
+        return build_encoder(cfg.encoder, device="cpu", storage_options=dict(cfg.store.storage_options) or None,
+                             decode=cfg.run.decode)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
 
@@ -171,7 +173,7 @@ def _run_local(cfg: ExtractConfig, planned: list, writer: FeatureStoreWriter, en
     outputs = []
     for plan, by_id, done, source in planned:
         for row in block_rows(plan, by_id, done, source=source, preprocessing=encoder.preprocessing,
-                              max_pixels=cfg.run.max_image_pixels):
+                              max_pixels=cfg.run.max_image_pixels, decode_kwargs={"decode": cfg.run.decode}):
             if row["shard_id"] >= 0 and not row["done"]:
                 row = encode_row(encoder, row, batch_size=cfg.encoder.batch_size, store_dtype=cfg.store.dtype)
             outputs.append(write_row(writer, row, encoder.layers))
@@ -225,8 +227,6 @@ def _encoder_runtime_env(cfg: ExtractConfig) -> dict:
 
 def _run_pipeline(cfg: ExtractConfig, work: list, target, *, layers, preprocessing, provenance: dict,
                   job_id: str, total: int) -> FeatureStoreDatasink:
-    from .unit_stage import expand_unit, unit_item
-
     resources = ray.cluster_resources()
     has_gpu = resources.get("GPU", 0) > 0
     gpus = cfg.run.gpus_per_encoder if cfg.run.gpus_per_encoder is not None else (1 if has_gpu else 0)
@@ -240,12 +240,15 @@ def _run_pipeline(cfg: ExtractConfig, work: list, target, *, layers, preprocessi
     ds = ray.data.from_items([unit_item(w, job_id) for w in work], override_num_blocks=len(work))
     ds = ds.flat_map(expand_unit, fn_kwargs={"source": source, "target": target, "preprocessing": preprocessing,
                                              "max_pixels": cfg.run.max_image_pixels,
-                                             "niceness": 0 if gpus else cfg.run.decode_niceness},
+                                             "niceness": 0 if gpus else cfg.run.decode_niceness,
+                                             "decode_kwargs": {"decode": cfg.run.decode,
+                                                               "device_decode": bool(gpus) and cfg.run.decode == "fast"}},
                      num_cpus=0.5, concurrency=cfg.run.decode_concurrency)  # != encoder's: keeps decode in tasks
     ds = ds.map(EncodeShard, fn_constructor_kwargs={"encoder_spec": cfg.encoder, "device": device,
                                                     "store_dtype": cfg.store.dtype,
                                                     "storage_options": dict(cfg.store.storage_options) or None,
-                                                    "torch_threads": threads, "expected_provenance": provenance},
+                                                    "torch_threads": threads, "expected_provenance": provenance,
+                                                    "decode": cfg.run.decode},
                 compute=ray.data.ActorPoolStrategy(size=cfg.run.num_encoders), num_gpus=gpus,
                 num_cpus=0 if gpus else actor_cpus, **_encoder_runtime_env(cfg))
     budget = ErrorBudget.remote(cfg.run.max_error_fraction, total)

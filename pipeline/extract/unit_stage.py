@@ -27,9 +27,12 @@ def unit_item(work, job_id: str) -> dict:
             "blocks": json.dumps(list(work.blocks)), "job_id": job_id}
 
 
-def empty_row(crop: int) -> dict:
-    return {"shard_id": -1, "row_start": -1, "unit": "", "records": "[]", "plan": "", "done": "",
-            "ok": np.zeros(0, bool), "pixels": np.zeros((0, 3, crop, crop), np.uint8), "errors": "[]"}
+def empty_row(crop: int, device_decode: bool = False) -> dict:
+    row = {"shard_id": -1, "row_start": -1, "unit": "", "records": "[]", "plan": "", "done": "",
+           "ok": np.zeros(0, bool), "pixels": np.zeros((0, 3, crop, crop), np.uint8), "errors": "[]"}
+    if device_decode:  # every row of a job has the same columns
+        row |= {"jpegs": [], "on_device": np.zeros(0, bool)}
+    return row
 
 
 def plan_item(item: dict, *, source, target: StoreTarget):
@@ -50,20 +53,20 @@ def block_rows(plan, by_id: dict, done: dict, *, source, preprocessing, max_pixe
                niceness: int = 0, decode_kwargs: dict | None = None) -> list[dict]:
     """A planned unit -> its block rows, pixels decoded for the blocks not written yet."""
     crop = preprocessing.crop_size
+    device = bool((decode_kwargs or {}).get("device_decode"))
     rows = []
     for task in plan.blocks:
-        row = empty_row(crop) | {"shard_id": task.block, "row_start": task.row_start, "unit": plan.unit.unit_id,
+        row = empty_row(crop, device) | {"shard_id": task.block, "row_start": task.row_start, "unit": plan.unit.unit_id,
                                  "records": json.dumps(task.records)}
         if task.block in done:
             row["done"] = json.dumps(done[task.block])  # written by an earlier run of this work: resumed
         else:
-            ok, pixels, errors = decode_records([by_id[r["image_id"]] for r in task.records], source=source,
-                                                preprocessing=preprocessing, max_pixels=max_pixels, threads=threads,
-                                                niceness=niceness, **(decode_kwargs or {}))
-            row |= {"ok": ok, "pixels": pixels, "errors": json.dumps(errors)}
+            row |= decode_records([by_id[r["image_id"]] for r in task.records], source=source,
+                                  preprocessing=preprocessing, max_pixels=max_pixels, threads=threads,
+                                  niceness=niceness, **(decode_kwargs or {}))
         rows.append(row)
     if not rows:
-        rows.append(empty_row(crop) | {"unit": plan.unit.unit_id})
+        rows.append(empty_row(crop, device) | {"unit": plan.unit.unit_id})
     rows[0]["plan"] = json.dumps(plan.to_json())
     return rows
 
