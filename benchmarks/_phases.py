@@ -18,12 +18,8 @@ PHASES = (  # (key, label) in the order a job goes through them
     ("encoder_build", "driver encoder card or build"),  # in a thread, overlapped with the listing
     ("fingerprint", "dataset fingerprint"),
     ("store_prepare", "store prepare"),
-    ("latest_version", "find latest version"),
-    ("read_index", "read latest index"),
-    ("diff", "diff"),
-    ("allocate", "allocate blocks"),
-    ("grow", "grow arrays"),
-    ("written_records", "read shard records"),  # execute's resume check
+    ("plan_units", "plan units (latest version, unit diff, block reservation)"),
+    ("driver_unit_plans", "unit plans in the driver (small jobs)"),
     ("ray_data", "Ray Data execution"),
     ("local_encode", "local encode"),
     ("verify", "verify blocks"),
@@ -42,7 +38,7 @@ def instrumented(timings: dict, counts: dict | None = None, trace_path: str | No
     events too."""
     from pipeline.extract import run as run_mod
     from pipeline.extract import sync as sync_mod
-    from pipeline.stores import FeatureStoreWriter, LiveIndex
+    from pipeline.stores import FeatureStoreWriter
     from pipeline.stores import job as job_mod
 
     counts = {} if counts is None else counts
@@ -68,15 +64,11 @@ def instrumented(timings: dict, counts: dict | None = None, trace_path: str | No
 
     module_fn(sync_mod, "validate_extract", "validate")
     module_fn(sync_mod, "prepare_encoder", "encoder_build")
-    module_fn(sync_mod, "list_records", "listing")
+    module_fn(sync_mod, "list_units", "listing")
     module_fn(sync_mod, "dataset_fingerprint", "fingerprint")
     patch(FeatureStoreWriter, "prepare", timed("store_prepare", FeatureStoreWriter.prepare))
-    module_fn(job_mod, "latest_version", "latest_version")
-    patch(LiveIndex, "of", classmethod(timed("read_index", LiveIndex.__dict__["of"].__func__)))
-    module_fn(job_mod, "diff_listing", "diff")
-    module_fn(job_mod, "allocate", "allocate")
-    patch(FeatureStoreWriter, "grow", timed("grow", FeatureStoreWriter.grow))
-    patch(FeatureStoreWriter, "written_records", timed("written_records", FeatureStoreWriter.written_records))
+    module_fn(sync_mod, "plan_job", "plan_units")
+    module_fn(run_mod, "_plan_in_driver", "driver_unit_plans")
     orig_pipeline = run_mod._run_pipeline
 
     def run_pipeline(*a, **kw):
@@ -101,8 +93,8 @@ def instrumented(timings: dict, counts: dict | None = None, trace_path: str | No
     module_fn(run_mod, "_verify", "verify")
     module_fn(job_mod, "commit_change", "commit")
     if trace_path:
-        decode_shard, EncodeShard = traced_stages(trace_path)
-        patch(run_mod, "decode_shard", decode_shard)
+        expand_unit, EncodeShard = traced_stages(trace_path)
+        patch(run_mod, "expand_unit", expand_unit)
         patch(run_mod, "EncodeShard", EncodeShard)
     try:
         yield

@@ -18,17 +18,18 @@ def _append(path: str, event: dict) -> None:
 
 
 def traced_stages(trace_path: str):
-    """(decode_shard, EncodeShard) that behave as pipeline.extract.stages' and record their timings."""
-    from pipeline.extract import stages
+    """(expand_unit, EncodeShard) that behave as pipeline.extract's and record their timings: one decode
+    event per source unit (its blocks' images), one encode event per block."""
+    from pipeline.extract import stages, unit_stage
 
-    orig_decode, base = stages.decode_shard, stages.EncodeShard
+    orig_expand, base = unit_stage.expand_unit, stages.EncodeShard
 
-    def decode_shard(row, **kw):
+    def expand_unit(item, **kw):
         t = time.time()
-        out = orig_decode(row, **kw)
-        _append(trace_path, {"ev": "decode", "shard": int(row["shard_id"]), "t0": t, "t1": time.time(),
-                             "pid": os.getpid(), "n": int(len(out["ok"]))})
-        return out
+        rows = orig_expand(item, **kw)
+        _append(trace_path, {"ev": "decode", "shard": json.loads(item["unit"])["unit_id"], "t0": t,
+                             "t1": time.time(), "pid": os.getpid(), "n": int(sum(len(r["ok"]) for r in rows))})
+        return rows
 
     class EncodeShard(base):
         def __init__(self, **kw):
@@ -46,7 +47,7 @@ def traced_stages(trace_path: str):
                                  "pid": os.getpid(), "n": int(len(row["ok"]))})
             return out
 
-    return decode_shard, EncodeShard
+    return expand_unit, EncodeShard
 
 
 def read_trace(path: str | None) -> list[dict]:
@@ -74,7 +75,7 @@ def stage_lines(events: list[dict], start: float, execution: float) -> list[str]
                      f"{a['t1'] - a['t_import']:.1f} s)")
     if dec:
         busy, n_dec = _busy(dec)
-        lines.append(f"decode: {len(dec)} shard(s), first done +{rel(dec[0]['t1']):.1f} s, last "
+        lines.append(f"decode: {len(dec)} unit(s), first done +{rel(dec[0]['t1']):.1f} s, last "
                      f"+{rel(dec[-1]['t1']):.1f} s, {busy:.1f} task-s for {n_dec} images "
                      f"({n_dec / busy if busy else 0:.0f} img/s per task)")
     if enc:

@@ -23,9 +23,11 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
     infos = describe_layers(args.encoder, weights=args.weights, pooling=args.pooling)
     width = max(len(i.name) for i in infos)
-    print(f"{'layer':<{width}}  {'kind':<7} {'output shape':<18} pooled dim ({args.pooling})")
+    print(f"{'layer':<{width}}  {'kind':<7} {'layout':<6} {'output shape':<18} {'pooled dim (' + args.pooling + ')':<18} "
+          "layout read from")
     for i in infos:
-        print(f"{i.name:<{width}}  {i.kind:<7} {str(i.shape):<18} {i.dim}")
+        dim = "refused" if not i.layout else str(i.dim) if i.pooling == args.pooling else f"{i.dim} ({i.pooling})"
+        print(f"{i.name:<{width}}  {i.kind:<7} {i.layout or '?':<6} {str(i.shape):<18} {dim:<18} {i.note}")
     return 0
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .encoders.catalog import COMPUTE_DTYPE_NAMES
+from .encoders.catalog import COMPUTE_DTYPE_NAMES, DECODES as DECODE_MODES
 from .encoders.preprocess import Preprocessing
 from .schema import ConfigError, build, keys, render_keys, section, setting, to_plain
 
@@ -26,7 +26,7 @@ STORE_FORMATS = ("zarr", "parquet")
 # pipeline.sources.SOURCE_KINDS and pipeline.encoders.pooling.POOLINGS, without importing them (a test
 # keeps these equal): loading a config must not import torch or every source's dependencies.
 SOURCE_KINDS = ("folder", "manifest", "glob", "parquet", "hf", "webdataset")
-POOLINGS = ("avg", "max", "multiscale", "cls", "token_mean", "spatial")
+POOLINGS = ("avg", "max", "multiscale", "cls", "prefix_mean", "token_mean", "spatial")
 
 
 def _preprocessing(value: Any) -> Preprocessing:
@@ -46,6 +46,7 @@ class EncoderSpec:
     batch_size: int = setting(64, "images per forward pass")
     max_spatial_dim: int = setting(65536, "spatial pooling is refused above this many values per image")
     fold_batchnorm: bool = setting(True, "fold frozen BatchNorm into the conv before it: same features, fewer passes")
+    compile: bool = setting(False, "torch.compile the tapped forward: same features, faster on GPUs after a warm-up")
     preprocessing: Preprocessing | None = setting(
         None, "override of the weights' own transform {resize_size, crop_size, interpolation, mean, std}; recorded",
         parse=_preprocessing)
@@ -80,6 +81,12 @@ class RunSpec:
     keep_freed_memory: bool = setting(True, "encoder actors keep freed activation memory (glibc malloc settings)")
     local_max_images: int = setting(64, "at most this many images: encode in the driver without Ray; 0: always Ray")
     decode_niceness: int = setting(10, "CPU encoders: decode threads run this much nicer (0-19; 0 = same priority)")
+    decode: str = setting("exact", "exact: PIL decode and resize as the weights' reference transform; fast: torch "
+                          "resize, large JPEGs DCT-downscaled, nvJPEG where encoders run on GPUs (cos >= 0.995 of "
+                          "exact; recorded in the provenance)", choices=DECODE_MODES)
+    stall_timeout_s: float = setting(1800.0, "no block written for this long: log what is in flight, where, and stop "
+                                             "(a re-run resumes); 0: never")
+    progress_interval_s: float = setting(30.0, "seconds between progress lines (images done, rate, ETA)")
     max_error_fraction: float = setting(0.05, "the job stops once more than this fraction of images failed")
     max_image_pixels: int = setting(89_478_485, "larger images are refused as decompression bombs")
     ray_address: str | None = setting(None, "Ray cluster address; null: a running cluster or a local one")
@@ -182,6 +189,10 @@ def validate_extract(cfg: ExtractConfig) -> None:
     if not 0 <= cfg.run.decode_niceness <= 19:
         raise ConfigError(f"run.decode_niceness must be within [0, 19] (a nice increment), got "
                           f"{cfg.run.decode_niceness}")
+    gpus = cfg.run.gpus_per_encoder
+    if gpus is not None and (gpus < 0 or (gpus > 1 and gpus != int(gpus))):
+        raise ConfigError(f"run.gpus_per_encoder must be 0, a fraction of one GPU (0.25: four actors share it) or a "
+                          f"whole number of GPUs, got {gpus}")
     if cfg.encoder.batch_size < 1 or cfg.run.num_encoders < 1:
         raise ConfigError("encoder.batch_size and run.num_encoders must be >= 1")
     for name in ("shard_rows", "chunk_rows"):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageDecodeError", "decode_rgb", "to_rgb"]
+__all__ = ["DEFAULT_MAX_PIXELS", "Decoded", "ImageDecodeError", "decode_rgb", "decode_rgb_reduced", "to_rgb"]
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +23,7 @@ DEFAULT_MAX_PIXELS = 89_478_485
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _WHITE = (255, 255, 255, 255)
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 class ImageDecodeError(ValueError):
@@ -45,10 +48,31 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     The pixel count is checked from the header before any pixel is decoded, and
     truncated files raise instead of coming back half grey.
     """
+    return decode_rgb_reduced(data, max_pixels=max_pixels).image
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An RGB image, and where a reduced decode left it: `box` is the region of `image` that holds the whole
+    original of `size` (both as displayed, EXIF orientation applied); None when decoded at full size."""
+
+    image: Image.Image
+    size: tuple[int, int]
+    box: tuple[float, float, float, float] | None = None
+
+
+def decode_rgb_reduced(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to: int | None = None) -> Decoded:
+    """`decode_rgb`, and with ``reduce_to``, a JPEG whose shorter side is at least twice that decoded at a
+    reduced DCT scale (1/2, 1/4 or 1/8: libjpeg's own downscaling, through PIL's ``draft``) that keeps its
+    shorter side at ``reduce_to`` or more: several times less work to decode and to resize. Resizing
+    `box` of the result to a size gives nearly the pixels the full decode resized to that size gives.
+    """
     if not data:
         raise ImageDecodeError("empty file")
     image = _open(data, max_pixels)
     _check_pixels(image.size, max_pixels)
+    full = image.size
+    box = _reduce_jpeg(image, reduce_to) if reduce_to and image.format == "JPEG" else None
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         _warn_truncated_allowed()
     try:
@@ -61,11 +85,44 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     if image.format == "PNG" and b"IEND" not in data:
         # PIL stops after the last IDAT, so a cut-off tail would pass unnoticed.
         raise ImageDecodeError("truncated", detail="PNG has no IEND chunk")
+    stored = image.size
     try:
+        orientation = int(image.getexif().get(_ORIENTATION, 1))
         ImageOps.exif_transpose(image, in_place=True)
     except Exception as exc:  # a broken EXIF block should not cost us good pixels
         logger.debug("ignoring unreadable EXIF orientation: %s", exc)
-    return to_rgb(image)
+        orientation = 1
+    if image.size != stored and image.size != stored[::-1]:
+        orientation = 1  # not a transposition we know: leave the box unoriented
+    if orientation in (5, 6, 7, 8):
+        full = full[::-1]
+    if box is not None:
+        box = _orient_box(box, stored, orientation)
+    return Decoded(to_rgb(image), full, box)
+
+
+def _reduce_jpeg(image: Image.Image, reduce_to: int) -> tuple[float, float, float, float] | None:
+    """Ask libjpeg for a DCT-scaled decode where the image is at least twice `reduce_to`; the box of the
+    original in the reduced image, or None."""
+    width, height = image.size
+    scale = reduce_to / min(width, height)
+    if scale > 0.5:
+        return None
+    # draft picks the largest DCT scale that keeps both sides at the size asked for, or above
+    drafted = image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
+    return tuple(drafted[1]) if drafted and image.size != (width, height) else None
+
+
+def _orient_box(box, size: tuple[int, int], orientation: int) -> tuple[float, float, float, float]:
+    """`box` of an image of `size`, after the EXIF orientation's flip or rotation."""
+    w, h = size
+    move = {
+        2: lambda x, y: (w - x, y), 3: lambda x, y: (w - x, h - y), 4: lambda x, y: (x, h - y),
+        5: lambda x, y: (y, x), 6: lambda x, y: (h - y, x), 7: lambda x, y: (h - y, w - x),
+        8: lambda x, y: (y, w - x),
+    }.get(orientation, lambda x, y: (x, y))
+    (x0, y0), (x1, y1) = move(box[0], box[1]), move(box[2], box[3])
+    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -79,7 +136,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if mode in _ALPHA_MODES or image.has_transparency_data:
             rgba = image.convert("RGBA")
             return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
-        return image.convert("RGB")
+        return image if mode == "RGB" else image.convert("RGB")  # RGB already: no copy
     except ValueError as exc:  # PIL has no conversion path for this mode (e.g. LAB)
         raise ImageDecodeError(f"unsupported mode {mode}", detail=str(exc)) from exc
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from pipeline.config import EncoderSpec
-from pipeline.encoders import build_encoder
+from pipeline.encoders import FrozenEncoder, build_encoder, build_model, resolve_entry
 from pipeline.encoders.fusion import find_conv_bn_pairs, fold_batchnorm
 
 
@@ -27,16 +27,13 @@ def _randomize_bn(model: nn.Module, seed=0) -> None:
 
 def _pair(name, layers, pooling="avg"):
     """The same encoder (randomized BN statistics) built unfolded and folded."""
-    spec = dict(name=name, weights="random:0", layers=layers, pooling=pooling, max_spatial_dim=10**7)
-    plain = build_encoder(EncoderSpec(**spec, fold_batchnorm=False), device="cpu")
-    folded_model = build_encoder(EncoderSpec(**spec, fold_batchnorm=False), device="cpu").model
-    _randomize_bn(plain.model)
-    _randomize_bn(folded_model)
-    probe = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    n = fold_batchnorm(folded_model, plain.layers, probe)
-    folded = build_encoder(EncoderSpec(**spec, fold_batchnorm=False), device="cpu")
-    folded.model = folded_model.to(memory_format=folded.memory_format)
-    return plain, folded, n
+    def make(fold):
+        built = build_model(resolve_entry(name), "random:0")
+        _randomize_bn(built.model)
+        return FrozenEncoder(built, name=name, layers=layers, pooling=pooling, max_spatial_dim=10**7, fold_bn=fold)
+
+    plain, folded = make(False), make(True)
+    return plain, folded, folded.folded_bn
 
 
 @pytest.mark.parametrize("name,layers,expected", [

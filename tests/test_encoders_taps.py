@@ -119,3 +119,40 @@ def test_per_layer_pooling_overrides_the_default():
                                     pooling="multiscale", layer_pooling={"classifier": "avg"}), device="cpu")
     assert enc.pooling == {"blocks.2": "multiscale", "classifier": "avg"}
     assert enc.layer_dims == {"blocks.2": 40 * 5, "classifier": 1000}
+
+
+def test_compiled_encoder_matches_eager():
+    """encoder.compile: torch.compile of the tapped forward gives the eager features, a short batch included
+    (padded to the compiled shape, so it does not recompile)."""
+    from pipeline.encoders.preprocess import Preprocessing
+
+    spec = EncoderSpec(name="timm:test_resnet", weights="random:0", layers=("layer2", "layer4"), pooling="multiscale",
+                       preprocessing=Preprocessing(64, 64, "bilinear", (0.5,) * 3, (0.25,) * 3))
+    eager = build_encoder(spec, device="cpu")
+    compiled = build_encoder(EncoderSpec(**{**spec.__dict__, "compile": True}), device="cpu")
+    assert compiled.provenance() == eager.provenance()  # the same network: the same feature set
+    x = _pixels(n=3, size=64)
+    for batch in (x, x[:2]):
+        want, got = eager.encode(batch), compiled.encode(batch)
+        for layer in spec.layers:
+            assert got[layer].shape == want[layer].shape
+            assert torch.allclose(got[layer], want[layer], rtol=1e-4, atol=1e-4 * float(want[layer].abs().max()))
+
+
+def test_hooks_act_only_inside_the_encoder():
+    enc = build_encoder(EncoderSpec(name="resnet18", weights="random:0", layers=("layer2",)), device="cpu")
+    with torch.inference_mode():
+        logits = enc.model(torch.zeros(1, 3, 64, 64))  # a plain forward of the model runs to the end
+    assert logits.shape == (1, 1000)
+
+
+def test_encode_batches_streams_what_encode_gives():
+    enc = build_encoder(EncoderSpec(name="resnet18", weights="random:0", layers=("layer1", "layer3")), device="cpu")
+    x = _pixels(n=5, size=64)
+    batches = [x[:2].numpy(), x[2:4], x[4:].numpy()]
+    streamed = list(enc.encode_batches(iter(batches)))
+    assert len(streamed) == 3
+    for got, batch in zip(streamed, batches):
+        want = enc.encode(batch)
+        assert all(torch.equal(got[k], want[k]) for k in enc.layers)
+    assert list(enc.encode_batches([])) == []

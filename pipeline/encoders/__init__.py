@@ -12,6 +12,7 @@ from .preprocess import Preprocessing
 _LAZY = {
     "COMPUTE_DTYPES": ".encoder", "FrozenEncoder": ".encoder", "LayerInfo": ".encoder",
     "describe_layers": ".encoder", "resolve_device": ".encoder", "POOLINGS": ".pooling",
+    "LayoutError": ".layouts",
     "ENCODERS": ".catalog", "EncoderEntry": ".catalog", "build_model": ".registry", "resolve_entry": ".catalog",
     "WeightsNotFoundError": ".weights",
 }
@@ -23,13 +24,15 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
-    "COMPUTE_DTYPES", "ENCODERS", "POOLINGS", "EncoderEntry", "FrozenEncoder", "LayerInfo", "Preprocessing",
+    "COMPUTE_DTYPES", "ENCODERS", "POOLINGS", "EncoderEntry", "FrozenEncoder", "LayerInfo", "LayoutError",
+    "Preprocessing",
     "WeightsNotFoundError", "build_encoder", "build_model", "describe_layers", "resolve_device", "resolve_entry",
 ]
 
 
-def build_encoder(spec, *, device: str | None = None, storage_options: dict | None = None):
-    """A ready FrozenEncoder from an `EncoderSpec` (see pipeline.config)."""
+def build_encoder(spec, *, device: str | None = None, storage_options: dict | None = None, decode: str = "exact"):
+    """A ready FrozenEncoder from an `EncoderSpec` (see pipeline.config); `decode` is the run's `run.decode`,
+    which the encoder records in its provenance."""
     from .encoder import FrozenEncoder
     from .registry import build_model, resolve_entry
 
@@ -47,4 +50,6 @@ def build_encoder(spec, *, device: str | None = None, storage_options: dict | No
         device=device or spec.device,
         max_spatial_dim=spec.max_spatial_dim,
         fold_bn=spec.fold_batchnorm,
+        compile=spec.compile,
+        decode=decode,
     )

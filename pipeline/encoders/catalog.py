@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 # compute dtype name -> torch dtype attribute; `encoder.COMPUTE_DTYPES` maps them to torch dtypes
 COMPUTE_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# `run.decode`: "exact" is the reference-faithful PIL path; "fast" decodes large JPEGs at a reduced DCT scale
+# (and on the GPU, with nvJPEG, where the encoders run there), within cos >= 0.995 of exact features
+DECODES = ("exact", "fast")
 
 
 @dataclass(frozen=True)

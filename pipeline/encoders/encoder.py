@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,9 +13,11 @@ from torch import nn
 from . import pooling as P
 from .preprocess import Preprocessing
 from .registry import BuiltModel, build_model, resolve_entry
-from .catalog import COMPUTE_DTYPE_NAMES
+from .catalog import COMPUTE_DTYPE_NAMES, DECODES
 from .fusion import fold_batchnorm
-from .taps import LayerTaps, execution_order, normalize_layers, tappable_layers
+from .layouts import LayoutError, LayoutReader, read_layouts
+from .taps import PooledTaps, normalize_layers, tappable_layers
+from .transfer import HostToDevice
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,8 @@ class LayerInfo:
     kind: str
     pooling: str
     dim: int
+    layout: str = ""  # NCHW, NHWC, NLC, NCL, NC; "" where it cannot be read (see `note`)
+    note: str = ""  # where the layout was read from, or why it cannot be
 
 
 def resolve_device(device: str) -> torch.device:
@@ -67,8 +72,13 @@ class FrozenEncoder:
         max_spatial_dim: int = 65536,
         channels_last: bool | None = None,
         fold_bn: bool = True,
+        compile: bool = False,
+        decode: str = "exact",
     ) -> None:
+        if decode not in DECODES:
+            raise ValueError(f"unknown decode {decode!r}; valid: {list(DECODES)}")
         self.name = name
+        self.decode = decode
         self.preprocessing: Preprocessing = built.preprocessing
         self.weights = built.weights
         self.class_names = built.class_names
@@ -88,13 +98,12 @@ class FrozenEncoder:
         self.pooling = {layer: per_layer.get(layer, default) for layer in self.layers}
 
         crop = self.preprocessing.crop_size
-        order = execution_order(self.model, self.layers, torch.zeros(1, 3, crop, crop))
+        order = read_layouts(self.model, self.layers, torch.zeros(1, 3, crop, crop), prefix_tokens=self.prefix_tokens)
         self.layers = [name for name, _ in order]  # execution order: the last one stops the forward
-        self.kinds = {n: P.describe(t, prefix_tokens=self.prefix_tokens) for n, t in order}
+        self.kinds = dict(order)
         for n in self.layers:
             P.check(self.pooling[n], self.kinds[n], layer=n, grid=self.grid, max_spatial_dim=max_spatial_dim)
         self.layer_dims = {n: P.pooled_dim(self.pooling[n], self.kinds[n], grid=self.grid) for n in self.layers}
-        self.layer_shapes = {n: tuple(t.shape[1:]) for n, t in order}
 
         probe = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
         # numerically the same network, so not part of the provenance (stores stay comparable)
@@ -106,36 +115,63 @@ class FrozenEncoder:
             channels_last = all(k.kind != "tokens" for k in self.kinds.values())
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
+        poolers = [functools.partial(P.pool, pooling=self.pooling[n], kind=self.kinds[n], grid=self.grid)
+                   for n in self.layers]
+        # like BN folding, compiling keeps the network's numbers (a parity test holds it to that): not provenance
+        self.compiled = compile
+        self.taps = PooledTaps(self.model, self.layers, poolers, stop_early=not compile)
+        self._forward = torch.compile(self.taps, dynamic=False) if compile else self.taps
+        self._compiled_batch = 0
+        self._uploads = HostToDevice(self.device)
 
     def encode(self, pixels) -> dict[str, torch.Tensor]:
         """(N, 3, H, W) uint8 (tensor or array) -> {layer: (N, D) float32 on CPU}, all layers from one forward."""
-        out: dict[str, torch.Tensor] = {}
-        pixels = torch.as_tensor(pixels)
+        return next(self.encode_batches([pixels]))
 
-        def sink(name: str, act: torch.Tensor) -> None:
-            pooled = P.pool(act, self.pooling[name], prefix_tokens=self.prefix_tokens, grid=self.grid)
-            out[name] = pooled.clone() if pooled.data_ptr() == act.data_ptr() else pooled
+    def encode_batches(self, batches: Iterable) -> Iterator[dict[str, torch.Tensor]]:
+        """`encode` over a stream of batches; on CUDA the next batch is copied while the current one runs."""
+        it = iter(batches)
+        first = next(it, None)
+        upcoming = self._uploads.upload(first) if first is not None else None
+        while upcoming is not None:
+            pooled = self._run(upcoming.wait())  # queued on the device; the host goes on
+            following = next(it, None)
+            upcoming = self._uploads.upload(following) if following is not None else None
+            yield {n: t.cpu() for n, t in zip(self.layers, pooled)}
 
-        x = self.preprocessing.normalize(pixels.to(self.device, non_blocking=True))
-        x = x.contiguous(memory_format=self.memory_format)
-        with torch.inference_mode(), self._autocast(), LayerTaps(self.model, self.layers, sink,
-                                                                 stop_after=self.layers[-1]) as taps:
-            taps.run(x)
-        return {n: out[n].cpu() for n in self.layers}
+    def _run(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = pixels.shape[0]
+        if self.compiled:  # a shard's short last batch is padded: one compiled shape, no recompilation
+            self._compiled_batch = max(self._compiled_batch, n)
+            if n < self._compiled_batch:
+                pad = pixels.new_zeros((self._compiled_batch - n, *pixels.shape[1:]))
+                pixels = torch.cat([pixels, pad])
+        x = self.preprocessing.normalize(pixels).contiguous(memory_format=self.memory_format)
+        with torch.inference_mode(), self._autocast():
+            return tuple(t[:n] for t in self._forward(x))
 
     def layer_infos(self) -> list[LayerInfo]:
         return [
-            LayerInfo(n, self.layer_shapes[n], self.kinds[n].kind, self.pooling[n], self.layer_dims[n])
+            LayerInfo(n, self.layer_shapes[n], self.kinds[n].kind, self.pooling[n], self.layer_dims[n],
+                      self.kinds[n].layout, self.kinds[n].source)
             for n in self.layers
         ]
 
+    @property
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One image's activation shape per layer, in the layer's own layout."""
+        return {n: _shape(k) for n, k in self.kinds.items()}
+
     def provenance(self) -> dict:
         """What a feature store records about the encoder that produced it."""
+        preprocessing = self.preprocessing.to_dict()
+        if self.decode != "exact":  # the exact default adds nothing, so existing feature set names stay
+            preprocessing["decode"] = self.decode
         return {
             "encoder": self.name,
             "weights_source": self.weights.source,
             "weights_sha256": self.weights.sha256,
-            "preprocessing": self.preprocessing.to_dict(),
+            "preprocessing": preprocessing,
             "layers": list(self.layers),
             "pooling": dict(self.pooling),
             "multiscale_grid": list(self.grid),
@@ -144,18 +180,35 @@ class FrozenEncoder:
         }
 
 
+def _shape(kind: P.LayerKind) -> tuple[int, ...]:
+    if kind.layout == "NC":
+        return (kind.channels,)
+    if kind.layout in ("NCHW", "NCL"):
+        return (kind.channels, *kind.spatial)
+    return (*kind.spatial, kind.channels)
+
+
 def describe_layers(name: str, *, weights: str = "random", pooling: str = "avg",
                     multiscale_grid: Sequence[int] = (1, 2)) -> list[LayerInfo]:
-    """Every tappable layer of an encoder with its activation shape and pooled dimension."""
+    """Every tappable layer of an encoder with its layout, activation shape and pooled dimension.
+
+    A layer whose layout cannot be read from the model is listed with the reason and no dimension.
+    """
     built = build_model(resolve_entry(name), weights)
-    layers = tappable_layers(built.model)
     crop = built.preprocessing.crop_size
+    reader = LayoutReader(built.model, torch.zeros(1, 3, crop, crop), prefix_tokens=built.prefix_tokens)
     infos = []
-    for layer, act in execution_order(built.model, layers, torch.zeros(1, 3, crop, crop)):
-        kind = P.describe(act, prefix_tokens=built.prefix_tokens)
+    for layer in reader.execution_order([n for n in tappable_layers(built.model) if n in reader.trace.first]):
+        shape = reader.output_shape(layer) or ()
+        try:
+            kind = reader.kind(layer)
+        except LayoutError as e:
+            infos.append(LayerInfo(layer, tuple(shape[1:]), "?", pooling, 0, "", str(e)))
+            continue
         pool = pooling
-        if kind.kind == "vector" or (pool == "cls" and kind.kind != "tokens"):
+        if kind.kind == "vector" or (pool in ("cls", "prefix_mean") and kind.prefix_tokens < 1) or (
+                pool == "multiscale" and kind.kind == "tokens" and kind.token_grid is None):
             pool = "avg"
-        infos.append(LayerInfo(layer, tuple(act.shape[1:]), kind.kind, pool,
-                               P.pooled_dim(pool, kind, grid=tuple(multiscale_grid))))
+        infos.append(LayerInfo(layer, tuple(shape[1:]), kind.kind, pool,
+                               P.pooled_dim(pool, kind, grid=tuple(multiscale_grid)), kind.layout, kind.source))
     return infos

@@ -3,9 +3,9 @@
 A frozen BatchNorm is a per-channel affine map, so it can be folded into the weights and bias of the
 convolution that feeds it; the network then skips one full pass over every such activation. On CPU
 this is the largest single saving for BN-heavy CNNs (EfficientNet, MobileNet, ResNet): about 1.5x
-for efficientnet_lite0 at batch 64. The same fold TensorRT, ONNX Runtime and
-`torch.fx.experimental.optimization.fuse` apply, done here on the eager module so that layer names
-and forward hooks keep working.
+for efficientnet_lite0 at batch 64. The arithmetic is torch's own (`torch.nn.utils.fusion.fuse_conv_bn_weights`,
+what `torch.fx.experimental.optimization.fuse` uses); it is applied here on the eager module so that layer
+names and forward hooks keep working.
 
 A pair is folded only when the forward shows the BatchNorm consuming the convolution's output
 tensor, the convolution is not itself a tapped layer, and the folded network gives the same tapped
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .taps import LayerTaps
 
@@ -102,11 +103,11 @@ def _fold_pair(model: nn.Module, conv_name: str, bn_name: str) -> _Fold:
     bn: nn.BatchNorm2d = getattr(parent, leaf)
     undo = _Fold(conv, conv.weight.detach(), None if conv.bias is None else conv.bias.detach(), parent, leaf, bn)
     with torch.no_grad():
-        scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
-        shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
-        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + shift, requires_grad=False)
+        conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                      bn.eps, bn.weight if bn.affine else None,
+                                                      bn.bias if bn.affine else None)
+    conv.weight.requires_grad_(False)
+    conv.bias.requires_grad_(False)
     setattr(parent, leaf, _after_bn(bn))
     return undo
 

@@ -1,33 +1,37 @@
-"""Pooling of one layer's activation into a fixed-size vector per image."""
+"""Pooling of one layer's activation into a fixed-size vector per image, over the axes its layout names."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-POOLINGS = ("avg", "max", "multiscale", "cls", "token_mean", "spatial")
+POOLINGS = ("avg", "max", "multiscale", "cls", "prefix_mean", "token_mean", "spatial")
+LAYOUTS = ("NCHW", "NHWC", "NLC", "NCL", "NC")
 
 
 @dataclass(frozen=True)
 class LayerKind:
-    """What a layer emits: a conv map (N, C, H, W), tokens (N, T, C) or a vector (N, C)."""
+    """What a layer emits: a map (channels + H, W), tokens (channels + T) or a vector, and in which layout.
+
+    `spatial` is (H, W) for a map and (T,) for tokens, whatever the layout; `token_grid` is the (rows, cols)
+    of the patch tokens after the `prefix_tokens` when they are known to be in row-major order, else None.
+    `source` says where the layout was read from (see pipeline.encoders.layouts).
+    """
 
     kind: str  # "map" | "tokens" | "vector"
     channels: int
     spatial: tuple[int, ...] = ()
     prefix_tokens: int = 0
+    layout: str = ""
+    token_grid: tuple[int, int] | None = None
+    source: str = ""
 
-
-def describe(t: torch.Tensor, *, prefix_tokens: int = 0) -> LayerKind:
-    if t.ndim == 4:
-        return LayerKind("map", int(t.shape[1]), (int(t.shape[2]), int(t.shape[3])))
-    if t.ndim == 3:
-        return LayerKind("tokens", int(t.shape[2]), (int(t.shape[1]),), prefix_tokens)
-    if t.ndim == 2:
-        return LayerKind("vector", int(t.shape[1]))
-    raise ValueError(f"cannot pool an activation of shape {tuple(t.shape)}")
+    def __post_init__(self) -> None:
+        if not self.layout:
+            object.__setattr__(self, "layout", {"map": "NCHW", "tokens": "NLC", "vector": "NC"}[self.kind])
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; valid: {list(LAYOUTS)}")
 
 
 def check(pooling: str, kind: LayerKind, *, layer: str, grid: tuple[int, ...], max_spatial_dim: int) -> None:
@@ -36,12 +40,16 @@ def check(pooling: str, kind: LayerKind, *, layer: str, grid: tuple[int, ...], m
         raise ValueError(f"unknown pooling {pooling!r} for layer {layer!r}; valid: {list(POOLINGS)}")
     if kind.kind == "vector" and pooling not in ("avg", "max", "token_mean"):
         raise ValueError(f"layer {layer!r} is already a vector ({kind.channels}); use pooling 'avg' (identity)")
-    if pooling == "cls" and (kind.kind != "tokens" or kind.prefix_tokens < 1):
-        raise ValueError(f"pooling 'cls' needs a transformer layer with a class token; {layer!r} is a {kind.kind}")
+    if pooling in ("cls", "prefix_mean") and (kind.kind != "tokens" or kind.prefix_tokens < 1):
+        what = f"a {kind.kind}" if kind.kind != "tokens" else "tokens without a class token"
+        raise ValueError(f"pooling {pooling!r} needs a transformer layer with a class token; {layer!r} is {what}")
     if pooling == "token_mean" and kind.kind == "map":
         raise ValueError(f"pooling 'token_mean' is for transformer tokens; {layer!r} is a conv map, use 'avg'")
-    if pooling == "multiscale" and kind.kind == "tokens" and _token_grid(kind) is None:
-        raise ValueError(f"pooling 'multiscale' needs a square patch grid; {layer!r} has {kind.spatial[0]} tokens")
+    if pooling == "multiscale" and kind.kind == "tokens" and kind.token_grid is None:
+        raise ValueError(
+            f"pooling 'multiscale' needs the patch tokens of {layer!r} in a known row-major grid; this model does "
+            f"not declare one for its {kind.spatial[0]} tokens (Hiera keeps mask-unit order, hierarchical models "
+            "change the token count): use 'avg', 'max' or 'token_mean'")
     if pooling == "spatial":
         dim = pooled_dim(pooling, kind, grid=grid)
         if dim > max_spatial_dim:
@@ -50,12 +58,6 @@ def check(pooling: str, kind: LayerKind, *, layer: str, grid: tuple[int, ...], m
                 f"({dim * 2 / 1e6:.1f} MB in float16), above max_spatial_dim={max_spatial_dim}; "
                 "pick a later layer, a pooling, or raise max_spatial_dim"
             )
-
-
-def _token_grid(kind: LayerKind) -> int | None:
-    n = kind.spatial[0] - kind.prefix_tokens
-    side = int(math.isqrt(n))
-    return side if side * side == n else None
 
 
 def pooled_dim(pooling: str, kind: LayerKind, *, grid: tuple[int, ...] = (1, 2)) -> int:
@@ -70,35 +72,51 @@ def pooled_dim(pooling: str, kind: LayerKind, *, grid: tuple[int, ...] = (1, 2))
     return kind.channels
 
 
-def pool(x: torch.Tensor, pooling: str, *, prefix_tokens: int = 0, grid: tuple[int, ...] = (1, 2)) -> torch.Tensor:
-    """Activation -> (N, D) float32. Computed in fp32 whatever the forward's dtype."""
+def pool(x: torch.Tensor, pooling: str, kind: LayerKind, *, grid: tuple[int, ...] = (1, 2)) -> torch.Tensor:
+    """Activation -> (N, D) float32, a tensor of its own. Computed in fp32 whatever the forward's dtype.
+
+    Maps are pooled as NCHW and tokens as NLC, whatever the layer's own layout: an NHWC map's 'spatial'
+    features come out in the same (C, H, W) order as a convolution's.
+    """
     x = x.float()
-    if x.ndim == 2 or pooling == "spatial":
-        return x.flatten(1)
-    if x.ndim == 3:
-        return _pool_tokens(x, pooling, prefix_tokens=prefix_tokens, grid=grid)
+    if kind.layout == "NC":
+        return x.flatten(1).clone()
+    if kind.layout == "NHWC":
+        x = x.permute(0, 3, 1, 2)
+    elif kind.layout == "NCL":
+        x = x.transpose(1, 2)
+    if kind.kind == "tokens":
+        return _pool_tokens(x, pooling, kind, grid=grid)
     if pooling == "avg":
         return x.mean(dim=(2, 3))
     if pooling == "max":
         return x.amax(dim=(2, 3))
     if pooling == "multiscale":
         return _pool_map_multiscale(x, grid)
+    if pooling == "spatial":
+        return x.flatten(1).clone()
     raise ValueError(f"pooling {pooling!r} does not apply to a conv map; valid: avg, max, multiscale, spatial")
 
 
-def _pool_tokens(x: torch.Tensor, pooling: str, *, prefix_tokens: int, grid: tuple[int, ...]) -> torch.Tensor:
-    patches = x[:, prefix_tokens:]
+def _pool_tokens(x: torch.Tensor, pooling: str, kind: LayerKind, *, grid: tuple[int, ...]) -> torch.Tensor:
+    prefix = kind.prefix_tokens
+    patches = x[:, prefix:]
     if pooling == "cls":
-        return x[:, 0]
+        return x[:, 0].clone()
+    if pooling == "prefix_mean":
+        return x[:, :prefix].mean(dim=1)
     if pooling in ("avg", "token_mean"):
         return patches.mean(dim=1)
     if pooling == "max":
         return patches.amax(dim=1)
+    if pooling == "spatial":
+        return x.flatten(1).clone()
     if pooling == "multiscale":
-        n, t, c = patches.shape
-        side = int(math.isqrt(t))
-        return _pool_map_multiscale(patches.transpose(1, 2).reshape(n, c, side, side), grid)
-    raise ValueError(f"pooling {pooling!r} does not apply to tokens; valid: cls, token_mean, avg, max, multiscale")
+        n, _, c = patches.shape
+        rows, cols = kind.token_grid
+        return _pool_map_multiscale(patches.transpose(1, 2).reshape(n, c, rows, cols), grid)
+    raise ValueError(f"pooling {pooling!r} does not apply to tokens; valid: cls, prefix_mean, token_mean, avg, max, "
+                     "multiscale, spatial")
 
 
 def _pool_map_multiscale(x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:

@@ -46,16 +46,23 @@ class Preprocessing:
         The same arithmetic as torchvision's `Resize(int)` + `CenterCrop` on PIL images, which is
         what the reference transforms of the weights do (a parity test holds us to it).
         """
-        w, h = image.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
-        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        if (new_w, new_h) != (w, h):
+        new_w, new_h = self.resized_size(*image.size)
+        if (new_w, new_h) != image.size:
             image = image.resize((new_w, new_h), INTERPOLATIONS[self.interpolation])
+        left, top = self.crop_origin(new_w, new_h)
         c = self.crop_size
-        top, left = int(round((new_h - c) / 2.0)), int(round((new_w - c) / 2.0))
         image = image.crop((left, top, left + c, top + c))
         return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+    def resized_size(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) after the shorter side is resized to `resize_size`, as torchvision's `Resize(int)`."""
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
+        return (new_short, new_long) if w <= h else (new_long, new_short)
+
+    def crop_origin(self, w: int, h: int) -> tuple[int, int]:
+        """(left, top) of the center crop of a (w, h) image, as torchvision's `CenterCrop`."""
+        return int(round((w - self.crop_size) / 2.0)), int(round((h - self.crop_size) / 2.0))
 
     def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(N, 3, crop, crop) uint8 for a list of RGB images."""

@@ -96,16 +96,51 @@ class LayerTaps:
             pass
 
 
-def execution_order(model: nn.Module, layers: Sequence[str], x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """Run once, recording each tapped layer's first activation in the order they fire."""
-    seen: dict[str, torch.Tensor] = {}
+class PooledTaps(nn.Module):
+    """The model with its tapped layers pooled as they fire: `forward(x)` -> one (N, D) tensor per layer.
 
-    def record(name: str, t: torch.Tensor) -> None:
-        seen.setdefault(name, t.detach())
+    Each layer's first call is pooled (later calls of a shared module are ignored). With `stop_early`, the
+    deepest tap ends the forward by an exception, which eager mode handles for free; `torch.compile` cannot
+    trace through that exception, so a compiled PooledTaps runs without it, and the compiler drops the
+    blocks whose results nothing uses.
+    """
 
-    with torch.inference_mode(), LayerTaps(model, layers, record) as taps:
-        taps.run(x)
-    missing = [n for n in layers if n not in seen]
-    if missing:
-        raise ValueError(f"layers {missing} produced no output in a forward pass; pick another layer")
-    return list(seen.items())
+    def __init__(self, model: nn.Module, layers: Sequence[str],
+                 poolers: Sequence[Callable[[torch.Tensor], torch.Tensor]], *, stop_early: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = list(layers)
+        self.stop_after = self.layers[-1] if stop_early else None
+        self._poolers = dict(zip(self.layers, poolers))
+        self._out: dict[str, torch.Tensor] = {}
+        self._active = False  # the hooks stay on the model, but act only inside `forward`
+        modules = dict(model.named_modules())
+        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.layers]
+
+    def _hook(self, name: str):
+        def hook(_module, _inputs, output):
+            if not self._active:
+                return
+            if name not in self._out:
+                self._out[name] = self._poolers[name](output[0] if isinstance(output, (tuple, list)) else output)
+            if name == self.stop_after:
+                raise _StopForward
+
+        return hook
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._out, self._active = {}, True
+        try:
+            self.model(x)
+        except _StopForward:
+            pass
+        finally:
+            self._active = False
+        out, self._out = self._out, {}
+        return tuple(out[n] for n in self.layers)
+
+    def remove(self) -> None:
+        """Take the hooks off the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -2,9 +2,11 @@
 for a handful of images), then checks every file of every block."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 
@@ -12,9 +14,10 @@ from .. import storage
 from ..config import ConfigError, ExtractConfig
 from ..encoders.card import EncoderCard
 from ..stores import FeatureStoreWriter, Segment
-from .plan import ExtractPlan, build_source
-from .sink import ErrorBudget, ErrorBudgetExceeded, FeatureStoreDatasink
-from .stages import EncodeShard, check_encoder_matches, decode_shard, encode_row, row_to_shard
+from .plan import build_source
+from .sink import ErrorBudget, ErrorBudgetExceeded, FeatureStoreDatasink, write_row
+from .stages import EncodeShard, check_encoder_matches, encode_row
+from .unit_stage import expand_unit, unit_item
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ def prepare_encoder(cfg: ExtractConfig):
     from ..encoders.card import load_card, save_card
 
     options = dict(cfg.store.storage_options) or None
-    card = load_card(cfg.encoder, options)
+    card = load_card(cfg.encoder, options, decode=cfg.run.decode)
     if card is not None:
         log.info("encoder %s: layers and provenance from its cached card", card.name)
         return card
@@ -62,57 +65,15 @@ def build_driver_encoder(cfg: ExtractConfig):
     from ..encoders import build_encoder
 
     try:
-        return build_encoder(cfg.encoder, device="cpu", storage_options=dict(cfg.store.storage_options) or None)
+        return build_encoder(cfg.encoder, device="cpu", storage_options=dict(cfg.store.storage_options) or None,
+                             decode=cfg.run.decode)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
 
 
-def execute(cfg: ExtractConfig, plan: ExtractPlan, writer: FeatureStoreWriter, encoder) -> ExecuteResult:
-    """Write every block of the plan that is not written yet (a resumed job skips the rest), then check that
-    every file of every block is in the store, resumed ones included, writing lost blocks again.
-
-    Counts and the error budget are over the plan's rows.
-    """
-    t0 = time.perf_counter()
-    done = writer.written_records([s.shard_id for s in plan.shards])
-    todo = [s for s in plan.shards if done.get(s.shard_id, {}).get("plan_hash") != s.plan_hash]
-    skipped = len(plan.shards) - len(todo)
-    if skipped:
-        log.info("resuming: %d of %d shards already written", skipped, len(plan.shards))
-    pending = {s.shard_id for s in todo}
-    records = {s.shard_id: done[s.shard_id] for s in plan.shards if s.shard_id not in pending}
-    encoded = written = 0
-    check = list(plan.shards)
-    for _ in range(3):  # an object store that loses acknowledged writes gets two more chances
-        if todo:
-            if sum(len(s.records) for s in todo) <= cfg.run.local_max_images:
-                fresh = _run_local(cfg, todo, writer, encoder)
-            else:
-                _ensure_ray(cfg.run.ray_address)
-                fresh = _run_pipeline(cfg, todo, plan, layers=list(encoder.layers),
-                                      preprocessing=encoder.preprocessing, provenance=encoder.provenance()).records
-            encoded += sum(r["n_ok"] for r in fresh)
-            records.update({int(r["shard_id"]): r for r in fresh})
-        todo, nbytes = _verify(writer, check, records)
-        written += nbytes
-        check = todo
-        if not todo:
-            break
-    if todo:
-        raise RuntimeError(f"shards {[s.shard_id for s in todo]} lost files after being written three times; "
-                           f"check the object store behind {storage.redact_uri(plan.target.uri)}")
-    n_rows = sum(records[s.shard_id]["n_rows"] for s in plan.shards)
-    n_errors = sum(records[s.shard_id]["n_errors"] for s in plan.shards)
-    if n_rows and n_errors > cfg.run.max_error_fraction * n_rows:
-        raise ErrorBudgetExceeded(
-            f"{n_errors} of {n_rows} images failed ({n_errors / n_rows:.1%}), above run.max_error_fraction="
-            f"{cfg.run.max_error_fraction}; see {storage.redact_uri(plan.target.uri)}/errors/*.parquet; nothing "
-            f"was published")
-    return ExecuteResult(records, n_rows, encoded, n_errors, skipped, time.perf_counter() - t0, written)
-
-
-@dataclass(frozen=True)
+@dataclass
 class ExecuteResult:
+    plans: list  # UnitPlan per unit that was worked on
     records: dict[int, dict]  # block -> its shard record
     rows: int
     encoded: int
@@ -122,37 +83,116 @@ class ExecuteResult:
     bytes_written: int
 
 
-def _run_local(cfg: ExtractConfig, todo, writer: FeatureStoreWriter, encoder) -> list[dict]:
+def execute(cfg: ExtractConfig, work: list, writer: FeatureStoreWriter, encoder, *, job_id: str) -> ExecuteResult:
+    """Run every unit's task: expand, diff with its old blocks, encode and write its new blocks (blocks an
+    earlier run wrote are skipped). Then check that every file of every block is in the store, resumed ones
+    included, and run the units whose blocks lost files again.
+
+    Counts and the error budget are over the blocks this job writes.
+    """
+    t0 = time.perf_counter()
+    plans: dict[str, Any] = {}
+    records: dict[int, dict] = {}
+    encoded = skipped = written = 0
+    todo = list(work)
+    for _ in range(3):  # an object store that loses acknowledged writes gets two more chances
+        if not todo:
+            break
+        known = sum(w.unit.n_images or 0 for w in todo)
+        planned = _plan_in_driver(cfg, todo, writer, job_id) if len(todo) <= DRIVER_PLANNED_UNITS else None
+        if planned is not None:
+            outputs = _run_local(cfg, planned, writer, encoder)
+        else:
+            _ensure_ray(cfg.run.ray_address)
+            outputs = _run_pipeline(cfg, todo, writer.target, layers=list(encoder.layers),
+                                    preprocessing=encoder.preprocessing, provenance=encoder.provenance(),
+                                    job_id=job_id, total=known).outputs
+        fresh = _collect(outputs, plans, records)
+        encoded += sum(r["n_ok"] for r in fresh)
+        skipped += sum(1 for o in outputs if o.get("resumed"))
+        lost, nbytes = _verify(writer, [t.block for w in todo for t in plans[w.unit.unit_id].blocks], records)
+        written += nbytes
+        todo = [w for w in todo if {t.block for t in plans[w.unit.unit_id].blocks} & lost]
+    if todo:
+        raise RuntimeError(f"units {[w.unit.unit_id for w in todo][:5]} lost files after being written three "
+                           f"times; check the object store behind {storage.redact_uri(writer.target.uri)}")
+    blocks = [t.block for p in plans.values() for t in p.blocks]
+    n_rows = sum(records[b]["n_rows"] for b in blocks)
+    n_errors = sum(records[b]["n_errors"] for b in blocks)
+    if n_rows and n_errors > cfg.run.max_error_fraction * n_rows:
+        raise ErrorBudgetExceeded(
+            f"{n_errors} of {n_rows} images failed ({n_errors / n_rows:.1%}), above run.max_error_fraction="
+            f"{cfg.run.max_error_fraction}; see {storage.redact_uri(writer.target.uri)}/errors/*.parquet; nothing "
+            f"was published")
+    return ExecuteResult(list(plans.values()), records, n_rows, encoded, n_errors, skipped,
+                         time.perf_counter() - t0, written)
+
+
+def _collect(outputs: list[dict], plans: dict, records: dict) -> list[dict]:
+    """Unit plans and block records from the writers' outputs; returns the records written now."""
+    from ..stores.units import UnitPlan
+
+    fresh = []
+    for out in outputs:
+        if out.get("plan"):
+            plan = UnitPlan.from_json(json.loads(out["plan"]))
+            plans[plan.unit.unit_id] = plan
+        if out.get("record"):
+            record = out["record"]
+            records[int(record["shard_id"])] = record
+            if not out.get("resumed"):
+                fresh.append(record)
+    return fresh
+
+
+#: A job of at most this many units is planned in the driver first, to see whether it is small enough to encode
+#: there (run.local_max_images) rather than start Ray: a nightly refresh that touched a few images, say.
+DRIVER_PLANNED_UNITS = 16
+
+
+def _plan_in_driver(cfg: ExtractConfig, work: list, writer: FeatureStoreWriter, job_id: str) -> list | None:
+    """The units' plans when they encode at most run.local_max_images images in all, else None."""
+    from .unit_stage import plan_item, unit_item
+
+    source = build_source(cfg.source)
+    planned = [(*plan_item(unit_item(w, job_id), source=source, target=writer.target), source) for w in work]
+    n = sum(len(t.records) for plan, _, done, _ in planned for t in plan.blocks if t.block not in done)
+    return planned if n <= cfg.run.local_max_images else None
+
+
+def _run_local(cfg: ExtractConfig, planned: list, writer: FeatureStoreWriter, encoder) -> list[dict]:
     """The same stages in this process, with the driver's encoder: no Ray start-up for a handful of images."""
-    log.info("encoding %d images in the driver (run.local_max_images=%d)", sum(len(s.records) for s in todo),
-             cfg.run.local_max_images)
-    if isinstance(encoder, EncoderCard):
+    from .unit_stage import block_rows
+
+    n = sum(len(t.records) for plan, _, done, _ in planned for t in plan.blocks if t.block not in done)
+    log.info("encoding %d images in the driver (run.local_max_images=%d)", n, cfg.run.local_max_images)
+    if n and isinstance(encoder, EncoderCard):
         built = build_driver_encoder(cfg)
         check_encoder_matches(encoder.provenance(), built.provenance())
         encoder = built
-    source = build_source(cfg.source)
-    records = []
-    for shard in todo:
-        row = decode_shard(shard.to_item(), source=source, preprocessing=encoder.preprocessing,
-                           max_pixels=cfg.run.max_image_pixels)
-        row = encode_row(encoder, row, batch_size=cfg.encoder.batch_size, store_dtype=cfg.store.dtype)
-        records.append(writer.write_shard(row_to_shard(row, encoder.layers)))
-    return records
+    outputs = []
+    for plan, by_id, done, source in planned:
+        for row in block_rows(plan, by_id, done, source=source, preprocessing=encoder.preprocessing,
+                              max_pixels=cfg.run.max_image_pixels, decode_kwargs={"decode": cfg.run.decode}):
+            if row["shard_id"] >= 0 and not row["done"]:
+                row = encode_row(encoder, row, batch_size=cfg.encoder.batch_size, store_dtype=cfg.store.dtype)
+            outputs.append(write_row(writer, row, encoder.layers))
+    return outputs
 
 
-def _verify(writer: FeatureStoreWriter, shards, records: dict[int, dict]) -> tuple[list, int]:
-    """(shards to write again, bytes of the good ones): every file of every shard must be in the store, its
+def _verify(writer: FeatureStoreWriter, blocks: list[int], records: dict[int, dict]) -> tuple[set[int], int]:
+    """(blocks to write again, bytes of the good ones): every file of every block must be in the store, its
     record included (an object store can lose acknowledged writes)."""
-    lost, nbytes = [], 0
-    for shard in shards:
-        record = records.get(shard.shard_id)
+    lost, nbytes = set(), 0
+    for block in blocks:
+        record = records.get(block)
         missing, size = writer.check_segment(Segment.from_record(record)) if record else (["record"], 0)
         if missing:
-            log.warning("shard %d is missing %s after it was written; writing it again", shard.shard_id,
+            log.warning("block %d is missing %s after it was written; writing it again", block,
                         [storage.redact_uri(m) for m in missing[:3]])
-            writer.forget_block(shard.shard_id)
-            records.pop(shard.shard_id, None)
-            lost.append(shard)
+            writer.forget_block(block)
+            records.pop(block, None)
+            lost.add(block)
         else:
             nbytes += size
     return lost, nbytes
@@ -185,8 +225,8 @@ def _encoder_runtime_env(cfg: ExtractConfig) -> dict:
     return {"runtime_env": {"env_vars": malloc_env()}}
 
 
-def _run_pipeline(cfg: ExtractConfig, todo, plan: ExtractPlan, *, layers, preprocessing,
-                  provenance: dict) -> FeatureStoreDatasink:
+def _run_pipeline(cfg: ExtractConfig, work: list, target, *, layers, preprocessing, provenance: dict,
+                  job_id: str, total: int) -> FeatureStoreDatasink:
     resources = ray.cluster_resources()
     has_gpu = resources.get("GPU", 0) > 0
     gpus = cfg.run.gpus_per_encoder if cfg.run.gpus_per_encoder is not None else (1 if has_gpu else 0)
@@ -197,18 +237,21 @@ def _run_pipeline(cfg: ExtractConfig, todo, plan: ExtractPlan, *, layers, prepro
         log.info("%d CPU encoder actors on %g cluster CPUs: %.2f Ray CPUs each, so decode and write tasks "
                  "still get %g", cfg.run.num_encoders, resources.get("CPU", 0), actor_cpus, TASK_CPUS)
     source = build_source(cfg.source)
-    ds = ray.data.from_items([s.to_item() for s in todo], override_num_blocks=len(todo))
-    ds = ds.map(decode_shard, fn_kwargs={"source": source, "preprocessing": preprocessing,
-                                         "max_pixels": cfg.run.max_image_pixels,
-                                         "niceness": 0 if gpus else cfg.run.decode_niceness},
-                num_cpus=0.5, concurrency=cfg.run.decode_concurrency)  # != encoder's: keeps decode in tasks
+    ds = ray.data.from_items([unit_item(w, job_id) for w in work], override_num_blocks=len(work))
+    ds = ds.flat_map(expand_unit, fn_kwargs={"source": source, "target": target, "preprocessing": preprocessing,
+                                             "max_pixels": cfg.run.max_image_pixels,
+                                             "niceness": 0 if gpus else cfg.run.decode_niceness,
+                                             "decode_kwargs": {"decode": cfg.run.decode,
+                                                               "device_decode": bool(gpus) and cfg.run.decode == "fast"}},
+                     num_cpus=0.5, concurrency=cfg.run.decode_concurrency)  # != encoder's: keeps decode in tasks
     ds = ds.map(EncodeShard, fn_constructor_kwargs={"encoder_spec": cfg.encoder, "device": device,
                                                     "store_dtype": cfg.store.dtype,
                                                     "storage_options": dict(cfg.store.storage_options) or None,
-                                                    "torch_threads": threads, "expected_provenance": provenance},
+                                                    "torch_threads": threads, "expected_provenance": provenance,
+                                                    "decode": cfg.run.decode},
                 compute=ray.data.ActorPoolStrategy(size=cfg.run.num_encoders), num_gpus=gpus,
                 num_cpus=0 if gpus else actor_cpus, **_encoder_runtime_env(cfg))
-    budget = ErrorBudget.remote(cfg.run.max_error_fraction, plan.n_rows)
-    sink = FeatureStoreDatasink(plan.target, layers, budget=budget)
+    budget = ErrorBudget.remote(cfg.run.max_error_fraction, total)
+    sink = FeatureStoreDatasink(target, layers, budget=budget)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.5})
     return sink

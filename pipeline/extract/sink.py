@@ -1,6 +1,7 @@
 """Ray Data sink for feature stores: workers write whole shards, the driver commits the version."""
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 
@@ -27,13 +28,24 @@ class ErrorBudget:
     """
 
     def __init__(self, max_fraction: float, total: int):
-        self.max_fraction, self.total = max_fraction, total
+        self.max_fraction, self.total = max_fraction, total  # total 0: not known (units of unknown size)
         self.images = self.errors = 0
 
     def add(self, images: int, errors: int) -> tuple[int, int, bool]:
         self.images += images
         self.errors += errors
-        return self.images, self.errors, self.errors > self.max_fraction * self.total
+        return self.images, self.errors, self.errors > self.max_fraction * max(self.total, self.images)
+
+
+def write_row(writer: FeatureStoreWriter, row: dict, layers) -> dict:
+    """One block row -> what the driver needs of it: the block's record (written now, or by an earlier run:
+    ``resumed``) and the unit's plan when the row carries it."""
+    out = {"plan": row.get("plan") or "", "record": None, "resumed": False}
+    if row.get("done"):
+        out |= {"record": json.loads(row["done"]), "resumed": True}
+    elif int(row["shard_id"]) >= 0:
+        out["record"] = writer.write_shard(row_to_shard(row, layers))
+    return out
 
 
 class FeatureStoreDatasink(Datasink[list]):
@@ -41,20 +53,20 @@ class FeatureStoreDatasink(Datasink[list]):
         self.target = target
         self.layers = list(layers)
         self.budget = budget
-        self.records: list[dict] = []
+        self.outputs: list[dict] = []
 
     def get_name(self) -> str:
         return "FeatureStore"
 
     def write(self, blocks: Iterable[Block], ctx) -> list:
         writer = FeatureStoreWriter(self.target)
-        written = []
+        outputs = []
         for block in blocks:
             for row in BlockAccessor.for_block(block).iter_rows(public_row_format=True):
-                shard = row_to_shard(row, self.layers)
-                record = writer.write_shard(shard)
-                written.append(record)
-                if self.budget is not None:
+                out = write_row(writer, row, self.layers)
+                outputs.append(out)
+                record = out["record"]
+                if self.budget is not None and record is not None and not out["resumed"]:
                     images, errors, exceeded = ray.get(self.budget.add.remote(record["n_rows"], record["n_errors"]))
                     if exceeded:
                         raise ErrorBudgetExceeded(
@@ -62,10 +74,10 @@ class FeatureStoreDatasink(Datasink[list]):
                             f"of the whole dataset; see {self.target.uri}/errors/*.parquet. Shards committed so "
                             f"far are kept and a re-run resumes after the data is fixed."
                         )
-        return written
+        return outputs
 
     def on_write_complete(self, write_result: WriteResult[list]) -> None:
-        self.records = [r for task in write_result.write_returns for r in task]
+        self.outputs = [o for task in write_result.write_returns for o in task]
 
     def on_write_failed(self, error: Exception) -> None:
         cause = getattr(error, "cause", None) or error  # a Ray task error's own text is the remote traceback

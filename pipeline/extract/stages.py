@@ -1,7 +1,7 @@
-"""The per-shard stages Ray Data runs: decode (CPU tasks) and encode (actors that own the model).
+"""The per-block stages Ray Data runs: decode (CPU tasks) and encode (actors that own the model).
 
 Plain callables over row dicts; `run.py` wires them into a Dataset. Decoding never imports
-torch, so decode workers start fast and stay small.
+torch, so decode workers start fast and stay small (but for the opt-in `run.decode: fast`).
 """
 from __future__ import annotations
 
@@ -15,21 +15,31 @@ import numpy as np
 
 from ..encoders.preprocess import Preprocessing
 from ..images import ImageDecodeError, decode_rgb
-from ..sources import ImageRecord
 from ..stores import EncodedShard, check_feature_range, shard_plan_hash
+from .device_decode import decode_on_device, jpeg_for_device
 
 log = logging.getLogger(__name__)
 
 FEATURE_PREFIX = "features/"
 
 
-def _decode_one(rec: dict, data: bytes | Exception, preprocessing: Preprocessing, max_pixels: int):
-    """-> (uint8 tensor, None) or (None, error dict). A bad image is recorded, never raised."""
+def _decode_one(rec: dict, data: bytes | Exception, preprocessing: Preprocessing, max_pixels: int,
+                decode: str = "exact", device_decode: bool = False):
+    """-> (uint8 array | JPEG bytes, None) or (None, error dict). A bad image is recorded, never raised.
+
+    With `device_decode`, a JPEG that passes the header checks comes back as its bytes, for the encoder's GPU.
+    """
     stage = "read"
     try:
         if isinstance(data, Exception):
             raise data
         stage = "decode"
+        if device_decode and jpeg_for_device(data, max_pixels):
+            return data, None
+        if decode == "fast":
+            from ..encoders.fast_decode import decode_fast  # imports torch: only for this opt-in mode
+
+            return decode_fast(data, preprocessing, max_pixels=max_pixels), None
         image = decode_rgb(data, max_pixels=max_pixels)
         stage = "preprocess"
         return preprocessing.to_uint8(image), None
@@ -37,7 +47,11 @@ def _decode_one(rec: dict, data: bytes | Exception, preprocessing: Preprocessing
         reason = e.reason
     except Exception as e:  # noqa: BLE001 - any failure of one image is data, not a crash
         reason = f"{type(e).__name__}: {e}"
-    return None, {"image_id": rec["image_id"], "uri": rec["uri"], "stage": stage, "reason": reason[:500]}
+    return None, error_record(rec, stage, reason)
+
+
+def error_record(rec: dict, stage: str, reason: str) -> dict:
+    return {"image_id": rec["image_id"], "uri": rec["uri"], "stage": stage, "reason": reason[:500]}
 
 
 def lower_thread_priority(niceness: int) -> None:
@@ -51,43 +65,50 @@ def lower_thread_priority(niceness: int) -> None:
         log.debug("decode thread priority unchanged: %s", e)
 
 
-def decode_shard(row: dict, *, source, preprocessing: Preprocessing, max_pixels: int, threads: int = 8,
-                 niceness: int = 0) -> dict:
-    """Shard row -> the same row plus `pixels` (n_ok, 3, H, W) uint8, `ok` mask and `errors`.
+def decode_records(records, *, source, preprocessing: Preprocessing, max_pixels: int, threads: int = 8,
+                   niceness: int = 0, decode: str = "exact", device_decode: bool = False) -> dict:
+    """ImageRecords -> `ok` mask, `pixels` (n_ok, 3, H, W) uint8 and error rows (JSON). Records holding their
+    bytes (tar members, Parquet rows) are not read again.
 
     With `niceness`, the decoding threads yield to CPU encoder actors on the same cores: decode then runs
-    ahead on what the encoders leave, rather than slowing the step that sets the pace.
+    ahead on what the encoders leave, rather than slowing the step that sets the pace. With `device_decode`
+    (`run.decode: fast` and GPU encoders), JPEGs travel as bytes (`jpegs`, in the order of the ok rows that
+    `on_device` marks) and the encoder decodes them on its GPU; `pixels` holds the others.
     """
-    records = json.loads(row["records"])
     step = source.read_chunk or max(1, len(records))
     results = []
     with ThreadPoolExecutor(max_workers=threads, initializer=lower_thread_priority,
                             initargs=(niceness,)) as pool:  # PIL releases the GIL while decoding
         for start in range(0, len(records), step):
             chunk = records[start:start + step]
-            blobs = source.read_many([ImageRecord(r["image_id"], r["uri"], r["fingerprint"], r.get("labels") or {},
-                                                  r.get("split")) for r in chunk], threads=threads)
-            results += pool.map(lambda rd: _decode_one(*rd, preprocessing, max_pixels), zip(chunk, blobs))
+            blobs = source.read_many(chunk, threads=threads)
+            dicts = [{"image_id": r.image_id, "uri": r.uri} for r in chunk]
+            results += pool.map(lambda rd: _decode_one(*rd, preprocessing, max_pixels, decode, device_decode),
+                                zip(dicts, blobs))
     ok = np.array([t is not None for t, _ in results], dtype=bool)
     size = preprocessing.crop_size
-    tensors = [t for t, _ in results if t is not None]
+    tensors = [t for t, _ in results if isinstance(t, np.ndarray)]
     pixels = np.stack(tensors) if tensors else np.zeros((0, 3, size, size), np.uint8)
     errors = [e for _, e in results if e is not None]
-    return {**row, "ok": ok, "pixels": pixels, "errors": json.dumps(errors)}
+    out = {"ok": ok, "pixels": pixels, "errors": json.dumps(errors)}
+    if device_decode:
+        out["jpegs"] = [t for t, _ in results if isinstance(t, bytes)]
+        out["on_device"] = np.array([isinstance(t, bytes) for t, _ in results if t is not None], dtype=bool)
+    return out
 
 
 class EncodeShard:
     """Actor callable: loads the frozen encoder once, then encodes shard after shard."""
 
     def __init__(self, *, encoder_spec, device: str, store_dtype: str, storage_options: dict | None = None,
-                 torch_threads: int | None = None, expected_provenance: dict | None = None):
+                 torch_threads: int | None = None, expected_provenance: dict | None = None, decode: str = "exact"):
         import torch
 
         from ..encoders import build_encoder
 
         if torch_threads:
             torch.set_num_threads(torch_threads)  # Ray pins OMP threads to the actor's num_cpus
-        self.encoder = build_encoder(encoder_spec, device=device, storage_options=storage_options)
+        self.encoder = build_encoder(encoder_spec, device=device, storage_options=storage_options, decode=decode)
         if expected_provenance is not None:
             check_encoder_matches(expected_provenance, self.encoder.provenance())
         self.batch_size = encoder_spec.batch_size
@@ -114,10 +135,12 @@ def check_encoder_matches(expected: dict, actual: dict) -> None:
 
 def encode_row(encoder, row: dict, *, batch_size: int, store_dtype) -> dict:
     """Decoded shard row -> the same row with `features/<layer>` arrays instead of pixels."""
-    pixels = row["pixels"]  # may be a read-only view of a Ray block: each batch is copied once below
+    if "jpegs" in row:
+        row = decode_on_device(encoder, row)
+    pixels = row["pixels"]  # may be a read-only view of a Ray block: the upload copies each batch once
     parts: dict[str, list[np.ndarray]] = {layer: [] for layer in encoder.layers}
-    for start in range(0, len(pixels), batch_size):
-        out = encoder.encode(np.array(pixels[start:start + batch_size]))
+    batches = (pixels[start:start + batch_size] for start in range(0, len(pixels), batch_size))
+    for out in encoder.encode_batches(batches):
         for layer, t in out.items():
             values = t.numpy()
             check_feature_range(layer, values, np.dtype(store_dtype).name)

@@ -1,22 +1,23 @@
-"""One extraction job: list the source, build (or read the card of) the encoder, and update the feature set.
+"""One extraction job: list the source's units, build (or read the card of) the encoder, update the feature set.
 
 `strata extract` and `strata refresh` are both this: an extract into an existing feature set whose listing
 changed does what a refresh does (new and changed images encoded into fresh blocks, deleted ones dropped,
-label edits taken as data), and never renumbers or rewrites rows a published version holds.
+label edits taken as data), and never renumbers or rewrites rows a published version holds. The driver holds
+units (tars, row groups, pages of a listing), never one record per image: tasks expand them.
 """
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .. import storage
 from ..config import ExtractConfig, validate_extract
 from ..stores import FeatureStoreWriter
-from ..stores.job import update_from_records
-from ..stores.units import BlockTask
-from .plan import ExtractPlan, ShardTask, build_target, dataset_fingerprint, list_records
+from ..stores.job import counts, finish_job, plan_job
+from .plan import build_source, build_target, dataset_fingerprint, list_units
 from .run import ExecuteResult, ExtractSummary, _ensure_ray, execute, prepare_encoder
 
 log = logging.getLogger(__name__)
@@ -43,37 +44,46 @@ def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = Fa
     with ThreadPoolExecutor(1, thread_name_prefix="strata-encoder") as pool:
         building = pool.submit(prepare_encoder, cfg)
         try:
-            records = list_records(cfg.source)
+            units = list_units(cfg.source)
         except Exception:
             building.result()  # a bad encoder config is reported before a bad source
             raise
         failed = building.done() and building.exception() is not None
-        if start_ray_early and len(records) > cfg.run.local_max_images and not failed:
+        if start_ray_early and _images(units) > cfg.run.local_max_images and not failed:
             _ensure_ray(cfg.run.ray_address)
         encoder = building.result()
     target = build_target(cfg, encoder.provenance())
     writer = FeatureStoreWriter(target)
-    fingerprint = dataset_fingerprint(records)
-    executed: list[ExecuteResult] = []
-
-    def write_blocks(tasks: list[BlockTask]):
-        plan = ExtractPlan(target, tuple(ShardTask(t.block, t.row_start, t.records, t.content, t.unit)
-                                         for t in tasks), fingerprint)
-        executed.append(execute(cfg, plan, writer, encoder))
-        return executed[-1].records
-
-    outcome = update_from_records(writer, records, operation=operation, write_blocks=write_blocks,
-                                  layer_dims=encoder.layer_dims, provenance=encoder.provenance(),
-                                  dataset_fingerprint=fingerprint, config=cfg.to_dict(),
-                                  stats=lambda: _stats(executed[0] if executed else None))
+    writer.prepare(n_rows=0, layer_dims=encoder.layer_dims, provenance=encoder.provenance(),
+                   labels=build_source(cfg.source).label_schema(units))
+    job_id = uuid.uuid4().hex
+    plan = plan_job(writer, units, job_id=job_id)
+    log.info("%s of %s: %d units listed, %d to work on, %d gone, %d unchanged", operation, target.featureset,
+             plan.listed, len(plan.work), len(plan.removed), plan.unchanged)
+    result: ExecuteResult | None = None
+    if plan.work:
+        result = execute(cfg, plan.work, writer, encoder, job_id=job_id)
+    unit_plans = result.plans if result else []
+    tally = counts(unit_plans, plan)
+    version, published = plan.parent.version if plan.parent else None, False
+    if plan.empty:
+        log.info("nothing changed in %d units since version %s; no new version committed", plan.unchanged, version)
+    else:
+        outcome = finish_job(writer, plan, unit_plans, result.records if result else {}, operation=operation,
+                             dataset_fingerprint=dataset_fingerprint(units), config=cfg.to_dict(),
+                             stats=_stats(result))
+        version, published = outcome.version, outcome.published
     summary = None
-    if executed:
-        r = executed[0]
-        summary = ExtractSummary(target.uri, outcome.version, r.rows, r.encoded, r.errors, r.skipped_shards,
-                                 time.perf_counter() - t0, r.bytes_written)
+    if result is not None and result.rows:
+        summary = ExtractSummary(target.uri, version, result.rows, result.encoded, result.errors,
+                                 result.skipped_shards, time.perf_counter() - t0, result.bytes_written)
         log.info("%s", summary)
-    return SyncResult(target.uri, outcome.version, outcome.published, dict(outcome.counts), summary,
-                      time.perf_counter() - t0)
+    return SyncResult(target.uri, version, published, tally, summary, time.perf_counter() - t0)
+
+
+def _images(units) -> int:
+    """Images in the units where known; a unit of unknown size counts as many (it never runs in the driver)."""
+    return sum(u.n_images if u.n_images is not None else 10**9 for u in units)
 
 
 def _stats(result: ExecuteResult | None) -> dict:

@@ -89,6 +89,14 @@ class Source(ABC):
         """The images of one unit, in a task (a unit of the fallback carries them)."""
         return [record_from_json(r) for r in unit.params["records"]]
 
+    def label_schema(self, units: Sequence[WorkUnit]):
+        """Arrow types of the label columns (a new feature set fixes them). This default infers them from a few
+        units' images (first, middle, last); sources that know their columns say so."""
+        from ..stores import label_schema
+
+        picks = sorted({0, len(units) // 2, len(units) - 1}) if units else []
+        return label_schema([record_to_json(r) for k in picks for r in self.expand(units[k])])
+
     def read_bytes(self, record: ImageRecord) -> bytes:
         """The raw file bytes: inline data when the record carries it, else read through fsspec."""
         if record.data is not None:

@@ -83,6 +83,13 @@ class ImageFolderSource(Source):
                                page.count, page.meta.hexdigest(),
                                params={"folder": folder, "first": recs[0].image_id, "last": recs[-1].image_id})
 
+    def label_schema(self, units):
+        """One string label (the first folder level) when any image sits in a subfolder."""
+        import pyarrow as pa
+
+        nested = any("/" in (u.params.get("first") or "") for u in units)
+        return pa.schema([(self.label_name, pa.string())] if nested else [])
+
     def expand(self, unit: WorkUnit) -> list[ImageRecord]:
         fs, root = url_to_fs(self.root_uri, self.storage_options)
         root = root.rstrip("/")

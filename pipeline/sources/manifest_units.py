@@ -131,7 +131,7 @@ def _line_offsets(source: ManifestSource, fmt: str, rows: list[int]) -> list[int
             for nl in _newlines(chunk):
                 line += 1
                 while i < len(wanted) and wanted[i] == line:
-                    out[line] = pos + nl + 1
+                    out[line] = int(pos + nl + 1)
                     i += 1
             pos += len(chunk)
         size = pos

@@ -1,0 +1,84 @@
+"""The first stage of a job, per source unit: expand the unit, diff it with its old blocks, decode new images.
+
+A unit row (small: the unit, its old segments, its reserved blocks) becomes one row per block to write, each
+with its decoded pixels; a block an earlier run already wrote comes out as its record, without pixels; a unit
+with nothing to encode comes out as one empty row. The unit's plan (deletions, label revisions, counts)
+travels on its first row to the driver, which commits it. Every row has the same columns, so Ray Data can
+batch them together.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+
+from ..sources.units import WorkUnit
+from ..stores import FeatureStoreWriter, Segment, StoreTarget
+from ..stores.units import UnitSpec, plan_unit
+from .stages import decode_records
+
+log = logging.getLogger(__name__)
+
+
+def unit_item(work, job_id: str) -> dict:
+    """The Ray Data row that carries one unit's work to a task."""
+    return {"unit": json.dumps(work.unit.to_json()), "old": json.dumps([s.to_json() for s in work.old]),
+            "blocks": json.dumps(list(work.blocks)), "job_id": job_id}
+
+
+def empty_row(crop: int, device_decode: bool = False) -> dict:
+    row = {"shard_id": -1, "row_start": -1, "unit": "", "records": "[]", "plan": "", "done": "",
+           "ok": np.zeros(0, bool), "pixels": np.zeros((0, 3, crop, crop), np.uint8), "errors": "[]"}
+    if device_decode:  # every row of a job has the same columns
+        row |= {"jpegs": [], "on_device": np.zeros(0, bool)}
+    return row
+
+
+def plan_item(item: dict, *, source, target: StoreTarget):
+    """A unit row -> (its plan, its listed records by id, the records of blocks an earlier run wrote)."""
+    unit = WorkUnit.from_json(json.loads(item["unit"]))
+    old = [Segment.from_json(s) for s in json.loads(item["old"])]
+    writer = FeatureStoreWriter(target)
+    listed = source.expand(unit)
+    plan = plan_unit(writer, UnitSpec(unit.unit_id, unit.fingerprint, unit.meta), [_record_dict(r) for r in listed],
+                     old, json.loads(item["blocks"]), job_id=item["job_id"])
+    done = writer.written_records([t.block for t in plan.blocks])
+    done = {b: r for b, r in done.items() if any(t.block == b and t.content == r.get("plan_hash")
+                                                 for t in plan.blocks)}
+    return plan, {r.image_id: r for r in listed}, done
+
+
+def block_rows(plan, by_id: dict, done: dict, *, source, preprocessing, max_pixels: int, threads: int = 8,
+               niceness: int = 0, decode_kwargs: dict | None = None) -> list[dict]:
+    """A planned unit -> its block rows, pixels decoded for the blocks not written yet."""
+    crop = preprocessing.crop_size
+    device = bool((decode_kwargs or {}).get("device_decode"))
+    rows = []
+    for task in plan.blocks:
+        row = empty_row(crop, device) | {"shard_id": task.block, "row_start": task.row_start, "unit": plan.unit.unit_id,
+                                 "records": json.dumps(task.records)}
+        if task.block in done:
+            row["done"] = json.dumps(done[task.block])  # written by an earlier run of this work: resumed
+        else:
+            row |= decode_records([by_id[r["image_id"]] for r in task.records], source=source,
+                                  preprocessing=preprocessing, max_pixels=max_pixels, threads=threads,
+                                  niceness=niceness, **(decode_kwargs or {}))
+        rows.append(row)
+    if not rows:
+        rows.append(empty_row(crop, device) | {"unit": plan.unit.unit_id})
+    rows[0]["plan"] = json.dumps(plan.to_json())
+    return rows
+
+
+def expand_unit(item: dict, *, source, target: StoreTarget, preprocessing, max_pixels: int, threads: int = 8,
+                niceness: int = 0, decode_kwargs: dict | None = None) -> list[dict]:
+    """A unit row -> its block rows (see the module docstring): the Ray Data stage."""
+    plan, by_id, done = plan_item(item, source=source, target=target)
+    return block_rows(plan, by_id, done, source=source, preprocessing=preprocessing, max_pixels=max_pixels,
+                      threads=threads, niceness=niceness, decode_kwargs=decode_kwargs)
+
+
+def _record_dict(r) -> dict:
+    return {"image_id": r.image_id, "uri": r.uri, "fingerprint": r.fingerprint, "split": r.split,
+            "labels": dict(r.labels)}
