@@ -66,6 +66,7 @@ def test_save_to_disk_arrow_files_are_units(tmp_path: Path):
     assert records[0].uri == f"file://{tmp_path}/ds/data-00000-of-00002.arrow#0"
     assert records[0].data == png(0) and records[0].labels == {"label": 0} and records[0].split is None
     assert records[3].data == b""  # the null image: decoding records "empty file"
+    assert source.label_schema(units) == pa.schema([("label", pa.int64())])  # from the Arrow schema alone
     assert source.read_many(_stripped(records)) == [r.data for r in records]
 
 
@@ -113,6 +114,9 @@ def test_parquet_export_split_names_and_absolute_paths(tmp_path: Path):
     assert [u.unit_id for u in units] == ["data/test-00000-of-00001#rg=0", "data/test-00000-of-00001#rg=1",
                                           "data/test-00000-of-00001#rg=2", "data/train-00000-of-00001#rg=0"]
     assert [u.n_images for u in units] == [3, 3, 1, 5]
+    assert source.label_schema(units) == pa.schema([("label", pa.int64())])
+    with pytest.raises(ValueError, match=r"no label column 'kind'; columns are \['img', 'label'\]"):
+        HuggingFaceSource(str(tmp_path / "export"), label_columns=["kind"]).label_schema(units)
     # row groups whose footer shows rows without bytes (the null image, the paths) have no fingerprint
     assert [bool(u.fingerprint) for u in units] == [True, False, True, False]
     records = source.list_images()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -109,6 +110,23 @@ def test_img2dataset_layout(shards: Path):
     assert pickle.loads(pickle.dumps(source)) == source
     plain = WebDatasetSource(str(shards / "shard-00002.tar"), cls_field=None)
     assert [x.labels for x in plain.list_images()] == [{}] * 8
+
+
+def test_label_schema_from_options(shards: Path, caplog):
+    units = list(WebDatasetSource(str(shards)).list_units())
+    typed = WebDatasetSource(str(shards), json_fields={"similarity": "int64", "caption": "string", "exif": "string"},
+                             text_field="text")
+    schema = typed.label_schema([replace(u, params={**u.params, "uri": "file:///nowhere.tar"}) for u in units])
+    assert schema == pa.schema([("caption", pa.string()), ("cls", pa.int64()), ("exif", pa.string()),
+                                ("similarity", pa.int64()), ("text", pa.string())])  # no tar was opened
+    with caplog.at_level(logging.WARNING):
+        values = [r.labels["similarity"] for r in typed.list_images()]
+    assert values[:3] == [0, None, None] and "0.1 is not a int64" in caplog.text  # 0.0 fits, 0.1 does not
+    untyped = WebDatasetSource(str(shards), json_fields=["similarity", "caption"], cls_field="label")
+    assert untyped.label_schema(units) == pa.schema([("caption", pa.string()), ("label", pa.int64()),
+                                                     ("similarity", pa.float64())])  # typed from the first tar
+    with pytest.raises(ValueError, match=r"'similarity' has type 'float'; valid: \['string', 'int64'"):
+        WebDatasetSource(str(shards), json_fields={"similarity": "float"})
 
 
 def test_globs_folders_and_missing_shards(shards: Path, caplog):

@@ -8,7 +8,7 @@ from typing import BinaryIO
 
 import pyarrow as pa
 
-__all__ = ["ARROW_SUFFIX", "read_arrow", "take_arrow_rows"]
+__all__ = ["ARROW_SUFFIX", "arrow_schema", "read_arrow", "take_arrow_rows"]
 
 ARROW_SUFFIX = ".arrow"
 _FILE_MAGIC = b"ARROW1"
@@ -22,6 +22,11 @@ def _batches(f: BinaryIO) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
         return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
     reader = pa.ipc.open_stream(f)
     return reader.schema, iter(reader)
+
+
+def arrow_schema(f: BinaryIO) -> pa.Schema:
+    """The schema of an Arrow IPC file object, from its first message (stream) or its footer (file)."""
+    return _batches(f)[0]
 
 
 def read_arrow(f: BinaryIO) -> pa.Table:

@@ -10,9 +10,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
+import pyarrow as pa
 from fsspec import AbstractFileSystem
 
-from pipeline.sources.arrow_files import ARROW_SUFFIX, read_arrow
+from pipeline.sources.arrow_files import ARROW_SUFFIX, arrow_schema, read_arrow
 from pipeline.sources.base import ImageRecord, has_glob, relative_id, url_to_fs
 from pipeline.sources.image_columns import detect_image_column, paths_complete
 from pipeline.sources.parquet_bytes import ParquetBytesSource
@@ -93,6 +94,12 @@ class HuggingFaceSource(ParquetBytesSource):
             table.column(column).combine_chunks())
         params: Mapping[str, Any] = {**unit.params, "struct_path": struct_path}
         return self._table_records(table, fs.unstrip_protocol(unit.params["path"]), params)
+
+    def _unit_schema(self, fs: AbstractFileSystem, params: Mapping[str, Any]) -> pa.Schema:
+        if params.get("format") != "arrow":
+            return super()._unit_schema(fs, params)
+        with fs.open(params["path"], "rb", block_size=1 << 16) as f:  # the schema message only, not a 5 MB block
+            return arrow_schema(f)
 
     def _file_split(self, stem: str) -> str | None:
         m = _SPLIT_FILE.match(posixpath.basename(stem))

@@ -114,6 +114,30 @@ class ParquetBytesSource(Source):
             table = pq.ParquetFile(f).read_row_group(p["rg"])
         return self._table_records(table, fs.unstrip_protocol(p["path"]), p, row0=p["row0"])
 
+    def label_schema(self, units: Sequence[WorkUnit]) -> pa.Schema:
+        """The label columns and their types from the first file's schema (a Parquet footer): no rows read."""
+        if not units:
+            return pa.schema([])
+        fs, _ = url_to_fs(self.uri_or_glob, self.storage_options)
+        schema = self._unit_schema(fs, units[0].params)
+        column = detect_image_column(schema, self.image_column)
+        names = self._label_names(schema.names, column)
+        missing = [n for n in names if n not in schema.names]
+        if missing:
+            raise ValueError(f"{units[0].params['path']}: no label column {missing[0]!r}; columns are {schema.names}")
+        return pa.schema(sorted((n, pa.string() if pa.types.is_null(t) else t)
+                                for n, t in ((n, schema.field(n).type) for n in names)))
+
+    def _unit_schema(self, fs: AbstractFileSystem, params: Mapping[str, Any]) -> pa.Schema:
+        with fs.open(params["path"], "rb") as f:
+            return pq.ParquetFile(f).schema_arrow
+
+    def _label_names(self, columns: Sequence[str], image_column: str) -> list[str]:
+        if self.label_columns is not None:
+            return list(self.label_columns)
+        split = self.split_column if self.split_column in columns else None
+        return [name for name in columns if name not in {image_column, self.id_column, split}]
+
     def _file_split(self, stem: str) -> str | None:
         """The split a file's name gives its rows (none here; the Hugging Face source reads it from names)."""
         return None
@@ -241,10 +265,7 @@ class ParquetBytesSource(Source):
         self._check_columns(params["path"], table, column)
         blobs, image_paths = image_cells(table.column(column))
         split = self.split_column if self.split_column in table.column_names else None
-        roles = {column, self.id_column, split}
-        label_names = (list(self.label_columns) if self.label_columns is not None
-                       else [name for name in table.column_names if name not in roles])
-        labels = {name: table.column(name).to_pylist() for name in label_names}
+        labels = {name: table.column(name).to_pylist() for name in self._label_names(table.column_names, column)}
         ids = table.column(self.id_column).to_pylist() if self.id_column else None
         splits = table.column(split).to_pylist() if split else [params.get("split")] * table.num_rows
         root = params["root"]

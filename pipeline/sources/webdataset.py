@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
+import pyarrow as pa
 from fsspec import AbstractFileSystem
 
 from pipeline.sources.base import (
@@ -27,12 +28,14 @@ from pipeline.sources.braces import expand_braces
 from pipeline.sources.tars import TarBreak, TarSample, read_members, read_samples, split_member
 from pipeline.sources.units import WorkUnit
 
-__all__ = ["TAR_ERROR", "TarMemberError", "WebDatasetSource"]
+__all__ = ["JSON_TYPES", "TAR_ERROR", "TarMemberError", "WebDatasetSource"]
 
 logger = logging.getLogger(__name__)
 
 #: Fingerprint prefix of a record that stands for a broken sample; reading it raises with the rest as reason.
 TAR_ERROR = "tar-error:"
+#: Types a ``json_fields`` mapping may give a field.
+JSON_TYPES = ("string", "int64", "float64", "bool")
 #: Key of the error record of a tar in which no member can be read (empty, not a tar).
 BROKEN_TAR_KEY = "__broken_tar__"
 _PATTERN_CHARS = "{*?["
@@ -51,24 +54,26 @@ class WebDatasetSource(Source):
     ``<tar path relative to the pattern's root, no .tar>/<key>``; the image is the key's first member in
     ``image_extensions`` order, and its fingerprint the sha256 of its bytes (a re-written tar re-encodes
     only the images whose bytes changed). Labels: ``.cls`` as an int column named ``cls_field``, the
-    ``json_fields`` of ``.json``, ``.txt`` as ``text_field``; every record has all of them (None where a
-    sample lacks one). Work units are tars, fingerprinted by ETag or size+mtime: the driver never opens one.
+    ``json_fields`` of ``.json`` (a list, typed from the first tar; or ``{field: type}`` with a type of
+    :data:`JSON_TYPES`, values converted), ``.txt`` as ``text_field``; every record has all of them (None
+    where a sample lacks one). Work units are tars, fingerprinted by ETag or size+mtime: the driver opens
+    none (except the first, to type a list of ``json_fields``).
     """
 
     uri: str
     _: KW_ONLY
     image_extensions: tuple[str, ...] = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
     cls_field: str | None = "cls"
-    json_fields: tuple[str, ...] = ()
+    json_fields: Sequence[str] | Mapping[str, str] = ()
     text_field: str | None = None
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
     read_chunk = None  # the records of a shard come from few tars: read each tar once per shard
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_extensions", tuple(e.lower().lstrip(".") for e in self.image_extensions))
-        object.__setattr__(self, "json_fields", tuple(self.json_fields))
+        object.__setattr__(self, "json_fields", _json_types(self.json_fields))
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
-        names = [n for n in (self.cls_field, *self.json_fields, self.text_field) if n is not None]
+        names = [n for n in (self.cls_field, *self._json_types, self.text_field) if n is not None]
         if len(set(names)) != len(names):
             raise ValueError(f"label names {names} repeat: cls_field, json_fields and text_field must differ")
         if not self.image_extensions:
@@ -86,6 +91,23 @@ class WebDatasetSource(Source):
             yield WorkUnit(name, fingerprint_from_info(info) or "", None, size_bytes=info.get("size"),
                            params={"uri": fs.unstrip_protocol(path), "stem": name.removesuffix(".tar")})
 
+    def label_schema(self, units: Sequence[WorkUnit]) -> pa.Schema:
+        """The label columns from the options; only ``json_fields`` without a type are typed from the values
+        in the first tar."""
+        types: dict[str, pa.DataType | None] = {n: t and pa.type_for_alias(t) for n, t in self._json_types.items()}
+        if self.cls_field:
+            types[self.cls_field] = pa.int64()
+        if self.text_field:
+            types[self.text_field] = pa.string()
+        untyped = [n for n, t in types.items() if t is None]
+        if untyped:
+            from ..stores import label_schema
+
+            first = self.expand(units[0]) if units else []
+            seen = label_schema([{"labels": {n: r.labels.get(n) for n in untyped}} for r in first])
+            types |= {f.name: f.type for f in seen}
+        return pa.schema(sorted(types.items()))
+
     def list_images(self) -> list[ImageRecord]:
         records = [r for unit in self.list_units() for r in self.expand(unit)]
         logger.info("listed %d samples from tars at %s", len(records), self.uri)
@@ -102,6 +124,10 @@ class WebDatasetSource(Source):
             logger.warning("%s: %s", uri, broken.describe())
             records.append(self._broken_record(uri, stem, broken))
         return sorted(records, key=lambda r: r.image_id)
+
+    @property
+    def _json_types(self) -> dict[str, str | None]:
+        return dict(self.json_fields)
 
     def _wanted_extensions(self) -> set[str]:
         wanted = set(self.image_extensions)
@@ -140,8 +166,8 @@ class WebDatasetSource(Source):
             labels[self.cls_field] = _int_label(sample.files.get("cls"), where)
         if self.json_fields:
             meta = _json_object(sample.files.get("json"), where)
-            for name in self.json_fields:
-                labels[name] = _scalar(meta.get(name))
+            for name, kind in self._json_types.items():
+                labels[name] = _convert(meta.get(name), kind, f"{where}.json field {name!r}")
         if self.text_field:
             text = sample.files.get("txt")
             labels[self.text_field] = None if text is None else text.decode("utf-8", errors="replace")
@@ -263,8 +289,36 @@ def _json_object(raw: bytes | None, where: str) -> Mapping[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _scalar(value: Any) -> Any:
-    """JSON scalars as they are; lists and objects as JSON text, so that a label column has one type."""
-    if value is None or isinstance(value, (str, int, float, bool)):
+def _json_types(fields: Sequence[str] | Mapping[str, str]) -> tuple[tuple[str, str | None], ...]:
+    """``json_fields`` as ((name, type or None), ...), the types checked (a tuple keeps the source hashable)."""
+    if isinstance(fields, str):
+        fields = [fields]
+    types = dict(fields) if isinstance(fields, Mapping) else {name: None for name in fields}
+    for name, kind in types.items():
+        if kind is not None and kind not in JSON_TYPES:
+            raise ValueError(f"json_fields: {name!r} has type {kind!r}; valid: {list(JSON_TYPES)} (or a list of "
+                             f"names, typed from the first tar)")
+    return tuple(types.items())
+
+
+def _convert(value: Any, kind: str | None, where: str) -> Any:
+    """A JSON value as its column's type (None when it does not fit); lists and objects as JSON text."""
+    if value is None:
+        return None
+    if isinstance(value, (list, dict)):
+        value = json.dumps(value, sort_keys=True)
+    if kind is None:
         return value
-    return json.dumps(value, sort_keys=True)
+    try:
+        if kind == "string":
+            return value if isinstance(value, str) else json.dumps(value)
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "int64" and not isinstance(value, bool) and float(value) == int(value):
+            return int(value)
+        if kind == "float64" and not isinstance(value, bool):
+            return float(value)
+    except (TypeError, ValueError):
+        pass
+    logger.warning("%s: %r is not a %s", where, value, kind)
+    return None
