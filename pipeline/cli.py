@@ -45,6 +45,11 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     cfg = load_config(ExtractConfig, args.config, args.overrides)
     validate_extract(cfg)  # before importing Ray
+    if args.dry_run:
+        from .extract.sync import dry_run
+
+        print(dry_run(cfg))
+        return 0
     from .extract import run_extract
 
     print(run_extract(cfg))
@@ -86,9 +91,16 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
     from .config import ExtractConfig, load_config
+
+    cfg = load_config(ExtractConfig, args.config, args.overrides)
+    if args.dry_run:
+        from .extract.sync import dry_run
+
+        print(dry_run(cfg))
+        return 0
     from .extract.refresh import run_refresh
 
-    print(run_refresh(load_config(ExtractConfig, args.config, args.overrides)))
+    print(run_refresh(cfg))
     return 0
 
 
@@ -233,6 +245,9 @@ def _config_args(s: argparse.ArgumentParser) -> None:
     """The extraction config: a YAML file plus section.key=value overrides (extract and refresh share it)."""
     s.add_argument("--config", required=False, help="YAML config, a path or any fsspec URI (see configs/)")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. store.root=s3://bucket/features")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the plan (units, images, shards, rows, bytes per layer) and exit: nothing is encoded "
+                        "or written")
 
 
 def _verbosity_args(p: argparse.ArgumentParser) -> None:
