@@ -69,7 +69,7 @@ def build_driver_encoder(cfg: ExtractConfig):
         return build_encoder(cfg.encoder, device="cpu", storage_options=dict(cfg.store.storage_options) or None,
                              decode=cfg.run.decode)
     except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(str(e)) from e
 
 
 @dataclass
