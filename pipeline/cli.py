@@ -53,7 +53,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     data = data.get("probes", data) if isinstance(data, dict) else data
     if not isinstance(data, dict):
         raise ConfigError(f"{args.config}: expected a mapping of probe settings")
-    config = ProbeConfig.from_dict(apply_overrides(data, args.overrides))
+    data = apply_overrides(data, args.overrides)
+    if args.splits:  # reuse the splits of an earlier run (its splits.parquet)
+        data = {**data, "split": {**(data.get("split") or {}), "file": args.splits, "column": None}}
+    config = ProbeConfig.from_dict(data)
     run = run_probes(args.store, config, version=args.version, out_uri=args.out, use_ray=not args.no_ray)
     board = run.results.leaderboard()
     print(board.to_string(index=False) if len(board) else "no successful probe group")
@@ -174,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version", type=int, default=None, help="pin a store version (default: latest)")
     s.add_argument("--out", default=None, help="where results go (default: <store>/probes/v<version>-<hash>)")
     s.add_argument("--no-ray", action="store_true", help="train in this process instead of Ray tasks")
+    s.add_argument("--splits", default=None, help="splits.parquet of an earlier run: train and test on those splits")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tasks=[digit] few_shot=[5,null]")
     s.set_defaults(func=_cmd_probe)
 

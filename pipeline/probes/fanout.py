@@ -7,29 +7,36 @@ import time
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from pipeline.probes.config import ProbeConfig
 from pipeline.probes.data import FeatureTable, resolve_layers
 from pipeline.probes.grid import GroupOutput, train_group
 from pipeline.probes.results import ProbeResults, results_frame
+from pipeline.probes.split_table import read_splits, splits_frame
 from pipeline.probes.splits import TaskSplit, split_task
 
 log = logging.getLogger(__name__)
 
 
 def run_probe_grid(table: FeatureTable, config: ProbeConfig, *, use_ray: bool = True,
-                   num_cpus_per_group: float = 1.0, num_gpus_per_group: float | None = None) -> ProbeResults:
+                   num_cpus_per_group: float = 1.0, num_gpus_per_group: float | None = None,
+                   given_splits: pd.DataFrame | None = None) -> ProbeResults:
     """Train the whole grid (heads x layers x tasks x hyperparameters x few-shot k) and select per group.
 
     Layers, tasks and splits are checked before any training (ValueError naming the fix). Each
     (task, layer) group then runs as one Ray task (or in-process with use_ray=False); a failing
     group becomes a row with status "failed" and its error, and the other groups finish.
     num_gpus_per_group defaults to 1 when config.device is "cuda", else 0 (Ray hides GPUs from
-    tasks that do not request them, so device "auto" then trains on CPU).
+    tasks that do not request them, so device "auto" then trains on CPU). The splits come from
+    `given_splits` (a checked splits table), else from config.split.file, else from the index or
+    the id hashes; the splits used are returned with the results (`ProbeResults.splits`).
     """
     layers = resolve_layers(table, config.layers)
     index = table.index()
-    splits = {t.name: split_task(index, t, config.split) for t in config.tasks}
+    if given_splits is None and config.split.file:
+        given_splits = read_splits(config.split.file)
+    splits = {t.name: split_task(index, t, config.split, given=given_splits) for t in config.tasks}
     for s in splits.values():
         log.info("task %r (%s): %d train / %d val / %d test rows, %d missing labels, split from %s", s.task,
                  s.task_type, len(s.rows["train"]), len(s.rows["val"]), len(s.rows["test"]), s.n_missing, s.source)
@@ -55,7 +62,8 @@ def run_probe_grid(table: FeatureTable, config: ProbeConfig, *, use_ray: bool = 
     n_failed = sum(1 for g in groups if outputs[g].rows and outputs[g].rows[0].get("status") == "failed")
     log.info("probe grid: %d groups (%d failed), %d heads in %.1fs", len(groups), n_failed, len(rows),
              time.perf_counter() - t0)
-    return ProbeResults(results_frame(rows), heads, config.to_dict())
+    return ProbeResults(results_frame(rows), heads, config.to_dict(),
+                        splits=splits_frame(splits, config.few_shot, config.split.seed))
 
 
 def _failure(task: str, layer: str, split: TaskSplit, err: BaseException) -> GroupOutput:
