@@ -1,4 +1,18 @@
-"""Benchmark: strata's batched linear-probe grid vs scikit-learn LogisticRegression fitted head by head.
+"""Benchmark: strata's linear-probe grid vs scikit-learn LogisticRegression fitted head by head.
+
+Two tables:
+
+1. **Same split, real stores** (`--stores`): on each feature store (the digits and shapes demos),
+   for every (task, layer) cell, strata's validation-selected linear head (the default L-BFGS
+   solver over its default penalty grid) against scikit-learn's LogisticRegression fitted to
+   convergence on exactly the same split (read back from the run's splits table) and the same
+   penalties (C = 1 / (lambda n), 2 / (lambda n) for two classes), standardised with the training
+   rows' statistics, C selected on validation accuracy (ties: the stronger penalty, like
+   LogisticRegressionCV), test accuracy reported. Also strata's former minibatch Adam grid. Times per
+   cell include standardisation, fitting, selection and test; both sides run with the same number
+   of threads (--threads).
+
+    python benchmarks/bench_probes.py --stores stores/digits__... stores/shapes__...
 
 Synthetic but realistic cached features: 20,000 float16 rows, four layers (dims 32/96/320/1280)
 that carry a latent class structure through a random non-linear projection plus noise (deeper
@@ -6,6 +20,8 @@ layers: more of the fine-grained signal; earlier layers: more of an attribute si
 label tasks (20 fine classes, 5 coarse classes, 4 attribute classes). Every (task, layer) group
 gets the same number of linear heads on both sides (strata: L2 penalties; sklearn: C values),
 the same split and train-only standardisation; both select on validation and report test.
+
+2. **Synthetic** (default): the cost of the batched grid on many rows, described below.
 
     python benchmarks/bench_probes.py            # 20k rows, 4 layers x 3 tasks x 5 settings = 60 heads
     python benchmarks/bench_probes.py --quick    # 5k rows, small dims, a few seconds
@@ -24,6 +40,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from _machine import machine_header  # benchmarks/ is on sys.path when run as a script
+from _same_split import print_same_split, same_split_table
 from pipeline.probes import InMemoryFeatureTable, ProbeConfig, run_probe_grid, split_task
 
 
@@ -87,10 +105,24 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true", help="fan the groups out over a local Ray (init time excluded)")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--max-iter", type=int, default=1000, help="sklearn max_iter (lbfgs)")
+    ap.add_argument("--max-iter", type=int, default=10_000, help="sklearn max_iter (lbfgs)")
     ap.add_argument("--no-sklearn", action="store_true", help="time strata only")
+    ap.add_argument("--stores", nargs="+", default=None, help="feature stores for the same-split table")
+    ap.add_argument("--threads", type=int, default=None, help="torch and BLAS threads, the same for both sides")
+    ap.add_argument("--tol", type=float, default=1e-4, help="sklearn tol in the same-split table (its default)")
+    ap.add_argument("--no-adam", action="store_true", help="same-split table without the Adam grid")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    print(machine_header("bench_probes"))
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
+    if args.stores:
+        df = same_split_table(args.stores, tol=args.tol, max_iter=args.max_iter, with_adam=not args.no_adam)
+        print_same_split(df)
+        return
     n = args.rows or (5_000 if args.quick else 20_000)
     dims = [32, 96, 320, 640] if args.quick else [32, 96, 320, 1280]
     table = make_table(n, dims)
