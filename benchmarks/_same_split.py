@@ -32,15 +32,18 @@ def strata_cells(store: FeatureStore, config: ProbeConfig, layers: list[str]) ->
     rows = []
     for layer in layers:
         x = np.asarray(store.layer(layer))
+        bases: dict = {}  # as train_layer shares it: the first task of a layer pays for the basis
         for task, split in splits.items():
             t0 = time.perf_counter()
-            out = train_group(x, split, layer, config)
+            out = train_group(x, split, layer, config, bases=bases)
             dt = time.perf_counter() - t0
             sel = next(r for r in out.rows if r.get("selected_in_kind") and r["head"] == "linear")
             rows.append({"store": store.meta["featureset"].split("__")[0], "task": task, "layer": layer,
                          "time_s": dt, "val": sel["val_accuracy"], "test": sel["test_accuracy"],
                          "hparams": json.loads(sel["hparams"]), "steps": sel["steps"],
                          "converged": sel.get("converged")})
+            print(f"  strata {rows[-1]['store']} {task} {layer}: {dt:.2f} s, test {sel['test_accuracy']:.4f}",
+                  flush=True)
     return pd.DataFrame(rows), splits_frame(splits, (None,), config.split.seed)
 
 
@@ -79,6 +82,7 @@ def sklearn_cells(store: FeatureStore, split_table: pd.DataFrame, layers: list[s
             test = float(np.mean(best[2].predict(z["test"]) == yy["test"]))
             rows.append({"task": task, "layer": layer, "sk_time_s": time.perf_counter() - t0, "sk_val": best[0],
                          "sk_test": test, "sk_wd": best[1], "sk_iters": n_iter, "sk_unconverged": unconverged})
+            print(f"  sklearn {task} {layer}: {rows[-1]['sk_time_s']:.2f} s, test {test:.4f}", flush=True)
     return pd.DataFrame(rows)
 
 

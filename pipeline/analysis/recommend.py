@@ -132,11 +132,13 @@ def recommend(task: str, *, n_train: int, layer_accuracy: Mapping[str, float], n
         name, tau = used
         _, score_where = _position(layers, score_best)
         agrees = where != "late" and score_where != "late" and gap > 0
-        if agrees and not shifted:
-            shifted = gap >= LAYER_GAP / 2
+        tipped = agrees and not shifted and gap >= LAYER_GAP / 2
+        shifted = shifted or tipped
         reasons.append(f"{_LABEL.get(name, name)} ranks the layers like the probes (Kendall tau {tau:.2f} with "
                        f"validation accuracy) and puts {score_best!r} ({score_where}) first"
-                       + ("; it confirms that the transferable features are not the last ones" if agrees else ""))
+                       + ("; it confirms that the transferable features are not the last ones" if agrees else "")
+                       + (f", so the {gap:.3f} gap to the last layer (at least {LAYER_GAP / 2:.3f} with this "
+                          "support) is read as a sign of domain shift" if tipped else ""))
     elif layer_scores:
         reasons.append(f"no transferability score ranks the layers like the probes here (Kendall tau below "
                        f"{TRUSTED_SCORE_TAU:.2f}); none is used")

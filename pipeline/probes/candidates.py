@@ -53,6 +53,8 @@ class GroupData:
     n_out: int
     regression: bool
     make: Callable[[ProbeHead], ProbeHead]  # sets the group's standardisation on a new head
+    bases: dict = field(default_factory=dict)  # L-BFGS eigen-bases by training rows, shared by a layer's tasks
+    rows_key: bytes = b""  # the training rows, as a key of `bases`
 
 
 def train_candidates(data: GroupData, config: ProbeConfig, fit: Fit, n_classes: int
@@ -132,7 +134,9 @@ def _lbfgs_candidates(specs, data: GroupData) -> list[Candidate]:
         return []
     t0 = time.perf_counter()
     zt = data.z["train"]
-    basis = row_basis(zt)
+    if data.rows_key not in data.bases:  # kept for the layer's other tasks (train_layer drops it after)
+        data.bases[data.rows_key] = row_basis(zt)
+    basis = data.bases[data.rows_key]
     fits = []
     for spec, req, why in specs:
         wds = sorted(spec.weight_decays, reverse=True)

@@ -33,8 +33,8 @@ class LinearHeadSpec:
     solver: str = "lbfgs"
     weight_decays: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)
     lrs: tuple[float, ...] = (1e-2, 1e-1)
-    tol: float = 1e-5
-    max_iter: int = 500
+    tol: float = 1e-4
+    max_iter: int = 1000
 
 
 @dataclass(frozen=True)

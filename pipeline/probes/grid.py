@@ -27,8 +27,8 @@ from pipeline.probes.splits import TaskSplit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Fit", "GroupOutput", "SavedHead", "check_finite", "fit_module", "resolve_device", "train_group",
-           "train_linear_grid"]
+__all__ = ["Fit", "GroupOutput", "SavedHead", "check_finite", "failure", "fit_module", "resolve_device",
+           "train_group", "train_layer", "train_linear_grid"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -60,8 +60,13 @@ def check_finite(features: np.ndarray, rows: np.ndarray, image_ids: np.ndarray, 
                          f"{list(image_ids[bad_rows[:3]])}; re-extract the layer or drop it from probes.layers")
 
 
-def train_group(features: np.ndarray, split: TaskSplit, layer: str, config: ProbeConfig) -> GroupOutput:
-    """All heads x hyperparameters x few-shot k of one (task, layer); raises on unusable input."""
+def train_group(features: np.ndarray, split: TaskSplit, layer: str, config: ProbeConfig, *,
+                bases: dict | None = None) -> GroupOutput:
+    """All heads x hyperparameters x few-shot k of one (task, layer); raises on unusable input.
+
+    `bases` caches the L-BFGS heads' eigen-basis by training rows, for tasks of the same layer that
+    train on the same rows (train_layer passes one).
+    """
     labelled = np.concatenate([split.rows[s] for s in ("train", "val", "test")])
     check_finite(features, labelled, split.image_ids, layer)
     device = resolve_device(config.device)
@@ -69,10 +74,30 @@ def train_group(features: np.ndarray, split: TaskSplit, layer: str, config: Prob
     fit = Fit(config.epochs, config.max_steps, config.batch_size, config.patience, config.seed, metric)
     out = GroupOutput([], [])
     for k in config.few_shot:
-        rows, saved = _train_subset(features, split, layer, k, config, fit, device)
+        rows, saved = _train_subset(features, split, layer, k, config, fit, device, {} if bases is None else bases)
         out.rows += rows
         out.heads += saved
     return out
+
+
+def train_layer(features: np.ndarray, splits: dict[str, TaskSplit], layer: str, config: ProbeConfig
+                ) -> dict[str, GroupOutput]:
+    """train_group for every task of one layer (one fan-out unit): a task's failure is its result, not a crash."""
+    bases: dict = {}
+    out = {}
+    for task, split in splits.items():
+        try:
+            out[task] = train_group(features, split, layer, config, bases=bases)
+        except Exception as e:  # noqa: BLE001 - a group's failure is a result, not a crash
+            log.exception("probe group task=%r layer=%r failed", task, layer)
+            out[task] = failure(task, layer, split, e)
+    return out
+
+
+def failure(task: str, layer: str, split: TaskSplit, err: BaseException) -> GroupOutput:
+    """The one row a failed (task, layer) group leaves in the results."""
+    return GroupOutput([{"task": task, "task_type": split.task_type, "layer": layer, "status": "failed",
+                         "error": f"{type(err).__name__}: {err}", "n_missing": split.n_missing}], [])
 
 
 def _tensors(features, split, train_rows, device):
@@ -92,14 +117,14 @@ def _tensors(features, split, train_rows, device):
     return z, y, t, (mean, std, t_mean, t_std)
 
 
-def _train_subset(features, split, layer, k, config, fit, device) -> tuple[list[dict], list[SavedHead]]:
+def _train_subset(features, split, layer, k, config, fit, device, bases) -> tuple[list[dict], list[SavedHead]]:
     train_rows = split.few_shot(k, config.split.seed)
     z, y, t, stats = _tensors(features, split, train_rows, device)
     regression = split.task_type == "regression"
     n_out = 1 if regression else split.n_classes
     make = lambda head: head.set_standardization(stats[0], stats[1], target_mean=stats[2],  # noqa: E731
                                                  target_std=stats[3]).to(device)
-    data = GroupData(z, y, n_out, regression, make)
+    data = GroupData(z, y, n_out, regression, make, bases, train_rows.tobytes())
     with torch.random.fork_rng(devices=[]):  # MLP init / dropout draw from the global RNG
         torch.manual_seed(config.seed)
         cands, skipped = train_candidates(data, config, fit, split.n_classes)

@@ -39,20 +39,30 @@ class SolverSettings:
     the solution is lower, and 0.1 measured fewest iterations on the demo stores).
     """
 
-    tol: float = 1e-5
-    max_iter: int = 500
+    tol: float = 1e-4
+    max_iter: int = 1000
     memory: int = 10
     curvature: float = 0.1
-    dtype: torch.dtype = torch.float64
 
 
 @dataclass(frozen=True)
 class RowBasis:
-    """V (d, r): orthonormal basis of the training rows' span; Q = Z V (n, r); e (r,): ||Q_:,j||^2."""
+    """Coordinates Q (n, r) of the training rows in an orthonormal basis of their span, e = ||Q_:,j||^2.
 
-    V: torch.Tensor
+    The basis itself is V (d, r) when d <= n; when d > n it is z^T Q / e, never formed: weights are
+    mapped back through the training rows z instead (to_features).
+    """
+
     Q: torch.Tensor
     e: torch.Tensor
+    V: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+
+    def to_features(self, w: torch.Tensor) -> torch.Tensor:
+        """(H, r, C) weights in the basis -> (H, d, C) weights on the features."""
+        if self.V is not None:
+            return torch.einsum("dr,hrc->hdc", self.V, w)
+        return torch.einsum("nd,hnc->hdc", self.z, torch.einsum("nr,hrc->hnc", self.Q / self.e, w))
 
 
 @dataclass
@@ -66,24 +76,22 @@ class LinearFit:
     loss: torch.Tensor  # (H,) final training objective
 
 
-def row_basis(z: torch.Tensor, *, dtype: torch.dtype = torch.float64, rel_tol: float = 1e-10) -> RowBasis:
-    """Eigen-basis of the training rows' span; directions with eigenvalue below rel_tol * max are dropped.
+def row_basis(z: torch.Tensor, *, rel_tol: float | None = None) -> RowBasis:
+    """Eigen-basis of the training rows' span, from the n x n or d x d Gram matrix, whichever is smaller.
 
-    The Gram matrix is formed in z's precision (the costly n * d * min(n, d) product), the small
-    eigen-problem in float64.
+    The Gram matrix is formed in z's precision (the costly n * d * min(n, d) product), its eigen-
+    decomposition in float64. Directions with eigenvalue below rel_tol * max (1e-6 for float32 z,
+    1e-10 for float64: below rounding of the Gram matrix) carry no signal and are dropped.
     """
     n, d = z.shape
-    if d > n:
-        e, U = torch.linalg.eigh((z @ z.T).double())
-        keep = e > rel_tol * e.max().clamp_min(1e-300)
-        e, U = e[keep], U[:, keep]
-        V = (z.T @ U.to(z.dtype)) / e.sqrt().to(z.dtype)
-    else:
-        e, V = torch.linalg.eigh((z.T @ z).double())
-        keep = e > rel_tol * e.max().clamp_min(1e-300)
-        e, V = e[keep], V[:, keep].to(z.dtype)
-    Q = (z @ V).to(dtype)
-    return RowBasis(V=V.to(dtype), Q=Q, e=(Q * Q).sum(0))
+    rel_tol = rel_tol if rel_tol is not None else (1e-10 if z.dtype == torch.float64 else 1e-6)
+    e, vecs = torch.linalg.eigh((z @ z.T if d > n else z.T @ z).double())
+    keep = e > rel_tol * e.max().clamp_min(1e-300)
+    e, vecs = e[keep].to(z.dtype), vecs[:, keep].to(z.dtype)
+    if d > n:  # vecs = U, z = U sqrt(e) V^T: Q = U sqrt(e)
+        return RowBasis(Q=vecs * e.sqrt(), e=e, z=z)
+    Q = z @ vecs
+    return RowBasis(Q=Q, e=(Q * Q).sum(0), V=vecs)
 
 
 def _scaled_rows(basis: RowBasis, dim: int) -> torch.Tensor:
@@ -99,21 +107,20 @@ def fit_logistic_grid(z: torch.Tensor, y: torch.Tensor, *, weight_decays: list[f
     Zero init; deterministic. For two classes the softmax's two weight vectors share the penalty,
     which makes it scikit-learn's binomial model with C = 2 / (lambda * n); else C = 1 / (lambda * n).
     """
-    basis = basis or row_basis(z, dtype=settings.dtype)
+    basis = basis or row_basis(z)
     Q = _scaled_rows(basis, z.shape[1]) if l2_normalize else basis.Q
     e = (Q * Q).sum(0) if l2_normalize else basis.e
     w, b, iters, conv, loss = _lbfgs(Q, e, y, torch.tensor(weight_decays, dtype=Q.dtype, device=Q.device),
                                      n_classes, settings)
-    weight = torch.einsum("dr,hrc->hdc", basis.V, w).to(z.dtype)
-    return LinearFit(weight, b.to(z.dtype), iters, conv, loss)
+    return LinearFit(basis.to_features(w), b, iters, conv, loss)
 
 
 def fit_ridge_grid(z: torch.Tensor, y: torch.Tensor, *, weight_decays: list[float], l2_normalize: bool = False,
-                   dtype: torch.dtype = torch.float64, basis: RowBasis | None = None) -> LinearFit:
-    """Least squares with penalty lambda/2 ||w||^2 on the mean squared error, closed form, per penalty."""
-    basis = basis or row_basis(z, dtype=dtype)
-    Q = _scaled_rows(basis, z.shape[1]) if l2_normalize else basis.Q
-    t = y.to(Q.dtype)
+                   basis: RowBasis | None = None) -> LinearFit:
+    """Least squares with penalty lambda/2 ||w||^2 on the mean squared error, closed form, per penalty (float64)."""
+    basis = basis or row_basis(z)
+    Q = (_scaled_rows(basis, z.shape[1]) if l2_normalize else basis.Q).double()
+    t = y.double()
     q_mean, t_mean = Q.mean(0), t.mean()
     Qc = Q - q_mean
     ev, P = torch.linalg.eigh(Qc.T @ Qc)
@@ -125,12 +132,12 @@ def fit_ridge_grid(z: torch.Tensor, y: torch.Tensor, *, weight_decays: list[floa
         ws.append(w)
         bs.append(t_mean - q_mean @ w)
     W = torch.stack(ws)[..., None]  # (H, r, 1)
-    weight = torch.einsum("dr,hrc->hdc", basis.V, W).to(z.dtype)
     H = len(weight_decays)
     resid = torch.stack([((Q @ W[h, :, 0] + bs[h]) - t).pow(2).mean() for h in range(H)])
     lam = torch.tensor(weight_decays, dtype=Q.dtype, device=Q.device)
-    return LinearFit(weight, torch.stack(bs)[:, None].to(z.dtype), torch.ones(H, dtype=torch.long),
-                     torch.ones(H, dtype=torch.bool), resid + lam / 2 * W.pow(2).sum((1, 2)))
+    return LinearFit(basis.to_features(W.to(z.dtype)), torch.stack(bs)[:, None].to(z.dtype),
+                     torch.ones(H, dtype=torch.long), torch.ones(H, dtype=torch.bool),
+                     resid + lam / 2 * W.pow(2).sum((1, 2)))
 
 
 class _Objective:
