@@ -63,7 +63,10 @@ def layer_scores(source: Any, splits: Mapping[str, Any], layers: Sequence[str], 
                     log.warning("score %s of task %r layer %r failed: %s", name, task, layer, e)
                     row[name] = float("nan")
             out.append(row)
-    return pd.DataFrame(out, columns=["task", "layer", "n_rows", *SCORES])
+    df = pd.DataFrame(out, columns=["task", "layer", "n_rows", *SCORES])
+    order = {name: i for i, name in enumerate(layers)}
+    return df.sort_values(["task", "layer"], key=lambda c: c.map(order) if c.name == "layer" else c,
+                          ignore_index=True)
 
 
 def _layer(source: Any, layer: str) -> np.ndarray:

@@ -84,7 +84,7 @@ def heatmap(matrix: np.ndarray, rows: Sequence[object], cols: Sequence[object], 
     yb = top + len(rows) * ch + 6
     for j, c in enumerate(cols):
         body.append(_text(left + j * cw + cw / 2, yb, c, anchor="end", rotate=-35))
-    return _svg(max(left + len(cols) * cw + 20, left + 7 * len(title)), yb + bottom, body)
+    return _svg(max(left + len(cols) * cw + 20, left + 8 * len(title) + 10), yb + bottom, body)
 
 
 def line_chart(x_labels: Sequence[object], series: dict[str, Sequence[float]], *, title: str, ylabel: str,
@@ -97,7 +97,7 @@ def line_chart(x_labels: Sequence[object], series: dict[str, Sequence[float]], *
                if v is None or not np.isfinite(v)]
         legend[name] = str(name) + (f" (not drawn: {', '.join(bad)})" if bad else "")
     right = 40 + 7 * max([len(x) for x in legend.values()] + [8])
-    W, H, left, top = max(360, 70 * n + 60 + right, 60 + 7 * len(title)), 260, 56, 28
+    W, H, left, top = max(360, 70 * n + 60 + right, 70 + 8 * len(title)), 260, 56, 28
     bottom = 20 + 6 * max([len(str(x)) for x in x_labels] + [4])
     vals = [float(v) for s in series.values() for v in s if v is not None and np.isfinite(v)]
     lo, hi = ylim if ylim else ((min(vals), max(vals)) if vals else (0.0, 1.0))
