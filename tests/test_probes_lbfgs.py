@@ -80,3 +80,9 @@ def test_ridge_grid_is_scikit_learns_ridge():
             ref = Ridge(alpha=n * lam / 2).fit(z.numpy(), t.numpy())  # mean squared error + lam/2 ||w||^2
             np.testing.assert_allclose(fit.weight[h][:, 0].numpy(), ref.coef_, atol=1e-8)
             assert float(fit.bias[h][0]) == pytest.approx(ref.intercept_, abs=1e-8)
+
+
+def test_a_tight_tolerance_on_float32_features_is_reached_in_float64():
+    z, y = _blobs(300, 20, 3, seed=4, noise=1.0)
+    fit = fit_logistic_grid(z.float(), y, weight_decays=[1e-3], n_classes=3, settings=SolverSettings(tol=1e-7))
+    assert bool(fit.converged[0]) and fit.weight.dtype == torch.float32

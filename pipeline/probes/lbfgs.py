@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import torch
 
 
+FLOAT32_MIN_TOL = 1e-5  # below this gradient tolerance the solve runs in float64
+
+
 @dataclass(frozen=True)
 class SolverSettings:
     """tol: stop a head when the largest absolute gradient entry of its mean loss is below it.
@@ -36,7 +39,8 @@ class SolverSettings:
     scikit-learn's `tol` means the same on the same objective. max_iter caps the iterations (a head
     stopped by it is reported as not converged); memory: L-BFGS pairs kept; curvature: c of the
     preconditioner (scikit-learn's binomial bound is 0.25, softmax's 0.5; the typical curvature at
-    the solution is lower, and 0.1 measured fewest iterations on the demo stores).
+    the solution is lower, and 0.1 measured fewest iterations on the demo stores). The solve runs in
+    the features' precision (float32), or in float64 when tol < FLOAT32_MIN_TOL.
     """
 
     tol: float = 1e-4
@@ -110,9 +114,11 @@ def fit_logistic_grid(z: torch.Tensor, y: torch.Tensor, *, weight_decays: list[f
     basis = basis or row_basis(z)
     Q = _scaled_rows(basis, z.shape[1]) if l2_normalize else basis.Q
     e = (Q * Q).sum(0) if l2_normalize else basis.e
+    if settings.tol < FLOAT32_MIN_TOL:  # float32 sums cannot resolve such small gradients: solve in float64
+        Q, e = Q.double(), e.double()
     w, b, iters, conv, loss = _lbfgs(Q, e, y, torch.tensor(weight_decays, dtype=Q.dtype, device=Q.device),
                                      n_classes, settings)
-    return LinearFit(basis.to_features(w), b, iters, conv, loss)
+    return LinearFit(basis.to_features(w.to(basis.Q.dtype)), b.to(basis.Q.dtype), iters, conv, loss)
 
 
 def fit_ridge_grid(z: torch.Tensor, y: torch.Tensor, *, weight_decays: list[float], l2_normalize: bool = False,
