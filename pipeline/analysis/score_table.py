@@ -38,18 +38,21 @@ def layer_scores(source: Any, splits: Mapping[str, Any], layers: Sequence[str], 
     """One row per (task, layer): the scores of SCORES on that task's training rows (classification tasks only)."""
     out = []
     tasks = {t: s for t, s in splits.items() if s.task_type == "classification"}
+    picks = {t: (_rows(s, "train", sample, seed), _rows(s, "val", sample, seed)) for t, s in tasks.items()}
+    needed = np.unique(np.concatenate([np.concatenate(p) for p in picks.values()])) if picks else np.zeros(0, int)
     for layer in layers:
-        X = _layer(source, layer)
+        X = _read_rows(source, layer, needed)  # only the sampled rows, whatever the store's size
+        at = {int(r): i for i, r in enumerate(needed)}
         cache: dict[bytes, tuple[np.ndarray, np.ndarray, T.FeatureBasis]] = {}
         for task, split in tasks.items():
-            tr, va = _rows(split, "train", sample, seed), _rows(split, "val", sample, seed)
-            key = tr.tobytes()
+            tr, va = picks[task]
+            key = tr.tobytes() + b"|" + va.tobytes()
             if key not in cache:
-                x = X[tr].astype(np.float64)
+                x = X[[at[int(r)] for r in tr]].astype(np.float64)
                 mean, std = x.mean(0), x.std(0)
                 std[std <= 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0
                 z = (x - mean) / std
-                cache[key] = (z, ((X[va] - mean) / std), T.feature_basis(z))
+                cache[key] = (z, (X[[at[int(r)] for r in va]] - mean) / std, T.feature_basis(z))
             z, z_val, basis = cache[key]
             y, y_val = split.targets[tr], split.targets[va]
             row: dict[str, Any] = {"task": task, "layer": layer, "n_rows": len(tr)}
@@ -69,10 +72,12 @@ def layer_scores(source: Any, splits: Mapping[str, Any], layers: Sequence[str], 
                           ignore_index=True)
 
 
-def _layer(source: Any, layer: str) -> np.ndarray:
-    """A FeatureStore's layer, or a probes FeatureTable's features, as float32."""
-    get = source.layer if hasattr(source, "layer") else source.features
-    return np.asarray(get(layer), dtype=np.float32)
+def _read_rows(source: Any, layer: str, rows: np.ndarray) -> np.ndarray:
+    """(len(rows), d) float32 rows of a layer by row position: a FeatureStore reads only those rows."""
+    if hasattr(source, "get"):
+        ids = source.index()["image_id"].to_numpy(dtype=object)[rows]
+        return np.asarray(source.get(list(ids), layer), dtype=np.float32)
+    return np.asarray(source.features(layer)[rows], dtype=np.float32)
 
 
 def rank_agreement(score: Sequence[float], accuracy: Sequence[float]) -> dict[str, float]:
