@@ -86,3 +86,17 @@ def test_a_tight_tolerance_on_float32_features_is_reached_in_float64():
     z, y = _blobs(300, 20, 3, seed=4, noise=1.0)
     fit = fit_logistic_grid(z.float(), y, weight_decays=[1e-3], n_classes=3, settings=SolverSettings(tol=1e-7))
     assert bool(fit.converged[0]) and fit.weight.dtype == torch.float32
+
+
+def test_separable_few_shot_heads_converge_whatever_else_is_in_the_batch():
+    """Five rows a class in 60 dims: every penalty converges, alone or batched with the others (float32 steps
+    used to stall here on rounding, and one head's failed curvature test froze the others' memories)."""
+    z, y = _blobs(10, 60, 2, seed=8, noise=0.5)
+    wds = [1.0, 1e-1, 1e-2, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6]
+    batched = fit_logistic_grid(z.float(), y, weight_decays=wds, n_classes=2)
+    assert batched.converged.all() and int(batched.iterations.max()) < 100
+    for h, wd in enumerate(wds):
+        alone = fit_logistic_grid(z.float(), y, weight_decays=[wd], n_classes=2)
+        assert bool(alone.converged[0])
+        agree = ((z.float() @ alone.weight[0]).argmax(1) == (z.float() @ batched.weight[h]).argmax(1)).all()
+        assert bool(agree)

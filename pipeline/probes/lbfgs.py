@@ -29,9 +29,6 @@ from dataclasses import dataclass
 import torch
 
 
-FLOAT32_MIN_TOL = 1e-5  # below this gradient tolerance the solve runs in float64
-
-
 @dataclass(frozen=True)
 class SolverSettings:
     """tol: stop a head when the largest absolute gradient entry of its mean loss is below it.
@@ -39,14 +36,16 @@ class SolverSettings:
     scikit-learn's `tol` means the same on the same objective. max_iter caps the iterations (a head
     stopped by it is reported as not converged); memory: L-BFGS pairs kept; curvature: c of the
     preconditioner (scikit-learn's binomial bound is 0.25, softmax's 0.5; the typical curvature at
-    the solution is lower, and 0.1 measured fewest iterations on the demo stores). The solve runs in
-    the features' precision (float32), or in float64 when tol < FLOAT32_MIN_TOL.
+    the solution is lower, and 0.1 measured fewest iterations on the demo stores). dtype: the
+    precision of the solve. float64 by default: near a separating solution the per-row losses fall
+    below float32's resolution, the Armijo test then fails on rounding and float32 steps stall.
     """
 
     tol: float = 1e-4
     max_iter: int = 1000
     memory: int = 10
     curvature: float = 0.1
+    dtype: torch.dtype = torch.float64
 
 
 @dataclass(frozen=True)
@@ -114,8 +113,7 @@ def fit_logistic_grid(z: torch.Tensor, y: torch.Tensor, *, weight_decays: list[f
     basis = basis or row_basis(z)
     Q = _scaled_rows(basis, z.shape[1]) if l2_normalize else basis.Q
     e = (Q * Q).sum(0) if l2_normalize else basis.e
-    if settings.tol < FLOAT32_MIN_TOL:  # float32 sums cannot resolve such small gradients: solve in float64
-        Q, e = Q.double(), e.double()
+    Q, e = Q.to(settings.dtype), e.to(settings.dtype)
     w, b, iters, conv, loss = _lbfgs(Q, e, y, torch.tensor(weight_decays, dtype=Q.dtype, device=Q.device),
                                      n_classes, settings)
     return LinearFit(basis.to_features(w.to(basis.Q.dtype)), b.to(basis.Q.dtype), iters, conv, loss)
@@ -182,12 +180,11 @@ def _lbfgs(Q: torch.Tensor, e: torch.Tensor, y: torch.Tensor, lam: torch.Tensor,
     converged = torch.zeros(H, dtype=torch.bool)
     lam_l, sq = lam, sq_all
     f, g, graw = objective(x, lam_l, sq)
-    S: list[torch.Tensor] = []
-    Y: list[torch.Tensor] = []
+    mem = _Memory(s.memory, len(live), dt, dev)
     it = 0
     while len(live) and it < s.max_iter:
         it += 1
-        p = -_two_loop(g, S, Y)
+        p = -mem.apply(g)
         gp = (g * p).sum((1, 2))
         uphill = gp >= 0  # a stale memory can give a non-descent direction: restart that head along -g
         if uphill.any():
@@ -201,16 +198,10 @@ def _lbfgs(Q: torch.Tensor, e: torch.Tensor, y: torch.Tensor, lam: torch.Tensor,
             if bool(ok.all()):
                 break
             t = torch.where(ok, t, t * 0.5)
-        step, dg = x_new - x, g_new - g
+        mem.push(x_new - x, g_new - g)
         x, f, g, graw = x_new, f_new, g_new, graw_new
-        if bool(((step * dg).sum((1, 2)) > 1e-16 * (dg * dg).sum((1, 2)).clamp_min(1e-300)).all()):
-            S.append(step)
-            Y.append(dg)
-            if len(S) > s.memory:
-                S.pop(0)
-                Y.pop(0)
         done = graw.abs().amax((1, 2)) <= s.tol
-        stalled = ~ok  # no step length gave a decrease: at the precision limit
+        stalled = ~ok | (t < 1e-10)  # no usable step length gives a decrease: at the precision limit
         finished = done | stalled
         if bool(finished.any()):
             ids = live[finished]
@@ -220,7 +211,7 @@ def _lbfgs(Q: torch.Tensor, e: torch.Tensor, y: torch.Tensor, lam: torch.Tensor,
             converged[ids.cpu()] = done[finished].cpu()
             keep = ~finished
             live, x, f, g, graw, lam_l, sq = (v[keep] for v in (live, x, f, g, graw, lam_l, sq))
-            S, Y = [v[keep] for v in S], [v[keep] for v in Y]
+            mem.keep(keep)
     if len(live):
         out_w[live] = x / sq[..., None]
         out_f[live] = f
@@ -228,17 +219,42 @@ def _lbfgs(Q: torch.Tensor, e: torch.Tensor, y: torch.Tensor, lam: torch.Tensor,
     return out_w[:, :r], out_w[:, r], iters, converged, out_f
 
 
-def _two_loop(g: torch.Tensor, S: list[torch.Tensor], Y: list[torch.Tensor]) -> torch.Tensor:
-    """L-BFGS two-loop recursion, per head (dim 0): an approximation of H^-1 g."""
-    q = g.clone()
-    rho = [1.0 / (yy * ss).sum((1, 2)) for ss, yy in zip(S, Y)]
-    alpha = []
-    for ss, yy, rh in zip(reversed(S), reversed(Y), reversed(rho)):
-        a = rh * (ss * q).sum((1, 2))
-        q -= a[:, None, None] * yy
-        alpha.append(a)
-    if S:
-        q *= ((S[-1] * Y[-1]).sum((1, 2)) / (Y[-1] * Y[-1]).sum((1, 2)))[:, None, None]
-    for ss, yy, rh, a in zip(S, Y, rho, reversed(alpha)):
-        q += (a - rh * (yy * q).sum((1, 2)))[:, None, None] * ss
-    return q
+class _Memory:
+    """The L-BFGS pairs of every head. A head whose new pair fails the curvature test (s.y > 0) stores a
+    zero pair (rho 0: no effect), so one head's flat stretch never freezes the others' memories."""
+
+    def __init__(self, size: int, heads: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.size = size
+        self.S: list[torch.Tensor] = []
+        self.Y: list[torch.Tensor] = []
+        self.rho: list[torch.Tensor] = []
+        self.gamma = torch.ones(heads, dtype=dtype, device=device)  # initial Hessian scale s.y / y.y
+
+    def push(self, step: torch.Tensor, dg: torch.Tensor) -> None:
+        sy, yy = (step * dg).sum((1, 2)), (dg * dg).sum((1, 2))
+        valid = (sy > 1e-10 * yy) & (yy > 0)
+        self.S.append(torch.where(valid[:, None, None], step, torch.zeros_like(step)))
+        self.Y.append(torch.where(valid[:, None, None], dg, torch.zeros_like(dg)))
+        self.rho.append(torch.where(valid, 1.0 / torch.where(valid, sy, torch.ones_like(sy)), torch.zeros_like(sy)))
+        self.gamma = torch.where(valid, sy / torch.where(valid, yy, torch.ones_like(yy)), self.gamma)
+        if len(self.S) > self.size:
+            self.S.pop(0)
+            self.Y.pop(0)
+            self.rho.pop(0)
+
+    def keep(self, mask: torch.Tensor) -> None:
+        self.S, self.Y, self.rho = ([v[mask] for v in lst] for lst in (self.S, self.Y, self.rho))
+        self.gamma = self.gamma[mask]
+
+    def apply(self, g: torch.Tensor) -> torch.Tensor:
+        """Two-loop recursion, per head (dim 0): an approximation of H^-1 g."""
+        q = g.clone()
+        alpha = []
+        for ss, yy, rh in zip(reversed(self.S), reversed(self.Y), reversed(self.rho)):
+            a = rh * (ss * q).sum((1, 2))
+            q -= a[:, None, None] * yy
+            alpha.append(a)
+        q *= self.gamma[:, None, None]
+        for ss, yy, rh, a in zip(self.S, self.Y, self.rho, reversed(alpha)):
+            q += (a - rh * (yy * q).sum((1, 2)))[:, None, None] * ss
+        return q
