@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="write the transferability report (static HTML + JSON)")
     s.add_argument("--store", action="append", required=True, help="feature set URI (repeat to compare encoders)")
     s.add_argument("--out", required=True, help="output folder for index.html and report.json")
-    s.add_argument("--map-sample", type=int, default=1000, help="rows in each 2-D map")
+    s.add_argument("--map-sample", type=int, default=1000, help="images per map (a seeded sample; the page says how many)")
     s.set_defaults(func=_cmd_report)
 
     s = sub.add_parser("neighbors", help="nearest images by cosine similarity in one layer")

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import torch
 
 
+FLOAT32_MIN_TOL = 1e-5  # below this gradient tolerance the matmuls run in float64 too
+
+
 @dataclass(frozen=True)
 class SolverSettings:
     """tol: stop a head when the largest absolute gradient entry of its mean loss is below it.
@@ -37,8 +40,8 @@ class SolverSettings:
     stopped by it is reported as not converged); memory: L-BFGS pairs kept; curvature: c of the
     preconditioner (scikit-learn's binomial bound is 0.25, softmax's 0.5; the typical curvature at
     the solution is lower, and 0.1 measured fewest iterations on the demo stores). dtype: the
-    precision of the solve. float64 by default: near a separating solution the per-row losses fall
-    below float32's resolution, the Armijo test then fails on rounding and float32 steps stall.
+    precision of losses, gradients and the L-BFGS state (see _Objective); the matmuls run in the
+    features' precision, or in float64 when tol < FLOAT32_MIN_TOL.
     """
 
     tol: float = 1e-4
@@ -113,8 +116,10 @@ def fit_logistic_grid(z: torch.Tensor, y: torch.Tensor, *, weight_decays: list[f
     basis = basis or row_basis(z)
     Q = _scaled_rows(basis, z.shape[1]) if l2_normalize else basis.Q
     e = (Q * Q).sum(0) if l2_normalize else basis.e
-    Q, e = Q.to(settings.dtype), e.to(settings.dtype)
-    w, b, iters, conv, loss = _lbfgs(Q, e, y, torch.tensor(weight_decays, dtype=Q.dtype, device=Q.device),
+    if settings.tol < FLOAT32_MIN_TOL:  # float32 matmuls cannot resolve such small gradients
+        Q = Q.double()
+    w, b, iters, conv, loss = _lbfgs(Q, e.to(settings.dtype), y,
+                                     torch.tensor(weight_decays, dtype=settings.dtype, device=Q.device),
                                      n_classes, settings)
     return LinearFit(basis.to_features(w.to(basis.Q.dtype)), b.to(basis.Q.dtype), iters, conv, loss)
 
@@ -145,21 +150,28 @@ def fit_ridge_grid(z: torch.Tensor, y: torch.Tensor, *, weight_decays: list[floa
 
 
 class _Objective:
-    """Mean cross-entropy + lambda/2 ||w||^2 of live heads, in preconditioned coordinates x = w * sqrt(h)."""
+    """Mean cross-entropy + lambda/2 ||w||^2 of live heads, in preconditioned coordinates x = w * sqrt(h).
 
-    def __init__(self, Q: torch.Tensor, y: torch.Tensor, n_classes: int) -> None:
+    The two matmuls run in Q's precision; everything after the logits (softmax, losses, gradients, the
+    L-BFGS state) in x's, float64: near a separating solution the per-row losses fall below float32's
+    resolution, the Armijo test would then fail on rounding and the steps stall.
+    """
+
+    def __init__(self, Q: torch.Tensor, y: torch.Tensor, n_classes: int, dtype: torch.dtype) -> None:
         self.Q, self.n, self.r, self.C = Q, Q.shape[0], Q.shape[1], n_classes
-        self.onehot = torch.nn.functional.one_hot(y, n_classes).to(Q.dtype)
+        self.onehot = torch.nn.functional.one_hot(y, n_classes).to(dtype)
 
     def __call__(self, x: torch.Tensor, lam: torch.Tensor, sq: torch.Tensor):
         """(objective (H,), gradient in x (H, r+1, C), gradient in w (H, r+1, C)); the last row is the bias."""
         n, r, C, H = self.n, self.r, self.C, x.shape[0]
         w = x / sq[..., None]
-        logits = (self.Q @ w[:, :r].permute(1, 0, 2).reshape(r, H * C)).view(n, H, C) + w[:, r][None]
+        wq = w[:, :r].permute(1, 0, 2).reshape(r, H * C).to(self.Q.dtype)
+        logits = (self.Q @ wq).view(n, H, C).to(x.dtype) + w[:, r][None]
         lse = torch.logsumexp(logits, -1)
         f = (lse - (logits * self.onehot[:, None]).sum(-1)).mean(0) + 0.5 * lam * w[:, :r].pow(2).sum((1, 2))
         G = (torch.softmax(logits, -1) - self.onehot[:, None]) / n  # (n, H, C)
-        gw = (self.Q.T @ G.reshape(n, H * C)).view(r, H, C).permute(1, 0, 2) + lam[:, None, None] * w[:, :r]
+        gq = (self.Q.T @ G.reshape(n, H * C).to(self.Q.dtype)).to(x.dtype)
+        gw = gq.view(r, H, C).permute(1, 0, 2) + lam[:, None, None] * w[:, :r]
         g = torch.cat([gw, G.sum(0)[:, None]], 1)
         return f, g / sq[..., None], g
 
@@ -168,11 +180,11 @@ def _lbfgs(Q: torch.Tensor, e: torch.Tensor, y: torch.Tensor, lam: torch.Tensor,
            s: SolverSettings) -> tuple[torch.Tensor, ...]:
     """Batched L-BFGS; returns (w (H, r, C), b (H, C), iterations, converged, objective), heads in input order."""
     n, r = Q.shape
-    H, C, dt, dev = len(lam), n_classes, Q.dtype, Q.device
+    H, C, dt, dev = len(lam), n_classes, s.dtype, Q.device
     h = torch.cat([s.curvature * e[None, :] / n + lam[:, None], torch.full((H, 1), s.curvature, dtype=dt,
                                                                            device=dev)], 1)
     sq_all = h.sqrt()  # (H, r+1): preconditioned coordinate x = w * sq
-    objective = _Objective(Q, y, C)
+    objective = _Objective(Q, y, C, dt)
     live = torch.arange(H, device=dev)
     x = torch.zeros(H, r + 1, C, dtype=dt, device=dev)
     out_w, out_f = torch.zeros_like(x), torch.zeros(H, dtype=dt, device=dev)

@@ -171,7 +171,7 @@ def build_report(store_uris: Sequence[str], out_dir: str | Path, *, storage_opti
                                                             title=f"CKA: {a.provenance['encoder']} (rows) vs "
                                                                   f"{b.provenance['encoder']} (columns)",
                                                             vmin=0, vmax=1))])
-    (out / "report.json").write_text(json.dumps(html._finite(report), indent=2, default=_json_default))
+    (out / "report.json").write_text(json.dumps(html.finite(report), indent=2, default=_json_default))
     page = out / "index.html"
     page.write_text(html.render(report, secs, thumbs), encoding="utf-8")
     return page

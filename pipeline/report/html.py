@@ -97,19 +97,20 @@ def json_script(element_id: str, obj: Any) -> str:
     Non-finite floats become null (JSON has no NaN); <, > and & are written as \\u escapes, which
     JSON.parse turns back into the same characters.
     """
-    text = json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False)
+    text = json.dumps(finite(obj), ensure_ascii=False, allow_nan=False)
     text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
     return f'<script type="application/json" id="{esc(element_id)}">{text}</script>'
 
 
-def _finite(o: Any) -> Any:
+def finite(o: Any) -> Any:
+    """Non-finite floats as None, recursively (JSON has no NaN)."""
     if isinstance(o, float) and not math.isfinite(o):
         return None
     if isinstance(o, dict):
-        return {str(k): _finite(v) for k, v in o.items()}
+        return {str(k): finite(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
+        return [finite(v) for v in o]
     return o
 
 
