@@ -86,6 +86,7 @@ def test_report_numbers_and_page(tmp_path):
     np.testing.assert_allclose(np.diag(cka), 1.0, atol=1e-6)
     comparison = report["comparison"]
     assert {r["encoder"] for r in comparison["encoders"]} == {"toy0", "toy1"} and "cross_cka" in report
+    assert comparison["shared_images"] == 1.0
     assert all(r["kendall_tau_val"] is None for r in comparison["agreement"])  # 2 encoders: no ranking
     text = page.read_text()
     assert text.count("<svg class=\"map\"") == 4 and "probe test accuracy (task x layer)" in text

@@ -160,7 +160,8 @@ def build_report(store_uris: Sequence[str], out_dir: str | Path, *, storage_opti
         secs[data["summary"]["featureset"]] = sec
     thumbs = _thumbs(stores, secs, thumbnail_limit, storage_options)
     report = {"generated_at": dt.datetime.now(dt.timezone.utc).isoformat(), "library": _library_version(),
-              "featuresets": featuresets, "comparison": compare(featuresets), "thumbnails": len(thumbs)}
+              "featuresets": featuresets, "comparison": compare(featuresets, shared_images(stores)),
+              "thumbnails": len(thumbs)}
     if len(stores) > 1:
         a, b = stores[0], stores[1]
         cross = analysis.cross_cka(a, b, sections.feature_layers(a), sections.feature_layers(b))
@@ -189,10 +190,17 @@ def _thumbs(stores, secs: dict[str, Section], limit: int, storage_options) -> di
     return thumbnails(ids, uris, limit=limit, storage_options=storage_options)
 
 
-def compare(featuresets: list[dict]) -> dict[str, list[dict]]:
+def shared_images(stores: Sequence[FeatureStore]) -> float:
+    """The fraction of the first store's images that every other store has too."""
+    ids = [set(s.index()["image_id"].astype(str)) for s in stores]
+    return len(set.intersection(*ids)) / max(len(ids[0]), 1) if ids else 0.0
+
+
+def compare(featuresets: list[dict], shared: float = 1.0) -> dict[str, Any]:
     """Per (task, encoder) when several feature sets are reported together: the layer chosen on validation,
     its val and test accuracy, the transferability scores of the encoder's last feature layer, and how
-    well each score ranks the encoders (needs 3 or more encoders)."""
+    well each score ranks the encoders (needs 3 or more encoders, and the same images: `shared` is the
+    fraction they have in common; below one half no ranking is made)."""
     if len(featuresets) < 2:
         return {}
     rows = []
@@ -210,7 +218,10 @@ def compare(featuresets: list[dict]) -> dict[str, list[dict]]:
                 row.update({k: last[k] for k in ("logme", "nleep", "h_score", "knn_accuracy", "leep") if k in last})
             rows.append(row)
     df = pd.DataFrame(rows)
-    agreement = []
+    agreement: list[dict] = []
+    if shared < 0.5:
+        log.warning("report: the stores share %.0f%% of their images; encoders are listed, not ranked", 100 * shared)
+        return {"encoders": sections.records(df), "agreement": agreement, "shared_images": shared}
     for task, g in df.groupby("task", sort=True):
         for name in ("logme", "nleep", "h_score", "knn_accuracy", "leep"):
             if name in g:
@@ -218,7 +229,7 @@ def compare(featuresets: list[dict]) -> dict[str, list[dict]]:
                 agreement.append({"task": task, "score": SCORE_LABELS[name], "encoders": len(g),
                                   "kendall_tau_val": a["kendall_tau"],
                                   "kendall_tau_test": rank_agreement(g[name], g["test_accuracy"])["kendall_tau"]})
-    return {"encoders": sections.records(df), "agreement": agreement}
+    return {"encoders": sections.records(df), "agreement": agreement, "shared_images": shared}
 
 
 def _json_default(o: Any) -> Any:

@@ -150,7 +150,9 @@ def render(report: dict, sections: dict[str, Section], thumbs: dict[str, str]) -
              "heads are chosen on validation; test figures are those of the chosen head, reported once.</p>"]
     comp = report.get("comparison") or {}
     if comp.get("encoders"):
-        parts.append("<h2>Encoders compared</h2>" + table(comp["encoders"]))
+        parts.append("<h2>Encoders compared</h2><p class='muted'>Best layer per task chosen on validation; scores "
+                     f"of each encoder's last feature layer; {100 * comp.get('shared_images', 1.0):.0f}% of the "
+                     "images are in every store.</p>" + table(comp["encoders"]))
         if comp.get("agreement"):
             parts.append("<h3>How well each score ranks the encoders</h3>" + table(comp["agreement"]))
         parts.append("<div class='figs'>" + "".join(_figure(c, s) for c, s in sections.get(
