@@ -27,7 +27,8 @@ import pandas as pd
 
 NLEEP_VARIANCE = 0.8
 NLEEP_COMPONENTS_PER_CLASS = 5
-NLEEP_MAX_DIMS = 64  # our cap: a diagonal GMM on at most this many principal components keeps NLEEP cheap
+NLEEP_MAX_DIMS = 64  # our caps: a diagonal GMM on at most this many principal components, with at most
+NLEEP_MAX_COMPONENTS = 200  # this many components (5 per class of a 1,000-class task would be 5,000), stays cheap
 KNN_K = 10
 
 
@@ -162,7 +163,8 @@ def nleep(features: np.ndarray, labels: Sequence[Any], *, components_per_class: 
     """NLEEP = (1/n) sum_i log sum_v P(y_i | v) P(v | x_i), v the components of a GMM on PCA(features).
 
     The PCA keeps `variance` of the variance (at most `max_dims` components); the GMM has
-    components_per_class x classes components (at most n / 2), `covariance` as in scikit-learn.
+    components_per_class x classes components (at most n / 2 and NLEEP_MAX_COMPONENTS), `covariance`
+    as in scikit-learn.
     """
     from sklearn.mixture import GaussianMixture
 
@@ -172,7 +174,7 @@ def nleep(features: np.ndarray, labels: Sequence[Any], *, components_per_class: 
     ratio = np.cumsum(b.s2c[order]) / b.s2c.sum()
     keep = min(int(np.searchsorted(ratio, variance) + 1), max_dims, len(order))
     X = b.Uc[:, order[:keep]] * np.sqrt(b.s2c[order[:keep]])  # principal component scores
-    k = max(1, min(components_per_class * n_classes, b.n // 2))
+    k = max(1, min(components_per_class * n_classes, b.n // 2, NLEEP_MAX_COMPONENTS))
     gmm = GaussianMixture(n_components=k, covariance_type=covariance, random_state=seed, reg_covar=1e-6).fit(X)
     return leep_from_posteriors(gmm.predict_proba(X), codes, n_classes)
 
