@@ -12,6 +12,7 @@ import pandas as pd
 from pipeline.probes.config import ProbeConfig
 from pipeline.probes.data import FeatureTable, resolve_layers
 from pipeline.probes.grid import GroupOutput, failure, train_layer
+from pipeline.probes.progress import GridProgress
 from pipeline.probes.results import ProbeResults, results_frame
 from pipeline.probes.split_table import read_splits, splits_frame
 from pipeline.probes.splits import TaskSplit, split_task
@@ -43,10 +44,11 @@ def run_probe_grid(table: FeatureTable, config: ProbeConfig, *, use_ray: bool = 
                  s.task_type, len(s.rows["train"]), len(s.rows["val"]), len(s.rows["test"]), s.n_missing, s.source)
     groups = [(task, layer) for task in splits for layer in layers]
     t0 = time.perf_counter()
+    progress = GridProgress(len(groups))
     if use_ray:
         outputs = _run_ray(table, config, splits, layers, num_cpus_per_group,
                            (1.0 if config.device == "cuda" else 0.0) if num_gpus_per_group is None
-                           else num_gpus_per_group)
+                           else num_gpus_per_group, progress)
     else:
         outputs = {}
         for layer in layers:  # one layer in memory at a time
@@ -55,8 +57,11 @@ def run_probe_grid(table: FeatureTable, config: ProbeConfig, *, use_ray: bool = 
             except Exception as e:  # noqa: BLE001 - an unreadable layer fails its groups only
                 log.exception("probe layer %r could not be read", layer)
                 outputs.update({(t, layer): failure(t, layer, splits[t], e) for t in splits})
+                progress.update(len(splits), 0)
                 continue
-            outputs.update({(t, layer): o for t, o in train_layer(features, splits, layer, config).items()})
+            done = train_layer(features, splits, layer, config)
+            outputs.update({(t, layer): o for t, o in done.items()})
+            progress.update(len(done), sum(len(o.rows) for o in done.values()))
     rows = [r for g in groups for r in outputs[g].rows]
     heads = [h for g in groups for h in outputs[g].heads]
     n_failed = sum(1 for g in groups if outputs[g].rows and outputs[g].rows[0].get("status") == "failed")
@@ -67,7 +72,7 @@ def run_probe_grid(table: FeatureTable, config: ProbeConfig, *, use_ray: bool = 
 
 
 def _run_ray(table: FeatureTable, config: ProbeConfig, splits: dict[str, TaskSplit], layers: list[str],
-             num_cpus: float, num_gpus: float) -> dict[tuple[str, str], GroupOutput]:
+             num_cpus: float, num_gpus: float, progress: GridProgress) -> dict[tuple[str, str], GroupOutput]:
     import ray  # Ray stays out of the probe math: only the fan-out imports it
 
     if not ray.is_initialized():
@@ -84,9 +89,12 @@ def _run_ray(table: FeatureTable, config: ProbeConfig, splits: dict[str, TaskSpl
         done, _ = ray.wait(list(pending), num_returns=1)
         layer = pending.pop(done[0])
         try:
-            outputs.update({(t, layer): o for t, o in ray.get(done[0]).items()})
+            got = ray.get(done[0])
+            outputs.update({(t, layer): o for t, o in got.items()})
+            progress.update(len(got), sum(len(o.rows) for o in got.values()))
         except Exception as e:  # noqa: BLE001 - RayTaskError, worker crash, ...
             cause = getattr(e, "cause", None) or e
             log.error("probe layer %r failed: %s", layer, e)
             outputs.update({(t, layer): failure(t, layer, splits[t], cause) for t in splits})
+            progress.update(len(splits), 0)
     return outputs
