@@ -1,14 +1,29 @@
-"""Benchmark: strata's batched linear-probe grid vs scikit-learn LogisticRegression fitted head by head.
+"""Benchmark: strata's linear-probe grid vs scikit-learn LogisticRegression fitted head by head.
 
-Synthetic but realistic cached features: 20,000 float16 rows, four layers (dims 32/96/320/1280)
-that carry a latent class structure through a random non-linear projection plus noise (deeper
-layers: more of the fine-grained signal; earlier layers: more of an attribute signal), three
-label tasks (20 fine classes, 5 coarse classes, 4 attribute classes). Every (task, layer) group
-gets the same number of linear heads on both sides (strata: L2 penalties; sklearn: C values),
-the same split and train-only standardisation; both select on validation and report test.
+Two tables:
 
-    python benchmarks/bench_probes.py            # 20k rows, 4 layers x 3 tasks x 5 settings = 60 heads
-    python benchmarks/bench_probes.py --quick    # 5k rows, small dims, a few seconds
+1. **Same split, real stores** (`--stores`): on each feature store (the digits and shapes demos),
+   for every (task, layer) cell, strata's validation-selected linear head (the default L-BFGS
+   solver over its default penalty grid) against scikit-learn's LogisticRegression fitted to
+   convergence on exactly the same split (read back from the run's splits table) and the same
+   penalties (C = 1 / (lambda n), 2 / (lambda n) for two classes), standardised with the training
+   rows' statistics, C selected on validation accuracy (ties: the stronger penalty, like
+   LogisticRegressionCV), test accuracy reported. Also strata's former minibatch Adam grid. Times per
+   cell include standardisation, fitting, selection and test; both sides run with the same number
+   of threads (--threads).
+
+    python benchmarks/bench_probes.py --stores stores/digits__... stores/shapes__...
+
+2. **Synthetic** (default): the cost of the grid on many rows. 20,000 float16 rows, four layers
+   (dims 32/96/320/1280) that carry a latent class structure through a random non-linear
+   projection plus noise (deeper layers: more of the fine-grained signal; earlier layers: more of
+   an attribute signal), three label tasks (20 fine classes, 5 coarse classes, 4 attribute
+   classes). Every (task, layer) group gets the same 5 L2 penalties on both sides, the same split
+   and train-only standardisation; both select on validation and report test.
+
+    python benchmarks/bench_probes.py            # 20k rows, 4 layers x 3 tasks x 5 penalties = 60 heads
+    python benchmarks/bench_probes.py --quick    # 5k rows, small dims
+    python benchmarks/bench_probes.py --solver adam   # strata's minibatch Adam grid instead
 """
 
 from __future__ import annotations
@@ -24,6 +39,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from _machine import machine_header  # benchmarks/ is on sys.path when run as a script
+from _same_split import print_same_split, same_split_table
 from pipeline.probes import InMemoryFeatureTable, ProbeConfig, run_probe_grid, split_task
 
 
@@ -51,10 +68,13 @@ def make_table(n: int, dims: list[int], seed: int = 0) -> InMemoryFeatureTable:
     return InMemoryFeatureTable(feats, index)
 
 
-def run_sklearn(table: InMemoryFeatureTable, cfg: ProbeConfig, cs: list[float], max_iter: int) -> pd.DataFrame:
-    """One LogisticRegression per (task, layer, C); select C on val, report test."""
+def run_sklearn(table: InMemoryFeatureTable, cfg: ProbeConfig, wds: list[float], max_iter: int) -> pd.DataFrame:
+    """One LogisticRegression per (task, layer, penalty) at the same C; select on val (ties: smaller C), report test."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+
+    from pipeline.probes.candidates import sklearn_c
+    from pipeline.probes.heads import fit_standardizer
 
     rows = []
     for task in cfg.tasks:
@@ -64,13 +84,14 @@ def run_sklearn(table: InMemoryFeatureTable, cfg: ProbeConfig, cs: list[float], 
         for layer in table.layers:
             t0 = time.perf_counter()
             x = table.features(layer).astype(np.float32)
-            mean, std = x[tr].mean(0), np.maximum(x[tr].std(0), 1e-6)
+            mean, std = (t.numpy() for t in fit_standardizer(torch.from_numpy(x[tr])))
             z = (x - mean) / std
             best = (-1.0, None)
-            for c in cs:
+            for wd in sorted(wds, reverse=True):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", ConvergenceWarning)
-                    model = LogisticRegression(C=c, max_iter=max_iter).fit(z[tr], y[tr])
+                    model = LogisticRegression(C=sklearn_c(wd, len(tr), split.n_classes),
+                                               max_iter=max_iter).fit(z[tr], y[tr])
                 acc = float((model.predict(z[va]) == y[va]).mean())
                 if acc > best[0]:
                     best = (acc, model)
@@ -85,21 +106,35 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="5k rows, dims 32/96/320/640: a few seconds")
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--ray", action="store_true", help="fan the groups out over a local Ray (init time excluded)")
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=30, help="Adam solver only")
+    ap.add_argument("--solver", default="lbfgs", choices=["lbfgs", "adam"], help="strata's linear solver (synthetic)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--max-iter", type=int, default=1000, help="sklearn max_iter (lbfgs)")
+    ap.add_argument("--max-iter", type=int, default=10_000, help="sklearn max_iter (lbfgs)")
     ap.add_argument("--no-sklearn", action="store_true", help="time strata only")
+    ap.add_argument("--stores", nargs="+", default=None, help="feature stores for the same-split table")
+    ap.add_argument("--threads", type=int, default=None, help="torch and BLAS threads, the same for both sides")
+    ap.add_argument("--tol", type=float, default=1e-4, help="sklearn tol in the same-split table (its default)")
+    ap.add_argument("--no-adam", action="store_true", help="same-split table without the Adam grid")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    print(machine_header("bench_probes"))
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
+    if args.stores:
+        df = same_split_table(args.stores, tol=args.tol, max_iter=args.max_iter, with_adam=not args.no_adam)
+        print_same_split(df)
+        return
     n = args.rows or (5_000 if args.quick else 20_000)
     dims = [32, 96, 320, 640] if args.quick else [32, 96, 320, 1280]
     table = make_table(n, dims)
-    wds = [1e-4, 1e-3, 1e-2, 3e-2, 1e-1]  # L2 penalties (strata) ...
-    cs = [1e-3, 1e-2, 1e-1, 1.0, 10.0]  # ... and inverse L2 strengths (sklearn): 5 heads per group each
+    wds = [1e-4, 1e-3, 1e-2, 3e-2, 1e-1]  # L2 penalties: sklearn gets the same ones as C (5 heads a group)
     cfg = ProbeConfig.from_dict({
         "tasks": ["fine", "coarse", "attribute"], "device": args.device, "epochs": args.epochs,
         "batch_size": 1024, "patience": 10, "seed": 0,
-        "heads": [{"kind": "linear", "lrs": [1e-2], "weight_decays": wds}],
+        "heads": [{"kind": "linear", "solver": args.solver, "lrs": [1e-2], "weight_decays": wds}],
     })
     print(f"rows={n} layers={dims} tasks=3 heads/group={len(wds)} -> {len(dims) * 3 * len(wds)} linear heads; "
           f"torch threads={torch.get_num_threads()} cpus={os.cpu_count()}")
@@ -116,19 +151,19 @@ def main() -> None:
     ours = pd.DataFrame({"strata_time_s": t.groupby(["task", "layer"])["train_time_s"].sum(),
                          "strata_val": sel["val_accuracy"], "strata_test": sel["test_accuracy"],
                          "strata_wd": sel["hparams"].map(lambda h: json.loads(h)["weight_decay"]),
-                         "strata_epochs": sel["best_epoch"]}).reset_index()
+                         "strata_steps": sel["steps"]}).reset_index()
     if args.no_sklearn:
         print(ours.round(4).to_string(index=False), f"\nstrata: {strata_s:.2f} s")
         return
     t1 = time.perf_counter()
-    sk = run_sklearn(table, cfg, cs, args.max_iter)
+    sk = run_sklearn(table, cfg, wds, args.max_iter)
     sk_s = time.perf_counter() - t1
     both = ours.merge(sk, on=["task", "layer"])
     both["test_diff_pts"] = 100 * (both["strata_test"] - both["sk_test"])
     pd.set_option("display.width", 200)
     print(both.round(4).to_string(index=False))
     print(f"\nstrata batched grid (whole run_probe_grid{', Ray' if args.ray else ', in-process'}): {strata_s:.2f} s")
-    print(f"sklearn LogisticRegression head by head ({len(sk) * len(cs)} fits):            {sk_s:.2f} s")
+    print(f"sklearn LogisticRegression head by head ({len(sk) * len(wds)} fits):            {sk_s:.2f} s")
     print(f"speed-up: {sk_s / strata_s:.1f}x   mean test accuracy strata={both['strata_test'].mean():.4f} "
           f"sklearn={both['sk_test'].mean():.4f}   worst group diff={both['test_diff_pts'].min():+.2f} pts, "
           f"mean diff={both['test_diff_pts'].mean():+.2f} pts")

@@ -45,6 +45,11 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     cfg = load_config(ExtractConfig, args.config, args.overrides)
     validate_extract(cfg)  # before importing Ray
+    if args.dry_run:
+        from .extract.sync import dry_run
+
+        print(dry_run(cfg))
+        return 0
     from .extract import run_extract
 
     print(run_extract(cfg))
@@ -67,7 +72,10 @@ def _probe_config(path: str | None, overrides: Sequence[str]):
 def _cmd_probe(args: argparse.Namespace) -> int:
     from .probes.job import run_probes
 
-    config = _probe_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.splits:  # reuse the splits of an earlier run (its splits.parquet)
+        overrides += [f"split.file={args.splits}", "split.column=null"]
+    config = _probe_config(args.config, overrides)
     run = run_probes(args.store, config, version=args.version, out_uri=args.out, use_ray=not args.no_ray)
     board = run.results.leaderboard()
     print(board.to_string(index=False) if len(board) else "no successful probe group")
@@ -86,9 +94,16 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
     from .config import ExtractConfig, load_config
+
+    cfg = load_config(ExtractConfig, args.config, args.overrides)
+    if args.dry_run:
+        from .extract.sync import dry_run
+
+        print(dry_run(cfg))
+        return 0
     from .extract.refresh import run_refresh
 
-    print(run_refresh(load_config(ExtractConfig, args.config, args.overrides)))
+    print(run_refresh(cfg))
     return 0
 
 
@@ -233,6 +248,9 @@ def _config_args(s: argparse.ArgumentParser) -> None:
     """The extraction config: a YAML file plus section.key=value overrides (extract and refresh share it)."""
     s.add_argument("--config", required=False, help="YAML config, a path or any fsspec URI (see configs/)")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. store.root=s3://bucket/features")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the plan (units, images, shards, rows, bytes per layer) and exit: nothing is encoded "
+                        "or written")
 
 
 def _verbosity_args(p: argparse.ArgumentParser) -> None:
@@ -297,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version", type=int, default=None, help="pin a store version (default: latest)")
     s.add_argument("--out", default=None, help="where results go (default: <store>/probes/v<version>-<hash>)")
     s.add_argument("--no-ray", action="store_true", help="train in this process instead of Ray tasks")
+    s.add_argument("--splits", default=None, help="splits.parquet of an earlier run: train and test on those splits")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tasks=[digit] few_shot=[5,null]")
 
     s = command("refresh", "encode only new or changed images and commit a new version", _cmd_refresh,
@@ -350,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = command("report", "write the transferability report (static HTML + JSON)", _cmd_report)
     s.add_argument("--store", action="append", required=True, help="feature set URI (repeat to compare encoders)")
     s.add_argument("--out", required=True, help="output folder for index.html and report.json")
-    s.add_argument("--map-sample", type=int, default=1000, help="rows in each 2-D map")
+    s.add_argument("--map-sample", type=int, default=1000, help="images per map (a seeded sample; the page says how many)")
 
     s = command("neighbors", "nearest images by cosine similarity in one layer", _cmd_neighbors)
     s.add_argument("--store", required=True)

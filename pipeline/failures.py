@@ -62,6 +62,9 @@ def _job_errors() -> tuple[type[BaseException], ...]:
     sink = sys.modules.get("pipeline.extract.sink")  # imported (with Ray) only by a job that can raise it
     if sink is not None:
         errors.append(sink.ErrorBudgetExceeded)
+    monitor = sys.modules.get("pipeline.extract.monitor")
+    if monitor is not None:
+        errors.append(monitor.JobStalled)
     commit = sys.modules.get("pipeline.stores.commit")
     if commit is not None:
         errors.append(commit.CommitConflict)

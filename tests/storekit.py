@@ -77,14 +77,15 @@ def job(t: StoreTarget, recs: Sequence[dict], *, operation: str = "extract", bad
 
 def write_store(root: str, features: Mapping[str, np.ndarray], labels: Mapping[str, list], *, featureset: str = "fs",
                 shard_rows: int = 64, ids: Sequence[str] | None = None, dtype: str = "float32",
-                provenance: Mapping | None = None):
+                provenance: Mapping | None = None, uris: Sequence[str] | None = None):
     """A real committed feature store holding exactly these arrays, row i for image ``ids[i]``."""
     from pipeline.stores import FeatureStore
 
     n = len(next(iter(features.values())))
     ids = list(ids or [f"img-{i:05d}" for i in range(n)])
     position = {image_id: i for i, image_id in enumerate(ids)}
-    recs = [{"image_id": ids[i], "uri": f"file:///d/{ids[i]}.png", "fingerprint": f"sha256:{ids[i]}",
+    uris = list(uris or [f"file:///d/{i}.png" for i in ids])
+    recs = [{"image_id": ids[i], "uri": uris[i], "fingerprint": f"sha256:{ids[i]}",
              "split": None, "labels": {k: v[i] for k, v in labels.items()}} for i in range(n)]
     t = StoreTarget(root=root, featureset=featureset, shard_rows=shard_rows, chunk_rows=shard_rows // 4, dtype=dtype)
     writer = FeatureStoreWriter(t)

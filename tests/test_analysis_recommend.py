@@ -92,18 +92,43 @@ def test_thresholds_are_documented_constants():
         recommend("t", n_train=10, layer_accuracy={"a": float("nan")})
 
 
-def test_from_a_probe_results_table():
+def test_from_a_probe_results_table_selects_on_validation_and_quotes_test():
     rows = []
-    for task, n_train, n_cls, accs in [("easy", 300, 3, [.5, .8, .95]), ("hard", 40_000, 4, [.6, .5, .3])]:
-        for layer, acc in zip(["l1", "l2", "l3"], accs):
+    # "easy": l3 is best on validation, l2 on test: l3 must be chosen, its test figure quoted
+    for task, n_train, n_cls, vals, tests in [("easy", 300, 3, [.5, .8, .95], [.5, .97, .93]),
+                                              ("hard", 40_000, 4, [.6, .5, .3], [.6, .5, .3])]:
+        for layer, val, test in zip(["l1", "l2", "l3"], vals, tests):
             for head, selected in [("linear", True), ("mlp", False)]:
                 rows.append({"task": task, "task_type": "classification", "layer": layer, "few_shot": np.nan,
                              "head": head, "selected": selected, "status": "ok", "n_train": n_train,
-                             "n_classes": n_cls, "test_accuracy": acc if selected else 0.0})
+                             "n_classes": n_cls, "val_accuracy": val if selected else 0.99,
+                             "test_accuracy": test if selected else 0.99})
     rows.append({"task": "age", "task_type": "regression", "layer": "l1", "few_shot": np.nan, "head": "linear",
-                 "selected": True, "status": "ok", "n_train": 100, "n_classes": np.nan, "test_accuracy": np.nan})
+                 "selected": True, "status": "ok", "n_train": 100, "n_classes": np.nan, "val_accuracy": np.nan,
+                 "test_accuracy": np.nan})
     rows.append({"task": "easy", "task_type": "classification", "layer": "l3", "few_shot": 5, "head": "linear",
-                 "selected": True, "status": "ok", "n_train": 15, "n_classes": 3, "test_accuracy": 0.1})
+                 "selected": True, "status": "ok", "n_train": 15, "n_classes": 3, "val_accuracy": 1.0,
+                 "test_accuracy": 0.1})
     recs = recommend_from_results(pd.DataFrame(rows), ["l1", "l2", "l3"], relative_leep={"hard": 0.05})
-    assert [(r.task, r.action) for r in recs] == [("easy", FROZEN), ("hard", FULL)]
-    assert "0.950" in " ".join(recs[0].reasons) and "relative LEEP 0.05" in " ".join(recs[1].reasons)
+    assert [(r.task, r.action, r.best_layer) for r in recs] == [("easy", FROZEN, "l3"), ("hard", FULL, "l1")]
+    easy = " ".join(recs[0].reasons)
+    assert "validation accuracy 0.950 on layer 'l3' (test accuracy 0.930, reported once)" in easy
+    assert "relative LEEP 0.05" in " ".join(recs[1].reasons)
+
+
+def test_a_score_that_ranks_layers_like_validation_is_used_and_named():
+    acc = _curve([.50, .62, .70, .74, .73, .69, .66])  # best in the middle, 8 points above the last layer
+    agrees = {"logme": _curve([-1.0, -.9, -.8, -.7, -.72, -.75, -.8]), "h_score": _curve([7, 6, 5, 4, 3, 2, 1])}
+    r = recommend("t", n_train=5_000, n_classes=5, layer_accuracy=acc, layer_scores=agrees)
+    assert r.score_used == "logme" and r.best_layer == "b3"
+    assert "LogME ranks the layers like the probes" in " ".join(r.reasons) and "'b3' (middle) first" in " ".join(r.reasons)
+    none = recommend("t", n_train=5_000, n_classes=5, layer_accuracy=acc, layer_scores={"h_score": agrees["h_score"]})
+    assert none.score_used is None and "none is used" in " ".join(none.reasons)
+    # a trusted score that also puts the best layer before the last ones tips a borderline gap into "shifted"
+    small_gap = _curve([.50, .62, .70, .745, .73, .72, .71])  # 3.5 points: under LAYER_GAP alone
+    alone = recommend("t", n_train=5_000, n_classes=5, layer_accuracy=small_gap)
+    backed = recommend("t", n_train=5_000, n_classes=5, layer_accuracy=small_gap,
+                       layer_scores={"nleep": _curve([1, 2, 3, 4, 3.5, 3.2, 3.0])})
+    assert "domain shift" not in " ".join(alone.reasons)
+    assert backed.score_used == "nleep" and "not the last ones" in " ".join(backed.reasons)
+    assert "0.035 gap to the last layer" in " ".join(backed.reasons) and "domain shift" in " ".join(backed.reasons)

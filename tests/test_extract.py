@@ -175,7 +175,7 @@ def test_bad_config_refused_before_any_work(tmp_path):
 
 
 def test_decode_and_gpu_settings_checked_before_any_work(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown run.decode 'quick'; valid: \['exact', 'fast'\]"):
+    with pytest.raises(ConfigError, match=r"run.decode: 'quick' is not a valid choice; valid: \['exact', 'fast'\]"):
         run_extract(_config(str(tmp_path), str(tmp_path / "s"), "run.decode=quick"))
     for bad in ("1.5", "-1"):
         with pytest.raises(ConfigError, match="run.gpus_per_encoder must be 0, a fraction of one GPU"):
@@ -190,18 +190,18 @@ def test_fast_decode_makes_its_own_feature_set(images, tmp_path):
     """Features that differ slightly never land in the exact path's feature set; the exact one keeps its name."""
     exact_cfg = _config(str(images), str(tmp_path / "stores"), "run.local_max_images=100000")
     fast_cfg = _config(str(images), str(tmp_path / "stores"), "run.local_max_images=100000", "run.decode=fast")
-    from pipeline.extract.plan import build_plan
+    from pipeline.extract.plan import build_target
     from pipeline.extract.run import prepare_encoder
     from pipeline.stores import featureset_name
 
     exact_provenance = prepare_encoder(exact_cfg).provenance()
     assert "decode" not in exact_provenance["preprocessing"]
-    assert build_plan(exact_cfg, exact_provenance).target.featureset == featureset_name(
+    assert build_target(exact_cfg, exact_provenance).featureset == featureset_name(
         "shapes", exact_provenance, "float16")
     summary = run_extract(fast_cfg)  # in the driver: no Ray start-up for a test of names
     store = FeatureStore(summary.store_uri)
     assert store.provenance["preprocessing"]["decode"] == "fast"
-    assert store.summary()["featureset"] != build_plan(exact_cfg, exact_provenance).target.featureset
+    assert store.summary()["featureset"] != build_target(exact_cfg, exact_provenance).featureset
     index = _check_store(fast_cfg, store, images)  # within the tolerance of the exact reference
     assert len(index) == 196
 

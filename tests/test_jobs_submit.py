@@ -41,6 +41,7 @@ class RayHead:
     temp_dir: Path
     dashboard: str
     env: dict
+    address: str  # the GCS address other nodes join
 
 
 def _free_ports(n: int) -> list[int]:
@@ -138,7 +139,7 @@ def ray_head() -> Iterator[RayHead]:
         assert started.returncode == 0, f"ray start failed:\n{started.stdout}\n{started.stderr}"
         dashboard = f"http://127.0.0.1:{ports['--dashboard-port']}"
         _wait_for_dashboard(dashboard)
-        yield RayHead(temp_dir, dashboard, env)
+        yield RayHead(temp_dir, dashboard, env, f"127.0.0.1:{ports['--port']}")
     finally:
         left = _stop_head(str(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -153,6 +154,7 @@ def _write_config(path: Path, images: Path, store_root: Path) -> Path:
                                       "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
                     "batch_size": 32},
         "store": {"root": str(store_root), "shard_rows": 64, "chunk_rows": 16},
+        "run": {"local_max_images": 0},  # through Ray Data on the cluster, never in the driver
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -23,6 +23,8 @@ def test_from_dict_builds_typed_config():
     assert c.heads[2] == PrototypeHeadSpec(metric="euclidean")
     assert c.heads[3].hidden_sizes == (64, 32) and c.heads[3].lrs == (1e-3, 1e-2)
     assert c.split.seed == 3 and c.few_shot == (None, 5)
+    assert c.heads[0].solver == "lbfgs" and c.heads[0].tol == 1e-4
+    assert ProbeConfig.from_dict({"tasks": ["a"], "heads": [{"kind": "linear", "tol": "1e-6"}]}).heads[0].tol == 1e-6
     # the resolved config is plain data and round-trips
     d = json.loads(json.dumps(c.to_dict()))
     assert ProbeConfig.from_dict(d) == c
@@ -41,6 +43,10 @@ def test_from_dict_builds_typed_config():
     ({"tasks": [{"name": "a", "type": "ranking"}]}, "regression"),
     ({"tasks": ["a"], "few_shot": [0]}, ">= 1"),
     ({"heads": ["linear"]}, "'tasks' is required"),
+    ({"tasks": ["a"], "heads": [{"kind": "linear", "solver": "sgd"}]}, "valid: ['lbfgs', 'adam']"),
+    ({"tasks": ["a"], "heads": [{"kind": "linear", "tol": 0}]}, "tol=0 must be > 0"),
+    ({"tasks": ["a"], "heads": [{"kind": "linear", "tol": "tight"}]}, "tol='tight' is not a number"),
+    ({"tasks": ["a"], "split": {"column": "fold", "file": "s.parquet"}}, "both set"),
 ])
 def test_from_dict_refuses_with_valid_choices(d, needle):
     with pytest.raises(ValueError) as e:

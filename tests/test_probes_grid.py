@@ -1,88 +1,16 @@
-"""The batched linear grid equals heads trained alone; one group's selection, test metrics and refusals."""
+"""One (task, layer) group: selection on validation (ties to the stronger penalty), test metrics once, refusals;
+a layer's tasks share the L-BFGS basis."""
 
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
+from pipeline.probes import candidates
 from pipeline.probes.config import ProbeConfig
-from pipeline.probes.grid import Fit, fit_module, train_group, train_linear_grid
-from pipeline.probes.heads import LinearProbe
+from pipeline.probes.grid import train_group, train_layer
 from pipeline.probes.splits import split_task
-
-LRS = [1e-3, 1e-2, 1e-1, 1e-2, 3e-2, 3e-3]
-WDS = [0.0, 1e-2, 1e-1, 0.0, 0.5, 1e-3]
-L2 = [False, False, False, True, True, False]
-
-
-def _data(n=600, d=24, c=4, noise=1.5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    means = torch.randn(c, d, generator=g)
-    y = torch.randint(0, c, (n,), generator=g)
-    x = means[y] + noise * torch.randn(n, d, generator=g)
-    return x[:400], y[:400], x[400:], y[400:]
-
-
-@pytest.mark.parametrize("patience", [4, 100])
-def test_batched_grid_equals_each_head_trained_alone_with_torch_adam(patience):
-    """Reference: a plain LinearProbe per head with autograd, torch.optim.Adam (L2 weight decay) and
-    LambdaLR cosine decay, same seed (same minibatch order); early stopping must agree too.
-
-    In float64, so that the comparison is sharp: Adam divides by sqrt(v) + eps, which turns the
-    float32 rounding differences of two correct implementations into visible ones.
-    """
-    zt, yt, zv, yv = (t.double() if t.is_floating_point() else t for t in _data())
-    fit = Fit(epochs=15, batch_size=64, patience=patience, seed=3)
-    res = train_linear_grid(zt, yt, zv, yv, lrs=LRS, weight_decays=WDS, l2_normalize=L2, n_out=4, fit=fit)
-    epochs = []
-    for h in range(len(LRS)):
-        alone = LinearProbe(24, 4, l2_normalize=L2[h]).double()
-        info = fit_module(alone, zt, yt, zv, yv, lr=LRS[h], weight_decay=WDS[h], fit=fit, decoupled=False)
-        torch.testing.assert_close(res.weight[h], alone.weight.detach().T, atol=1e-8, rtol=1e-7)
-        torch.testing.assert_close(res.bias[h], alone.bias.detach(), atol=1e-8, rtol=1e-7)
-        assert int(res.best_epoch[h]) == info["best_epoch"]
-        assert float(res.val_score[h]) == pytest.approx(info["val_score"])
-        epochs.append(info["best_epoch"])
-    if patience == 4:  # early stopping really happened, at different epochs for different heads
-        assert len(set(epochs)) > 1 and min(epochs) < 15
-
-
-def test_batched_grid_float32_predicts_like_heads_alone():
-    zt, yt, zv, yv = _data()
-    fit = Fit(epochs=15, batch_size=64, patience=100, seed=3)
-    res = train_linear_grid(zt, yt, zv, yv, lrs=LRS, weight_decays=WDS, l2_normalize=L2, n_out=4, fit=fit)
-    for h in range(len(LRS)):
-        alone = LinearProbe(24, 4, l2_normalize=L2[h])
-        fit_module(alone, zt, yt, zv, yv, lr=LRS[h], weight_decay=WDS[h], fit=fit, decoupled=False)
-        batched = LinearProbe(24, 4, l2_normalize=L2[h])
-        with torch.no_grad():
-            batched.weight.copy_(res.weight[h].T)
-            batched.bias.copy_(res.bias[h])
-        agree = (batched.predict_standardized(zv) == alone.predict_standardized(zv)).float().mean()
-        assert agree >= 0.99
-
-
-def test_batched_grid_equals_grid_of_one_for_regression():
-    zt, _, zv, _ = _data()
-    w = torch.randn(24, generator=torch.Generator().manual_seed(1))
-    yt, yv = zt @ w + 0.1 * torch.randn(400), zv @ w + 0.1 * torch.randn(200)
-    fit = Fit(epochs=10, batch_size=50, patience=3, seed=0, metric="r2")
-    res = train_linear_grid(zt, yt, zv, yv, lrs=LRS, weight_decays=WDS, l2_normalize=L2, n_out=1, regression=True,
-                            fit=fit)
-    for h in (0, 3, 5):
-        one = train_linear_grid(zt, yt, zv, yv, lrs=[LRS[h]], weight_decays=[WDS[h]], l2_normalize=[L2[h]], n_out=1,
-                                regression=True, fit=fit)
-        torch.testing.assert_close(res.weight[h], one.weight[0], atol=1e-5, rtol=1e-4)
-    assert float(res.val_score.max()) > 0.95
-
-
-def test_max_steps_caps_training():
-    zt, yt, zv, yv = _data()
-    res = train_linear_grid(zt, yt, zv, yv, lrs=LRS, weight_decays=WDS, l2_normalize=L2, n_out=4,
-                            fit=Fit(epochs=50, batch_size=64, max_steps=10, patience=50))
-    assert res.steps == 10
 
 
 def _split_and_features(n=900, seed=0):
@@ -145,3 +73,32 @@ def test_train_group_refuses_non_finite_features():
     cfg = ProbeConfig.from_dict(CFG)
     with pytest.raises(ValueError, match=r"2 rows have NaN/inf features, .*re-extract the layer or drop it"):
         train_group(x, split_task(index, "label", cfg.split), "bad", cfg)
+
+
+def test_ties_on_validation_go_to_the_stronger_penalty():
+    index, x = _split_and_features(seed=1)
+    cfg = ProbeConfig.from_dict({"tasks": ["label"], "device": "cpu",
+                                 "heads": [{"kind": "linear", "weight_decays": [1e-4, 1e-3, 1e-2, 1e-1]}]})
+    df = pd.DataFrame(train_group(x, split_task(index, "label", cfg.split), "l", cfg).rows)
+    wd = df["hparams"].map(lambda h: json.loads(h)["weight_decay"])
+    assert list(wd) == [1e-1, 1e-2, 1e-3, 1e-4]  # listed strongest first
+    best = df["val_score"].max()
+    assert wd[df["selected"]].iloc[0] == wd[df["val_score"] == best].max()
+    assert df["converged"].all() and (df["steps"] > 0).all()
+    c = df["hparams"].map(lambda h: json.loads(h)["C"])
+    n = len(split_task(index, "label", cfg.split).rows["train"])
+    np.testing.assert_allclose(c * wd * n, 1.0)  # scikit-learn's C of each penalty (3 classes: multinomial)
+
+
+def test_tasks_of_a_layer_on_the_same_rows_share_one_basis(monkeypatch):
+    index, x = _split_and_features()
+    index["upper"] = index["label"].str.upper()
+    calls = []
+    real = candidates.row_basis
+    monkeypatch.setattr(candidates, "row_basis", lambda z: (calls.append(len(z)), real(z))[1])
+    cfg = ProbeConfig.from_dict({"tasks": ["label", "upper"], "device": "cpu", "heads": ["linear"]})
+    splits = {t: split_task(index, t, cfg.split) for t in ("label", "upper")}
+    out = train_layer(x, splits, "l", cfg)
+    assert set(out) == {"label", "upper"} and len(calls) == 1
+    a, b = (pd.DataFrame(out[t].rows) for t in ("label", "upper"))
+    np.testing.assert_allclose(a["val_score"], b["val_score"])  # the same problem, relabelled

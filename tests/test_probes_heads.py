@@ -1,10 +1,10 @@
-"""Heads learn a separable task, stay at chance on shuffled labels; the auto head choice."""
+"""Heads learn a separable task, stay at chance on shuffled labels; the auto head choice; standardisation."""
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.probes.grid import Fit, fit_module, train_linear_grid
+from pipeline.probes.adam import Fit, fit_module, train_linear_grid
 from pipeline.probes.heads import (KNNProbe, LinearProbe, MLPProbe, PrototypeProbe, build_head, choose_head,
                                    fit_standardizer)
 
@@ -88,7 +88,16 @@ def test_choose_head_by_samples_per_class(per_class, kind):
     assert f"{per_class:.1f} training samples per class" in reason and kind.replace("mlp", "MLP") in reason
 
 
-def test_standardizer_floors_constant_features():
-    x = torch.ones(10, 3)
-    mean, std = fit_standardizer(x)
-    assert torch.all(std > 0) and torch.isfinite((x - mean) / std).all()
+def test_constant_training_features_get_std_one_like_scikit_learn():
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(5, 4)).astype(np.float32)
+    train[:, 1] = 3.0  # constant on a few-shot training set ...
+    train[:, 2] = 1e-3 + np.float32(1e-12) * np.arange(5)  # ... or constant up to rounding
+    held_out = rng.normal(size=(8, 4)).astype(np.float32)  # ... but not elsewhere
+    mean, std = fit_standardizer(torch.from_numpy(train))
+    assert std[1] == 1.0 and std[2] == 1.0
+    ref = StandardScaler().fit(train)
+    np.testing.assert_allclose(((torch.from_numpy(held_out) - mean) / std).numpy(), ref.transform(held_out),
+                               rtol=1e-5, atol=1e-5)  # z = x - mean there, not (x - mean) * 1e6

@@ -1,10 +1,13 @@
-"""The report: self-contained HTML + JSON, and a real browser renders it with its plots."""
+"""The report: validation-selected numbers, scores, maps for every task, and a real browser renders hostile labels."""
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -12,48 +15,83 @@ from pipeline.cli import main
 from pipeline.probes.config import ProbeConfig
 from pipeline.probes.job import run_probes
 from pipeline.report import build_report
+from pipeline.report.sections import best_layers, chosen_heads
 from storekit import write_store
 
 N, SHARD = 240, 80
+HOSTILE = ["<script>alert(1)</script>", "$x$", "café ☕ 東京 \u202e", "a & b \"quoted\" 'single'"]
 
 
-def _store(tmp_path, name="fs", seed=0):
-    """Layers whose class signal grows from early to late, like a real encoder's, plus logits."""
+def _store(tmp_path, name="fs", seed=0, *, labels=None, images=None, probe=True):
+    """Layers whose class signal grows from early to late, like a real encoder's, plus logits.
+
+    `labels` replaces the class names of the "shape" task; `images` writes real PNGs behind the URIs.
+    """
     rng = np.random.default_rng(seed)
-    shape = rng.integers(0, 3, N)
+    shape = rng.integers(0, 3 if labels is None else len(labels), N)
     colour = rng.integers(0, 2, N)
-    records = [{"image_id": f"img-{i:03d}", "uri": f"file:///x/{i}.png", "fingerprint": str(i), "split": None,
-                "labels": {"shape": f"s{shape[i]}", "colour": f"c{colour[i]}"}} for i in range(N)]
+    names = labels or ["s0", "s1", "s2"]
+    uris = [f"file:///x/{i}.png" for i in range(N)]
+    if images is not None:
+        images.mkdir(parents=True, exist_ok=True)
+        for i in range(N):
+            Image.fromarray(np.full((24, 24, 3), (37 * shape[i]) % 255, np.uint8)).save(images / f"{i}.png")
+            uris[i] = (images / f"{i}.png").as_uri()
+    records = [{"image_id": f"img-{i:03d}", "uri": uris[i], "fingerprint": str(i), "split": None,
+                "labels": {"shape": names[shape[i]], "colour": f"c{colour[i]}"}} for i in range(N)]
     layers = {"early": 16, "late": 32, "classifier": 10}
+    k = len(names)
     feats = {
         "early": np.c_[colour[:, None] * 2.0 + rng.normal(0, 1, (N, 8)), rng.normal(0, 1, (N, 8))],
-        "late": np.c_[np.eye(3)[shape] * 3.0 + rng.normal(0, 1, (N, 3)), rng.normal(0, 1, (N, 29))],
-        "classifier": np.c_[np.eye(3)[shape] * 4.0, rng.normal(0, 1, (N, 7))],
+        "late": np.c_[np.eye(k)[shape] * 3.0 + rng.normal(0, 1, (N, k)), rng.normal(0, 1, (N, 32 - k))],
+        "classifier": np.c_[np.eye(k)[shape] * 4.0, rng.normal(0, 1, (N, 10 - k))],
     }
-    store = write_store(str(tmp_path), feats, {"shape": [f"s{v}" for v in shape], "colour": [f"c{v}" for v in colour]},
+    store = write_store(str(tmp_path), feats, {"shape": [r["labels"]["shape"] for r in records],
+                                               "colour": [r["labels"]["colour"] for r in records]},
                         featureset=name, shard_rows=SHARD, ids=[r["image_id"] for r in records], dtype="float16",
-                        provenance={"encoder": f"toy{seed}", "layers": list(layers)})
-    run_probes(store.uri, ProbeConfig.from_dict({"tasks": ["shape", "colour"], "heads": [{"kind": "linear"}],
-                                                  "epochs": 30}), use_ray=False)
+                        provenance={"encoder": f"toy{seed}", "layers": list(layers)}, uris=uris)
+    if probe:
+        run_probes(store.uri, ProbeConfig.from_dict({"tasks": ["shape", "colour"], "heads": [{"kind": "linear"}]}),
+                   use_ray=False)
     return store.uri
 
 
 def test_report_numbers_and_page(tmp_path):
     uri = _store(tmp_path / "a")
     page = build_report([uri, _store(tmp_path / "b", name="fs2", seed=1)], tmp_path / "out", map_sample=200)
-    import json
-
     report = json.loads((page.parent / "report.json").read_text())
     fs = report["featuresets"][0]
     assert fs["best_layer"]["shape"] in ("late", "classifier") and fs["best_layer"]["colour"] == "early"
+    assert fs["matrix"]["layers"] == ["early", "late", "classifier"]  # encoder order, logits last
     assert {r["task"] for r in fs["recommendations"]} == {"shape", "colour"}
+    assert all(r["best_layer"] == fs["best_layer"][r["task"]] for r in fs["recommendations"])
     assert fs["leep"] and all(np.isfinite(r["leep"]) for r in fs["leep"])
+    scores = pd.DataFrame(fs["scores"])
+    assert set(scores["layer"]) == {"early", "late"} and {"logme", "nleep", "h_score", "knn_accuracy", "leep"} <= set(
+        scores.columns)
+    late = scores.set_index(["task", "layer"])
+    assert late.loc[("shape", "late"), "knn_accuracy"] > late.loc[("shape", "early"), "knn_accuracy"]
+    assert late.loc[("shape", "late"), "logme"] > late.loc[("shape", "early"), "logme"]
+    assert {r["score"] for r in fs["score_agreement"]} >= {"LogME", "NLEEP", "H-score", "kNN accuracy"}
+    assert sorted(m["task"] for m in fs["maps"]) == ["colour", "shape"]  # a map for every task
+    assert all(m["points"] == 200 and "200 of 240 images" in m["caption"] for m in fs["maps"])
     cka = np.array(fs["cka"]["matrix"])
     np.testing.assert_allclose(np.diag(cka), 1.0, atol=1e-6)
-    assert report["comparison"] and "cross_cka" in report
+    comparison = report["comparison"]
+    assert {r["encoder"] for r in comparison["encoders"]} == {"toy0", "toy1"} and "cross_cka" in report
+    assert comparison["shared_images"] == 1.0
+    assert all(r["kendall_tau_val"] is None for r in comparison["agreement"])  # 2 encoders: no ranking
     text = page.read_text()
-    assert text.count("data:image/png;base64,") >= 6  # matrix, curves, CKA, two maps, encoder CKA
-    assert "transferability matrix" in text and "http://" not in text and "https://" not in text
+    assert text.count("<svg class=\"map\"") == 4 and "probe test accuracy (task x layer)" in text
+    assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text
+
+
+def test_best_layer_is_chosen_on_validation_not_test():
+    rows = [{"task": "t", "task_type": "classification", "layer": layer, "few_shot": np.nan, "head": "linear",
+             "hparams": "{}", "selected": True, "status": "ok", "val_accuracy": val, "test_accuracy": test}
+            for layer, val, test in (("a", 0.80, 0.95), ("b", 0.90, 0.85))]
+    chosen = chosen_heads(pd.DataFrame(rows), ["a", "b"])
+    assert best_layers(chosen) == {"t": "b"}
 
 
 def test_report_cli(tmp_path, capsys):
@@ -72,16 +110,68 @@ def _chromium():
     return None
 
 
+_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+
+# Runs after the page's own script: hovers the first point of each map and records what the tooltip shows.
+_DRIVER = """
+<script>
+(function () {
+  var out = {alerts: window.__alerts, maps: []};
+  document.querySelectorAll('svg.map').forEach(function (svg) {
+    var c = svg.querySelector('circle[data-i]');
+    c.dispatchEvent(new MouseEvent('mouseover', {bubbles: true, clientX: 20, clientY: 20}));
+    var tip = document.getElementById('tip'), img = tip.querySelector('img');
+    out.maps.push({text: tip.textContent, shown: tip.style.display, id: tip.getAttribute('data-image-id'),
+                   img: img ? img.src.slice(0, 22) : null, points: svg.querySelectorAll('circle').length,
+                   legend: svg.parentNode.querySelector('.legend').textContent});
+  });
+  var pre = document.createElement('pre');
+  pre.id = 'driver-result';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+})();
+</script>
+"""
+
+
 @pytest.mark.skipif(_chromium() is None, reason="Chromium not installed (make test installs Debian's chromium)")
-def test_report_renders_in_headless_chromium(tmp_path):
-    page = build_report([_store(tmp_path / "a")], tmp_path / "out", map_sample=200)
+def test_hostile_labels_render_escaped_and_the_hover_map_works_in_headless_chromium(tmp_path):
+    uri = _store(tmp_path / "a", labels=HOSTILE, images=tmp_path / "img", probe=False)
+    page = build_report([uri], tmp_path / "out", map_sample=200)
+    html = page.read_text(encoding="utf-8")
+    # our own scripts only: the map data, the thumbnails and the hover script; no label became markup
+    assert len(re.findall(r"<script", html)) == 2 + 1 + 1
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    report = json.loads((page.parent / "report.json").read_text())
+    assert report["featuresets"][0]["few_shot"] and report["thumbnails"] > 0  # default probes: few-shot curves
+
+    probe = page.parent / "probe.html"
+    probe.write_text(html.replace("<head>", "<head><script>window.__alerts=[];window.alert=function(m)"
+                                            "{window.__alerts.push(String(m));};</script>", 1)
+                     .replace("</body>", _DRIVER + "</body>"), encoding="utf-8")
+    dom = subprocess.run([_chromium(), *_FLAGS, "--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'p1'}",
+                          "--dump-dom", probe.as_uri()], check=True, timeout=120, capture_output=True,
+                         text=True).stdout
+    found = re.search(r'<pre id="driver-result">(.*?)</pre>', dom, re.S)
+    assert found, dom[-2000:]
+    result = json.loads(found.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"')
+                        .replace("&amp;", "&"))
+    assert result["alerts"] == []  # no label ever ran as script
+    assert len(result["maps"]) == 2
+    for m in result["maps"]:
+        assert m["shown"] == "block" and m["id"].startswith("img-") and m["points"] == 200
+        assert f"image_id: {m['id']}" in m["text"] and "uri: file:///" in m["text"]
+        assert m["img"] == "data:image/jpeg;base64"  # the thumbnail of the hovered image
+    shape_map = next(m for m in result["maps"] if "$x$" in m["legend"])
+    for label in HOSTILE:
+        assert label in shape_map["legend"]  # every label literally, as text
+    assert any(label in m["text"] for m in result["maps"] for label in HOSTILE)
+
     shot = tmp_path / "shot.png"
-    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1280,2400",
+    subprocess.run([_chromium(), *_FLAGS, f"--user-data-dir={tmp_path / 'p2'}", "--window-size=1280,6000",
                     f"--screenshot={shot}", page.as_uri()], check=True, timeout=120, capture_output=True)
     img = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
-    assert img.shape[0] >= 2000 and img.std() > 10  # not a blank page
-    # the heatmap's viridis colours are on the page: saturated pixels that text alone never has
-    saturation = img.max(axis=2) - img.min(axis=2)
-    assert (saturation > 80).mean() > 0.01
+    assert img.shape[0] >= 6000 and img.std() > 10  # not a blank page
+    saturation = img.max(axis=2) - img.min(axis=2)  # the heatmap's viridis and the maps' colours are drawn
+    assert (saturation > 80).sum() > 15_000

@@ -85,7 +85,13 @@ def draw_map(m: LayerMap, task: str, *, title: str | None = None, max_legend: in
     """PNG bytes of the map coloured by `task`; missing labels in light grey.
 
     Uses a bare `Figure` (Agg canvas), so it touches neither pyplot's global state nor the backend.
+    Labels are drawn literally: mathtext is off, so a label such as `$x$` is not parsed.
     """
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _draw_map(m, task, title=title, max_legend=max_legend)
+
+
+def _draw_map(m: LayerMap, task: str, *, title: str | None, max_legend: int) -> bytes:
     if task not in m.labels:
         raise ValueError(f"task {task!r} not in this map; tasks: {list(m.labels)}")
     labels = np.array([_MISSING if v is None or v != v else str(v) for v in m.labels[task]], dtype=object)

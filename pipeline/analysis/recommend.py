@@ -40,6 +40,10 @@ LAYER_GAP = 0.05
 # Our choice: the texts (000) say LEEP correlates with transfer but give no absolute scale; below a
 # quarter of the label entropy explained (relative LEEP, see leep.relative_leep) we call the source distant.
 LOW_RELATIVE_LEEP = 0.25
+# Our choice: a transferability score is trusted on this data when it ranks the layers like the probes'
+# validation accuracy, with Kendall tau at least this (over 3 or more layers). Published comparisons of
+# LEEP, LogME, NLEEP and SFDA report mean weighted tau of 0.4-0.7 against fine-tuned accuracy.
+TRUSTED_SCORE_TAU = 0.5
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class Recommendation:
     task: str
     action: str              # FROZEN, PARTIAL or FULL
     reasons: tuple[str, ...]  # human-readable, with the numbers behind each step
+    best_layer: str | None = None  # chosen on validation
+    score_used: str | None = None  # the transferability score that entered the advice, if any
 
 
 def _position(layers: Sequence[str], layer: str) -> tuple[float, str]:
@@ -58,12 +64,18 @@ def _position(layers: Sequence[str], layer: str) -> tuple[float, str]:
 
 def recommend(task: str, *, n_train: int, layer_accuracy: Mapping[str, float], n_classes: int | None = None,
               samples_per_class: float | None = None, target_accuracy: float = 1.0,
-              relative_leep: float | None = None, leep: float | None = None) -> Recommendation:
+              relative_leep: float | None = None, leep: float | None = None,
+              test_accuracy: Mapping[str, float] | None = None,
+              layer_scores: Mapping[str, Mapping[str, float]] | None = None) -> Recommendation:
     """One task's recommendation from its frozen-probe evidence.
 
-    `layer_accuracy` maps layer -> probe accuracy, ordered early to late. `target_accuracy` is the
-    accuracy you need (1.0 = judge raw accuracy). `relative_leep` (0..1) is an optional
-    domain-similarity proxy; `leep` is only quoted.
+    `layer_accuracy` maps layer -> validation accuracy of the layer's selected probe, ordered early to
+    late: the best layer and every judgement come from it. `test_accuracy` (layer -> test accuracy)
+    is only quoted, for the chosen layer. `target_accuracy` is the accuracy you need (1.0 = judge
+    raw accuracy). `relative_leep` (0..1) is an optional domain-similarity proxy; `leep` is only
+    quoted. `layer_scores` maps a transferability score's name to its value per layer: the one that
+    ranks the layers most like validation accuracy (Kendall tau >= TRUSTED_SCORE_TAU) is used as a
+    second opinion on where the transferable layers are, and named in the reasons.
     """
     scores = {k: float(v) for k, v in layer_accuracy.items() if v is not None and v == v}
     if not scores:
@@ -103,15 +115,33 @@ def recommend(task: str, *, n_train: int, layer_accuracy: Mapping[str, float], n
                "poor": f"below {POOR_PROBE_FRACTION:.2f}{rel}: frozen features fall well short",
                "fair": f"between {POOR_PROBE_FRACTION:.2f} and {GOOD_PROBE_FRACTION:.2f}{rel}: room to gain by "
                        f"adapting"}
-    reasons.append(f"best frozen probe accuracy {best_acc:.3f} on layer {best!r}{of_target}; {verdict[quality]}")
+    test = (test_accuracy or {}).get(best)
+    quoted = "" if test is None or test != test else f" (test accuracy {test:.3f}, reported once)"
+    reasons.append(f"best frozen probe: validation accuracy {best_acc:.3f} on layer {best!r}{quoted}{of_target}; "
+                   f"{verdict[quality]}")
 
     # layer profile
     shifted = where != "late" and gap >= LAYER_GAP
+    used, score_best = _trusted_score(layer_scores, scores)
     if len(layers) > 1:
         reasons.append(f"best layer {best!r} is {where} (layer {layers.index(best) + 1} of {len(layers)}); "
                        f"the last layer {last!r} scores {last_acc:.3f} ({gap:.3f} behind the best)"
                        + ("; late layers look specific to the source task, a sign of domain shift" if shifted
                           else ""))
+    if used is not None:
+        name, tau = used
+        _, score_where = _position(layers, score_best)
+        agrees = where != "late" and score_where != "late" and gap > 0
+        tipped = agrees and not shifted and gap >= LAYER_GAP / 2
+        shifted = shifted or tipped
+        reasons.append(f"{_LABEL.get(name, name)} ranks the layers like the probes (Kendall tau {tau:.2f} with "
+                       f"validation accuracy) and puts {score_best!r} ({score_where}) first"
+                       + ("; it confirms that the transferable features are not the last ones" if agrees else "")
+                       + (f", so the {gap:.3f} gap to the last layer (at least {LAYER_GAP / 2:.3f} with this "
+                          "support) is read as a sign of domain shift" if tipped else ""))
+    elif layer_scores:
+        reasons.append(f"no transferability score ranks the layers like the probes here (Kendall tau below "
+                       f"{TRUSTED_SCORE_TAU:.2f}); none is used")
     leep_low = relative_leep is not None and relative_leep < LOW_RELATIVE_LEEP
     if relative_leep is not None:
         raw = "" if leep is None else f" (LEEP {leep:.3f})"
@@ -121,7 +151,28 @@ def recommend(task: str, *, n_train: int, layer_accuracy: Mapping[str, float], n
 
     action, why = _decide(size, quality, shifted, where, leep_low)
     reasons.append(why)
-    return Recommendation(task=task, action=action, reasons=tuple(reasons))
+    return Recommendation(task=task, action=action, reasons=tuple(reasons), best_layer=best,
+                          score_used=None if used is None else used[0])
+
+
+_LABEL = {"logme": "LogME", "nleep": "NLEEP", "h_score": "H-score", "knn_accuracy": "kNN accuracy", "leep": "LEEP"}
+
+
+def _trusted_score(layer_scores: Mapping[str, Mapping[str, float]] | None, accuracy: Mapping[str, float]
+                   ) -> tuple[tuple[str, float] | None, str | None]:
+    """((name, Kendall tau) of the score that best ranks the layers like validation accuracy, its best layer)."""
+    from .score_table import rank_agreement
+
+    best: tuple[str, float] | None = None
+    for name, by_layer in (layer_scores or {}).items():
+        common = [layer for layer in accuracy if layer in by_layer and by_layer[layer] == by_layer[layer]]
+        tau = rank_agreement([by_layer[x] for x in common], [accuracy[x] for x in common])["kendall_tau"]
+        if tau == tau and tau >= TRUSTED_SCORE_TAU and (best is None or tau > best[1]):
+            best = (name, tau)
+    if best is None:
+        return None, None
+    by_layer = layer_scores[best[0]]  # type: ignore[index]
+    return best, max((x for x in accuracy if x in by_layer and by_layer[x] == by_layer[x]), key=lambda x: by_layer[x])
 
 
 def _decide(size: str, quality: str, shifted: bool, where: str, leep_low: bool) -> tuple[str, str]:
@@ -143,13 +194,15 @@ def _decide(size: str, quality: str, shifted: bool, where: str, leep_low: bool) 
     return PARTIAL, "so: keep the early layers frozen and fine-tune the later stages"
 
 
-def recommend_from_results(table: pd.DataFrame, layers: Sequence[str], *, metric: str = "test_accuracy",
-                           target_accuracy: float = 1.0, relative_leep: Mapping[str, float] | None = None,
-                           leep: Mapping[str, float] | None = None) -> list[Recommendation]:
+def recommend_from_results(table: pd.DataFrame, layers: Sequence[str], *, target_accuracy: float = 1.0,
+                           relative_leep: Mapping[str, float] | None = None, leep: Mapping[str, float] | None = None,
+                           scores: pd.DataFrame | None = None) -> list[Recommendation]:
     """A recommendation per classification task of a probe results table (`ProbeResults.table`).
 
-    Uses each layer's selected head (full data, not few-shot); `layers` gives their early-to-late order
-    (e.g. `store.layers`). Regression tasks are skipped: the framework is phrased in accuracy.
+    Uses each layer's selected head (full data, not few-shot): its validation accuracy to choose and
+    judge, its test accuracy only to quote. `layers` gives their early-to-late order (e.g.
+    `store.layers`). `scores`: a score_table.layer_scores frame (task, layer, <score columns>).
+    Regression tasks are skipped: the framework is phrased in accuracy.
     """
     ok = table[(table["status"] == "ok") & table["selected"].astype(bool) & table["few_shot"].isna()]
     out = []
@@ -157,15 +210,21 @@ def recommend_from_results(table: pd.DataFrame, layers: Sequence[str], *, metric
         if (g["task_type"] == "regression").any():
             log.info("recommend: skipping regression task %r", task)
             continue
-        by_layer = g.set_index("layer")[metric].astype(float)
-        ordered = {name: by_layer[name] for name in layers if name in by_layer.index}
-        unknown = sorted(set(by_layer.index) - set(layers))
+        g = g.set_index("layer")
+        val, test = g["val_accuracy"].astype(float), g["test_accuracy"].astype(float)
+        ordered = {name: val[name] for name in layers if name in val.index}
+        unknown = sorted(set(val.index) - set(layers))
         if unknown:
             log.warning("recommend(%s): layers %s not in the given order; left out", task, unknown)
+        by_score = None
+        if scores is not None and len(scores):
+            mine = scores[scores["task"] == task].set_index("layer")
+            by_score = {c: mine[c].astype(float).to_dict() for c in mine.columns
+                        if c not in ("task", "n_rows") and pd.api.types.is_numeric_dtype(mine[c])}
         out.append(recommend(str(task), n_train=int(g["n_train"].max()), n_classes=int(g["n_classes"].max()),
-                             layer_accuracy=ordered, target_accuracy=target_accuracy,
+                             layer_accuracy=ordered, test_accuracy=test.to_dict(), target_accuracy=target_accuracy,
                              relative_leep=None if relative_leep is None else relative_leep.get(task),
-                             leep=None if leep is None else leep.get(task)))
+                             leep=None if leep is None else leep.get(task), layer_scores=by_score))
     return out
 
 
@@ -175,7 +234,8 @@ def describe(rec: Recommendation) -> str:
 
 
 def as_frame(recs: Sequence[Recommendation]) -> pd.DataFrame:
-    return pd.DataFrame([{"task": r.task, "action": r.action, "reasons": list(r.reasons)} for r in recs])
+    return pd.DataFrame([{"task": r.task, "action": r.action, "best_layer": r.best_layer, "score_used": r.score_used,
+                          "reasons": list(r.reasons)} for r in recs])
 
 
 __all__ = ["FROZEN", "FULL", "PARTIAL", "Recommendation", "as_frame", "describe", "recommend",

@@ -15,7 +15,8 @@ from ..config import ConfigError, ExtractConfig
 from ..encoders.card import EncoderCard
 from ..stores import FeatureStoreWriter, Segment
 from .plan import build_source
-from .sink import ErrorBudget, ErrorBudgetExceeded, FeatureStoreDatasink, write_row
+from .monitor import JobMonitor, JobStalled
+from .sink import ErrorBudgetExceeded, FeatureStoreDatasink, JobProgress, write_row
 from .stages import EncodeShard, check_encoder_matches, encode_row
 from .unit_stage import expand_unit, unit_item
 
@@ -68,7 +69,7 @@ def build_driver_encoder(cfg: ExtractConfig):
         return build_encoder(cfg.encoder, device="cpu", storage_options=dict(cfg.store.storage_options) or None,
                              decode=cfg.run.decode)
     except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(str(e)) from e
 
 
 @dataclass
@@ -99,7 +100,8 @@ def execute(cfg: ExtractConfig, work: list, writer: FeatureStoreWriter, encoder,
         if not todo:
             break
         known = sum(w.unit.n_images or 0 for w in todo)
-        planned = _plan_in_driver(cfg, todo, writer, job_id) if len(todo) <= DRIVER_PLANNED_UNITS else None
+        cheap = all(w.unit.n_images is not None and w.unit.fingerprint for w in todo)  # no HEADs, no tar reads
+        planned = _plan_in_driver(cfg, todo, writer, job_id) if cheap and len(todo) <= DRIVER_PLANNED_UNITS else None
         if planned is not None:
             outputs = _run_local(cfg, planned, writer, encoder)
         else:
@@ -146,7 +148,9 @@ def _collect(outputs: list[dict], plans: dict, records: dict) -> list[dict]:
 
 
 #: A job of at most this many units is planned in the driver first, to see whether it is small enough to encode
-#: there (run.local_max_images) rather than start Ray: a nightly refresh that touched a few images, say.
+#: there (run.local_max_images) rather than start Ray: a nightly refresh that touched a few images, say. Only
+#: units whose listing metadata gave their size and content: expanding others means reading every image's
+#: metadata (or a whole tar), which tasks do.
 DRIVER_PLANNED_UNITS = 16
 
 
@@ -227,6 +231,7 @@ def _encoder_runtime_env(cfg: ExtractConfig) -> dict:
 
 def _run_pipeline(cfg: ExtractConfig, work: list, target, *, layers, preprocessing, provenance: dict,
                   job_id: str, total: int) -> FeatureStoreDatasink:
+    progress = JobProgress.remote(cfg.run.max_error_fraction, total)
     resources = ray.cluster_resources()
     has_gpu = resources.get("GPU", 0) > 0
     gpus = cfg.run.gpus_per_encoder if cfg.run.gpus_per_encoder is not None else (1 if has_gpu else 0)
@@ -242,7 +247,8 @@ def _run_pipeline(cfg: ExtractConfig, work: list, target, *, layers, preprocessi
                                              "max_pixels": cfg.run.max_image_pixels,
                                              "niceness": 0 if gpus else cfg.run.decode_niceness,
                                              "decode_kwargs": {"decode": cfg.run.decode,
-                                                               "device_decode": bool(gpus) and cfg.run.decode == "fast"}},
+                                                               "device_decode": bool(gpus) and cfg.run.decode == "fast"},
+                                             "progress": progress},
                      num_cpus=0.5, concurrency=cfg.run.decode_concurrency)  # != encoder's: keeps decode in tasks
     ds = ds.map(EncodeShard, fn_constructor_kwargs={"encoder_spec": cfg.encoder, "device": device,
                                                     "store_dtype": cfg.store.dtype,
@@ -251,7 +257,14 @@ def _run_pipeline(cfg: ExtractConfig, work: list, target, *, layers, preprocessi
                                                     "decode": cfg.run.decode},
                 compute=ray.data.ActorPoolStrategy(size=cfg.run.num_encoders), num_gpus=gpus,
                 num_cpus=0 if gpus else actor_cpus, **_encoder_runtime_env(cfg))
-    budget = ErrorBudget.remote(cfg.run.max_error_fraction, total)
-    sink = FeatureStoreDatasink(target, layers, budget=budget)
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.5})
+    sink = FeatureStoreDatasink(target, layers, budget=progress)
+    unknown = sum(1 for w in work if w.unit.n_images is None)
+    with JobMonitor(progress, total=total, unknown_units=unknown, interval=cfg.run.progress_interval_s,
+                    stall_timeout=cfg.run.stall_timeout_s) as monitor:
+        try:
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.5})
+        except KeyboardInterrupt:
+            if monitor.stalled:
+                raise JobStalled(monitor.stalled) from None
+            raise
     return sink

@@ -20,21 +20,47 @@ class ErrorBudgetExceeded(RuntimeError):
 
 
 @ray.remote(num_cpus=0)
-class ErrorBudget:
-    """Counts images and errors across write tasks so a job can stop as soon as its fate is known.
+class JobProgress:
+    """Counts images and errors across tasks, and which units are in flight on which node.
 
-    It stops once the errors exceed the allowed fraction of the *whole* dataset: a cluster of bad
-    files early in the listing does not stop a job that would end under the limit.
+    The error budget: the job stops once errors exceed the allowed fraction of the *whole* job (of the images
+    seen so far where the total is not known): a cluster of bad files early on does not stop a job that would
+    end under the limit. Progress and stalls: the driver polls :meth:`status`.
     """
 
     def __init__(self, max_fraction: float, total: int):
-        self.max_fraction, self.total = max_fraction, total  # total 0: not known (units of unknown size)
-        self.images = self.errors = 0
+        import time
 
-    def add(self, images: int, errors: int) -> tuple[int, int, bool]:
+        self.max_fraction, self.total = max_fraction, total  # total 0: not known (units of unknown size)
+        self.images = self.errors = self.blocks = 0
+        self.in_flight: dict[str, tuple[str, float, int]] = {}  # unit -> (node id, since, blocks left)
+        self.last = time.time()
+
+    def add(self, images: int, errors: int, unit: str = "") -> tuple[int, int, bool]:
+        import time
+
         self.images += images
         self.errors += errors
+        self.blocks += 1
+        self.last = time.time()
+        if unit in self.in_flight:
+            node, since, left = self.in_flight[unit]
+            if left <= 1:
+                del self.in_flight[unit]
+            else:
+                self.in_flight[unit] = (node, since, left - 1)
         return self.images, self.errors, self.errors > self.max_fraction * max(self.total, self.images)
+
+    def started(self, unit: str, node: str, blocks: int) -> None:
+        import time
+
+        if blocks:  # a unit is reported when its task starts (-1: still planning), then with its block count
+            since = self.in_flight[unit][1] if unit in self.in_flight else time.time()
+            self.in_flight[unit] = (node, since, blocks)
+
+    def status(self) -> dict:
+        return {"images": self.images, "errors": self.errors, "blocks": self.blocks, "last": self.last,
+                "in_flight": dict(self.in_flight)}
 
 
 def write_row(writer: FeatureStoreWriter, row: dict, layers) -> dict:
@@ -66,8 +92,11 @@ class FeatureStoreDatasink(Datasink[list]):
                 out = write_row(writer, row, self.layers)
                 outputs.append(out)
                 record = out["record"]
-                if self.budget is not None and record is not None and not out["resumed"]:
-                    images, errors, exceeded = ray.get(self.budget.add.remote(record["n_rows"], record["n_errors"]))
+                if self.budget is not None:  # every row: a unit is in flight until all its rows are written
+                    fresh = record is not None and not out["resumed"]
+                    images, errors, exceeded = ray.get(self.budget.add.remote(
+                        record["n_rows"] if fresh else 0, record["n_errors"] if fresh else 0,
+                        str(row.get("unit") or "")))
                     if exceeded:
                         raise ErrorBudgetExceeded(
                             f"{errors} of {images} images failed so far, more than run.max_error_fraction "

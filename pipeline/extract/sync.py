@@ -81,6 +81,62 @@ def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = Fa
     return SyncResult(target.uri, version, published, tally, summary, time.perf_counter() - t0)
 
 
+@dataclass(frozen=True)
+class DryRun:
+    """What a job would do, from listing metadata alone: nothing is encoded or written."""
+
+    store_uri: str
+    units: int
+    work: int
+    new: int
+    removed: int
+    unchanged: int
+    images: int  # images in the units to work on, where their count is known
+    unknown_units: int  # units to work on whose image count only their task will know (tars)
+    blocks: int
+    shard_rows: int
+    layer_bytes: dict  # layer -> estimated bytes of its features (Zarr and Parquet)
+
+    def __str__(self) -> str:
+        total = sum(self.layer_bytes.values())
+        unknown = f" (+ {self.unknown_units} units of unknown size)" if self.unknown_units else ""
+        lines = [f"dry run: {storage.redact_uri(self.store_uri)}",
+                 f"  units      {self.units} listed: {self.work} to work on ({self.new} new), {self.removed} gone, "
+                 f"{self.unchanged} unchanged",
+                 f"  images     {self.images}{unknown} to list, diff and encode where new or changed",
+                 f"  shards     {self.blocks} blocks of {self.shard_rows} rows reserved "
+                 f"({self.blocks * self.shard_rows} rows)",
+                 f"  bytes      {_human(total)} at most, estimated:"]
+        lines += [f"    {layer:<32} {_human(n)}" for layer, n in self.layer_bytes.items()]
+        return "\n".join(lines)
+
+
+def dry_run(cfg: ExtractConfig) -> DryRun:
+    """The plan of ``cfg``'s job, printed instead of run: units listed and compared with the latest version."""
+    validate_extract(cfg)
+    storage.register_secrets(cfg.to_dict())
+    encoder = prepare_encoder(cfg)
+    units = list_units(cfg.source)
+    target = build_target(cfg, encoder.provenance())
+    plan = plan_job(FeatureStoreWriter(target), units, job_id="dry-run", dry_run=True)
+    images = sum(w.unit.n_images or 0 for w in plan.work)
+    itemsize = 2 if cfg.store.dtype == "float16" else 4
+    copies = len(cfg.store.formats)
+    new = sum(1 for w in plan.work if not w.old)
+    layer_bytes = {layer: images * dim * itemsize * copies for layer, dim in encoder.layer_dims.items()}
+    return DryRun(target.uri, plan.listed, len(plan.work), new, len(plan.removed), plan.unchanged, images,
+                  sum(1 for w in plan.work if w.unit.n_images is None), plan.reserved, target.shard_rows,
+                  layer_bytes)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 def _images(units) -> int:
     """Images in the units where known; a unit of unknown size counts as many (it never runs in the driver)."""
     return sum(u.n_images if u.n_images is not None else 10**9 for u in units)

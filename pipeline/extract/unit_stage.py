@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -50,12 +51,15 @@ def plan_item(item: dict, *, source, target: StoreTarget):
 
 
 def block_rows(plan, by_id: dict, done: dict, *, source, preprocessing, max_pixels: int, threads: int = 8,
-               niceness: int = 0, decode_kwargs: dict | None = None) -> list[dict]:
-    """A planned unit -> its block rows, pixels decoded for the blocks not written yet."""
+               niceness: int = 0, decode_kwargs: dict | None = None) -> Iterator[dict]:
+    """A planned unit -> its block rows, one at a time (a unit's pixels are never all in memory at once),
+    pixels decoded for the blocks not written yet. The first row carries the unit's plan."""
     crop = preprocessing.crop_size
     device = bool((decode_kwargs or {}).get("device_decode"))
-    rows = []
-    for task in plan.blocks:
+    plan_json = json.dumps(plan.to_json())
+    if not plan.blocks:
+        yield empty_row(crop, device) | {"unit": plan.unit.unit_id, "plan": plan_json}
+    for k, task in enumerate(plan.blocks):
         row = empty_row(crop, device) | {"shard_id": task.block, "row_start": task.row_start, "unit": plan.unit.unit_id,
                                  "records": json.dumps(task.records)}
         if task.block in done:
@@ -64,19 +68,25 @@ def block_rows(plan, by_id: dict, done: dict, *, source, preprocessing, max_pixe
             row |= decode_records([by_id[r["image_id"]] for r in task.records], source=source,
                                   preprocessing=preprocessing, max_pixels=max_pixels, threads=threads,
                                   niceness=niceness, **(decode_kwargs or {}))
-        rows.append(row)
-    if not rows:
-        rows.append(empty_row(crop, device) | {"unit": plan.unit.unit_id})
-    rows[0]["plan"] = json.dumps(plan.to_json())
-    return rows
+        if k == 0:
+            row["plan"] = plan_json
+        yield row
 
 
 def expand_unit(item: dict, *, source, target: StoreTarget, preprocessing, max_pixels: int, threads: int = 8,
-                niceness: int = 0, decode_kwargs: dict | None = None) -> list[dict]:
-    """A unit row -> its block rows (see the module docstring): the Ray Data stage."""
+                niceness: int = 0, decode_kwargs: dict | None = None, progress=None) -> Iterator[dict]:
+    """A unit row -> its block rows (see the module docstring): the Ray Data stage. With ``progress`` (the
+    job's JobProgress actor), the unit is reported in flight on this node until its blocks are written."""
+    if progress is not None:
+        import ray
+
+        unit_id = json.loads(item["unit"])["unit_id"]
+        progress.started.remote(unit_id, ray.get_runtime_context().get_node_id(), -1)
     plan, by_id, done = plan_item(item, source=source, target=target)
-    return block_rows(plan, by_id, done, source=source, preprocessing=preprocessing, max_pixels=max_pixels,
-                      threads=threads, niceness=niceness, decode_kwargs=decode_kwargs)
+    if progress is not None:
+        progress.started.remote(plan.unit.unit_id, ray.get_runtime_context().get_node_id(), max(1, len(plan.blocks)))
+    yield from block_rows(plan, by_id, done, source=source, preprocessing=preprocessing, max_pixels=max_pixels,
+                          threads=threads, niceness=niceness, decode_kwargs=decode_kwargs)
 
 
 def _record_dict(r) -> dict:

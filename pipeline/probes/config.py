@@ -16,18 +16,30 @@ SELECTION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 PROTOTYPE_METRICS = ("cosine", "euclidean")
 
 
+LINEAR_SOLVERS = ("lbfgs", "adam")
+
+
 @dataclass(frozen=True)
 class LinearHeadSpec:
-    """Linear softmax (or least-squares) probe; one head per lr x weight decay.
+    """Linear softmax (or least-squares) probe; one head per weight decay (x lr for Adam).
 
-    weight_decays are L2 penalties lambda/2 * ||W||^2 on the mean training loss (scikit-learn's
-    LogisticRegression C = 1 / (lambda * n_train)); Adam with a cosine lr decay.
+    weight_decays are L2 penalties lambda/2 * ||W||^2 on the mean training loss: scikit-learn's
+    LogisticRegression C = 1 / (lambda * n_train), or 2 / (lambda * n_train) for two classes.
+    solver "lbfgs" (default) fits every penalty to convergence (gradient below `tol`, at most
+    `max_iter` iterations; lrs unused; regression in closed form); "adam" trains minibatch Adam
+    with a cosine lr decay and early stopping on the validation loss, one head per lr x penalty.
+    The default penalties span C from about 1e-3 to 1e4 on a thousand training rows.
     """
 
     kind: str = setting("linear", "head kind")
     l2_normalize: bool = setting(False, "L2-normalise features before the head")
-    lrs: tuple[float, ...] = setting((1e-2, 1e-1), "learning rates (Adam, cosine decay); one head each")
-    weight_decays: tuple[float, ...] = setting((1e-4, 1e-3, 1e-2, 1e-1), "L2 penalties; one head each")
+    solver: str = setting("lbfgs", "lbfgs: every penalty fitted to convergence; adam: minibatch Adam, cosine decay",
+                          choices=LINEAR_SOLVERS)
+    weight_decays: tuple[float, ...] = setting((1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0),
+                                               "L2 penalties; one head each")
+    lrs: tuple[float, ...] = setting((1e-2, 1e-1), "learning rates (solver adam only); one head each")
+    tol: float = setting(1e-4, "lbfgs: stop when the gradient's max-norm is below this (scikit-learn's tol)")
+    max_iter: int = setting(1000, "lbfgs: at most this many iterations per head")
 
 
 @dataclass(frozen=True)
@@ -93,17 +105,20 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """Train/val/test fractions of the generated split, or the name of a user split column.
+    """Train/val/test fractions of the generated split, a user split column, or a splits file.
 
-    `column=None` uses a column named "split" when the index has one; an explicit name must exist.
+    The generated split hashes each image id (seeded), so an image keeps its split when others are
+    added. `column=None` uses a column named "split" when the index has one; an explicit name must
+    exist. `file` is a splits.parquet written by an earlier run (any fsspec URI): it wins over both.
     """
 
     train: float = setting(0.7, "training fraction of the generated split")
     val: float = setting(0.15, "validation fraction (selects heads and layers)")
     test: float = setting(0.15, "test fraction (reported once)")
-    seed: int = setting(0, "seed of the generated split")
+    seed: int = setting(0, "seed of the generated split (a hash of each image id)")
     stratified: bool = setting(True, "keep class proportions in each split")
     column: str | None = setting(None, "user split column; null: a column named split when the index has one")
+    file: str | None = setting(None, "splits.parquet of an earlier run (any fsspec URI); wins over the others")
 
 
 @dataclass(frozen=True)
@@ -192,6 +207,9 @@ def _validate(c: ProbeConfig) -> None:
             f"probes.split fractions train={s.train} val={s.val} test={s.test}: train and val must be > 0, "
             "test >= 0, and they must sum to 1 (e.g. 0.7/0.15/0.15)"
         )
+    if s.column is not None and s.file is not None:
+        raise ValueError(f"probes.split: column={s.column!r} and file={s.file!r} both set; a split comes from one "
+                         "of them: keep the one you mean")
     if not c.few_shot:
         raise ValueError("probes.few_shot is empty: use [null] for 'all training data'")
     for k in c.few_shot:
@@ -222,6 +240,11 @@ def _validate_head(h: HeadSpec) -> None:
             raise ValueError(f"{where}: {name} is empty; give at least one value")
         if any(v < 0 or (name == "lrs" and v == 0) for v in vals):
             raise ValueError(f"{where}: {name}={list(vals)} must be positive (weight decay may be 0)")
+    if isinstance(h, LinearHeadSpec):
+        if h.solver not in LINEAR_SOLVERS:
+            raise ValueError(f"{where}: solver {h.solver!r} unknown; valid: {list(LINEAR_SOLVERS)}")
+        if not h.tol > 0 or h.max_iter < 1:
+            raise ValueError(f"{where}: tol={h.tol} must be > 0 and max_iter={h.max_iter} >= 1")
     if isinstance(h, MLPHeadSpec):
         if not h.hidden_sizes or any(n < 1 for n in h.hidden_sizes):
             raise ValueError(f"{where}: hidden_sizes={list(h.hidden_sizes)} must be positive ints, e.g. [512]")

@@ -11,10 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def fit_standardizer(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature mean and std of training features (std floored at `eps`)."""
-    var, mean = torch.var_mean(x.float(), dim=0, correction=0)
-    return mean, var.sqrt().clamp_min(eps)
+def fit_standardizer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std of training features; a constant feature gets std 1, as in scikit-learn.
+
+    A floor such as 1e-6 would turn a feature that is constant on a small (few-shot) training set into
+    z-scores around 1e6 on validation and test. "Constant" is scikit-learn's test (StandardScaler):
+    the variance, computed in float64, is within rounding of zero relative to the mean.
+    """
+    x = x.double()
+    var, mean = torch.var_mean(x, dim=0, correction=0)
+    n, eps = len(x), torch.finfo(torch.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
+    std = torch.where(constant, torch.ones_like(var), var.sqrt())
+    return mean.float(), std.float()
 
 
 class ProbeHead(nn.Module):

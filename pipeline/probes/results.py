@@ -17,6 +17,7 @@ import torch
 from pipeline import storage
 from pipeline.probes.grid import SavedHead
 from pipeline.probes.heads import ProbeHead, build_head
+from pipeline.probes.split_table import write_splits
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ COLUMNS = [
     "selected", "selected_in_kind", "auto_reason", "n_classes", "n_train", "n_val", "n_test", "n_missing",
     "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_r2", "val_mae",
     "test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_r2", "test_mae", "test_per_class_accuracy",
-    "best_epoch", "steps", "batch_heads", "train_time_s", "status", "error",
+    "best_epoch", "steps", "converged", "batch_heads", "train_time_s", "status", "error",
 ]
 
 
@@ -37,6 +38,7 @@ def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         df[col] = pd.to_numeric(df[col]).astype("Int64")
     for col in ("selected", "selected_in_kind"):
         df[col] = df[col].fillna(False).astype(bool)
+    df["converged"] = df["converged"].astype("boolean")
     return df.sort_values(["task", "layer", "few_shot", "head"], kind="stable", na_position="first",
                           ignore_index=True)
 
@@ -44,10 +46,12 @@ def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 class ProbeResults:
     """Results table (one row per trained head, or one per failed group) plus the selected heads."""
 
-    def __init__(self, table: pd.DataFrame, heads: list[SavedHead], config: dict[str, Any] | None = None) -> None:
+    def __init__(self, table: pd.DataFrame, heads: list[SavedHead], config: dict[str, Any] | None = None, *,
+                 splits: pd.DataFrame | None = None) -> None:
         self.table = table
         self.heads = heads
         self.config = config
+        self.splits = splits  # image_id, task, split, few_shot_k: see split_table
 
     @property
     def failures(self) -> pd.DataFrame:
@@ -78,7 +82,8 @@ class ProbeResults:
         raise KeyError(f"no selected head for task={task!r} layer={layer!r} few_shot={few_shot}")
 
     def write(self, out_uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-        """Write config.json, heads/<task>/<layer>/<k>/head.{safetensors,json}, results.parquet, then _SUCCESS.
+        """Write config.json, heads/<task>/<layer>/<k>/head.{safetensors,json}, splits.parquet, results.parquet,
+        then _SUCCESS.
 
         Any fsspec URI (S3 endpoint and credentials from `storage_options` or the environment); each file
         is written whole (retried on transient store errors), and `_SUCCESS` last. Re-writing overwrites
@@ -102,6 +107,8 @@ class ProbeResults:
             tensors = {k: torch.from_numpy(np.array(v, order="C")) for k, v in h.state.items()}  # a writable copy
             put(rel + ".safetensors", safetensors.torch.save(tensors, metadata={"strata_probe": sidecar}))
             put(rel + ".json", sidecar.encode())
+        if self.splits is not None:
+            put("splits.parquet", write_splits(self.splits))
         buf = io.BytesIO()
         self.table.to_parquet(buf, index=False)
         put("results.parquet", buf.getvalue())

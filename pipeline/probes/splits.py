@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from pipeline.probes.config import SplitSpec, TaskSpec
+from pipeline.probes.split_table import split_from_table
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class TaskSplit:
     n_missing: int
     n_unsplit: int
     source: str
+    given_few_shot: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_classes(self) -> int:
@@ -46,11 +48,14 @@ class TaskSplit:
     def few_shot(self, k: int | None, seed: int) -> np.ndarray:
         """k training rows per class (k rows in all for regression), seeded; None = all of train.
 
-        The order is a seeded hash of image_id, so a smaller k is a subset of a larger k.
+        The order is a seeded hash of image_id, so a smaller k is a subset of a larger k. A subset
+        read from a splits file (`given_few_shot`) is used as it is.
         """
         train = self.rows["train"]
         if k is None:
             return train
+        if k in self.given_few_shot:
+            return self.given_few_shot[k]
         order = train[_hash_order(self.image_ids[train], seed)]
         if self.task_type == "regression":
             return np.sort(order[:k])
@@ -82,27 +87,57 @@ def infer_task_type(labels: pd.Series) -> str:
 
 def assign_splits(image_ids: np.ndarray, strata: np.ndarray | None, *, fractions: tuple[float, float, float],
                   seed: int) -> np.ndarray:
-    """'train'/'val'/'test' per row, stratified by `strata` (None = not stratified).
+    """'train'/'val'/'test' per row from a seeded hash of each image_id alone.
 
-    Rows are ordered by a seeded hash of their image_id inside each stratum, so the result for an
-    id does not depend on row order; each stratum gets its share (at least one val/test row when it
-    has three or more rows).
+    u = hash(seed, image_id) in [0, 1) falls into [0, train), [train, train + val) or the rest, so an
+    image keeps its split whatever other images are added or removed (a refresh, a relabelled
+    subset). Stratification is therefore statistical: within any class the split shares are binomial
+    around the fractions (a class of n rows deviates by about sqrt(f (1 - f) / n), e.g. +-2.8 points
+    for the 20% test share of a 200-row class). With `strata`, each stratum is then given a train row,
+    and a val and a test row when it has enough rows, by moving its rows whose hash lies nearest that
+    split's interval: only small strata ever need this, and only their moved rows depend on the set.
     """
-    ids = np.asarray(image_ids)
-    out = np.empty(len(ids), dtype=object)
-    groups = np.zeros(len(ids), dtype=np.int64) if strata is None else np.asarray(strata)
-    for g in np.unique(groups):
-        members = np.flatnonzero(groups == g)
-        members = members[_hash_order(ids[members], seed)]
-        n_tr, n_va, _ = _allocate(len(members), fractions)
-        out[members[:n_tr]] = "train"
-        out[members[n_tr:n_tr + n_va]] = "val"
-        out[members[n_tr + n_va:]] = "test"
+    u = hash_unit(np.asarray(image_ids, dtype=object), seed)
+    f_train, f_val, f_test = fractions
+    out = np.where(u < f_train, "train", np.where(u < f_train + f_val, "val", "test")).astype(object)
+    if f_test <= 0:
+        out[out == "test"] = "val"
+    if strata is not None:
+        _repair_strata(out, u, np.asarray(strata), fractions)
     return out
 
 
-def split_task(index: pd.DataFrame, task: TaskSpec | str, spec: SplitSpec) -> TaskSplit:
-    """Labels, missing-label count and train/val/test rows of one task; refuses unusable tasks."""
+def hash_unit(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded hash of each id as a float in [0, 1): the same for an id whatever else is in the set."""
+    key = hashlib.blake2b(str(seed).encode(), digest_size=8).hexdigest()
+    h = pd.util.hash_array(np.asarray(ids, dtype=object), hash_key=key, categorize=False)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _repair_strata(out: np.ndarray, u: np.ndarray, strata: np.ndarray, fractions: tuple[float, float, float]) -> None:
+    """Give each stratum a train row, a val row when it has 2+ rows and a test row when 3+ (and test > 0)."""
+    f_train, f_val, f_test = fractions
+    centre = {"train": f_train / 2, "val": f_train + f_val / 2, "test": f_train + f_val + f_test / 2}
+    for g in np.unique(strata):
+        members = np.flatnonzero(strata == g)
+        needed = ["train", "val", "test"][:min(len(members), 3 if f_test > 0 else 2)]
+        for name in needed:
+            have = out[members]
+            if (have == name).any():
+                continue
+            counts = {s: int((have == s).sum()) for s in ("train", "val", "test")}
+            donors = members[[counts[s] > 1 or s not in needed for s in have]]
+            if len(donors):
+                out[donors[np.argmin(np.abs(u[donors] - centre[name]))]] = name
+
+
+def split_task(index: pd.DataFrame, task: TaskSpec | str, spec: SplitSpec, *,
+               given: pd.DataFrame | None = None) -> TaskSplit:
+    """Labels, missing-label count and train/val/test rows of one task; refuses unusable tasks.
+
+    The split comes from `given` (a splits table, see split_table.read_splits) when passed, else from
+    the index's split column, else it is generated from hashes of the image ids.
+    """
     task = TaskSpec(task) if isinstance(task, str) else task
     name = task.name
     if name not in index.columns:
@@ -125,14 +160,18 @@ def split_task(index: pd.DataFrame, task: TaskSpec | str, spec: SplitSpec) -> Ta
         targets, classes = _encode(labels, labelled, name)
         strata = targets[labelled] if spec.stratified else None
 
-    split, n_unsplit, source = _split_column(index, spec, labelled)
+    given_few_shot: dict[int, np.ndarray] = {}
+    if given is not None:
+        split, n_unsplit, source, given_few_shot = split_from_table(given, name, ids, labelled)
+    else:
+        split, n_unsplit, source = _split_column(index, spec, labelled)
     if split is None:
         fractions = (spec.train, spec.val, spec.test)
         split = np.empty(len(index), dtype=object)
         split[labelled] = assign_splits(ids[labelled], strata, fractions=fractions, seed=spec.seed)
     rows = {s: labelled[split[labelled] == s] for s in SPLITS}
     out = TaskSplit(task=name, task_type=task_type, classes=classes, targets=targets, rows=rows, image_ids=ids,
-                    n_missing=int(missing.sum()), n_unsplit=n_unsplit, source=source)
+                    n_missing=int(missing.sum()), n_unsplit=n_unsplit, source=source, given_few_shot=given_few_shot)
     _check_sizes(out, spec)
     return out
 
@@ -173,12 +212,12 @@ def _split_column(index: pd.DataFrame, spec: SplitSpec, labelled: np.ndarray) ->
 
 
 def _check_sizes(s: TaskSplit, spec: SplitSpec) -> None:
-    user = s.source.startswith("column:")
+    user = not s.source == "generated"
     has_test = len(s.rows["test"]) > 0 if user else spec.test > 0
     needed = ("train", "val", "test") if has_test else ("train", "val")
     for name in needed:
         n = len(s.rows[name])
-        fix = (f"add rows with {name!r} to the split column" if user
+        fix = (f"add rows with {name!r} to the split {'file' if s.source.startswith('file') else 'column'}" if user
                else f"raise probes.split.{name} (now {getattr(spec, name)}), add labelled data")
         if s.task_type == "regression":
             if n < 2:
@@ -199,16 +238,3 @@ def _hash_order(ids: np.ndarray, seed: int) -> np.ndarray:
     key = hashlib.blake2b(str(seed).encode(), digest_size=8).hexdigest()
     h = pd.util.hash_array(np.asarray(ids, dtype=object), hash_key=key, categorize=False)
     return np.lexsort((np.asarray(ids, dtype=str), h))
-
-
-def _allocate(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
-    _, f_val, f_test = fractions
-    n_val, n_test = round(f_val * n), round(f_test * n)
-    n_val = max(n_val, 1) if f_val > 0 else 0
-    n_test = max(n_test, 1) if f_test > 0 else 0
-    while n - n_val - n_test < 1 and n_val + n_test > 0:
-        if n_test > 0:
-            n_test -= 1
-        else:
-            n_val -= 1
-    return n - n_val - n_test, n_val, n_test

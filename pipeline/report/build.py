@@ -1,4 +1,9 @@
-"""The transferability report: numbers per feature set (probes, CKA, geometry, LEEP, maps, advice) -> HTML + JSON."""
+"""The transferability report: numbers per feature set (probes, scores, CKA, geometry, LEEP, maps, advice) -> HTML + JSON.
+
+Validation selects, test reports: the best layer of a task, the head shown for a (task, layer) and
+the encoder comparison are all chosen on validation scores; test figures are those of the chosen
+heads.
+"""
 from __future__ import annotations
 
 import datetime as dt
@@ -13,149 +18,218 @@ import numpy as np
 import pandas as pd
 
 from .. import analysis
-from ..probes.config import ProbeConfig
+from ..analysis.score_table import SCORE_LABELS, rank_agreement
+from ..probes.config import ProbeConfig, SplitSpec
+from ..probes.split_table import check_splits
 from ..stores import FeatureStore
 from ..stores.writer import _library_version
-from . import html, plots
+from . import html, sections, svg
+from .html import Section
+from .sections import LOGIT_LAYERS, feature_layers  # noqa: F401 - re-exported for callers of the old names
+from .thumbs import thumbnails
 
 log = logging.getLogger(__name__)
 
-LOGIT_LAYERS = ("classifier", "fc", "heads", "head")  # source-classifier logits: LEEP, not a feature layer
+DEFAULT_FEW_SHOT = (1, 5, 10, 20, None)
+THUMBNAILS = 600
 
 
-def latest_probe_results(store: FeatureStore) -> pd.DataFrame | None:
-    """The newest probe results written for this store version, if any."""
+def latest_probe_results(store: FeatureStore) -> tuple[pd.DataFrame, pd.DataFrame | None, dict] | None:
+    """The newest probe results written for this store version, its splits table and config, if any."""
     pattern = f"{store.base}/probes/v{store.version}-*/results.parquet"
     paths = sorted(store.fs.glob(pattern), key=lambda p: store.fs.info(p).get("mtime", 0) or 0)
     if not paths:
         return None
-    return pd.read_parquet(io.BytesIO(store.fs.cat_file(paths[-1])))
+    folder = paths[-1].rsplit("/", 1)[0]
+    results = pd.read_parquet(io.BytesIO(store.fs.cat_file(paths[-1])))
+    splits = None
+    if store.fs.exists(f"{folder}/splits.parquet"):
+        splits = check_splits(pd.read_parquet(io.BytesIO(store.fs.cat_file(f"{folder}/splits.parquet"))))
+    config = json.loads(store.fs.cat_file(f"{folder}/config.json")) if store.fs.exists(f"{folder}/config.json") else {}
+    return results, splits, config
 
 
 def default_probe_config(store: FeatureStore) -> ProbeConfig:
+    """Linear (L-BFGS), prototype and kNN heads on every label column, with few-shot k for the curves."""
     index = store.index()
     tasks = [c for c in store.label_columns if c in index and index[c].nunique() >= 2]
     if not tasks:
         raise ValueError(f"{store.uri} has no label column with two or more classes to probe; "
                          f"label columns: {store.label_columns}")
-    return ProbeConfig.from_dict({"tasks": tasks, "heads": [{"kind": "linear"}]})
+    return ProbeConfig.from_dict({"tasks": tasks, "heads": [{"kind": "linear"}, {"kind": "prototype"}, {"kind": "knn"}],
+                                  "few_shot": list(DEFAULT_FEW_SHOT)})
 
 
-def _feature_layers(store: FeatureStore) -> list[str]:
-    return [layer for layer in store.layers if layer not in LOGIT_LAYERS]
+def _split_spec(config: dict) -> SplitSpec:
+    split = dict(config.get("split") or {})
+    split.pop("file", None)
+    try:
+        return SplitSpec(**{k: v for k, v in split.items() if k in SplitSpec.__dataclass_fields__})
+    except TypeError:
+        return SplitSpec()
 
 
-def _matrix(results: pd.DataFrame, layers: Sequence[str]) -> pd.DataFrame:
-    """task x layer: test accuracy of the head selected on validation, over all head kinds."""
-    ok = results[(results.status == "ok") & results.selected.astype(bool) & results.few_shot.isna()]
-    best = ok.loc[ok.groupby(["task", "layer"])["val_score"].idxmax()]
-    m = best.pivot(index="task", columns="layer", values="test_accuracy")
-    return m[[c for c in layers if c in m.columns]]
-
-
-def analyse_store(store: FeatureStore, *, results: pd.DataFrame, map_sample: int = 1000,
-                  geometry_sample: int = 1000) -> tuple[dict, list[tuple[str, bytes]]]:
-    layers = _feature_layers(store)
-    name = store.meta["featureset"]
-    matrix = _matrix(results, store.layers)
-    tasks = list(matrix.index)
-    figures: list[tuple[str, bytes]] = []
-    figures.append(("transferability matrix", plots.heatmap(
-        matrix.to_numpy(float), tasks, list(matrix.columns), title="probe test accuracy (task x layer)",
-        vmin=0.0, vmax=1.0)))
-    figures.append(("transferability curves", plots.curves(
-        list(matrix.columns), {t: matrix.loc[t].to_numpy(float) for t in tasks},
-        title="probe accuracy per layer", ylabel="test accuracy")))
-
+def analyse_store(store: FeatureStore, *, results: pd.DataFrame, splits_table: pd.DataFrame | None = None,
+                  probe_config: dict | None = None, map_sample: int = 1000, geometry_sample: int = 1000
+                  ) -> tuple[dict, Section]:
+    layers = sections.feature_layers(store)
+    probed = [layer for layer in sections.layer_order(store) if layer in set(results["layer"])]
+    chosen = sections.chosen_heads(results, probed)
+    tasks = sorted(set(chosen["task"]))
+    best = sections.best_layers(chosen)
+    sec = Section()
     cka = analysis.cka_matrix(store, layers)
-    figures.append(("CKA between layers", plots.heatmap(cka.matrix, cka.layers, cka.layers,
-                                                         title="linear CKA between layers", vmin=0, vmax=1)))
+    sections.section_figures(sec, chosen, tasks, probed, cka)
+
     geometry, clusters = [], []
-    best_layer = {t: matrix.loc[t].astype(float).idxmax() for t in tasks}
     for layer in layers:
         g = analysis.layer_geometry(store, layer, tasks=tasks, sample=geometry_sample, cluster_sample=geometry_sample)
         geometry.append({"layer": layer, "dim": store.layer_dims[layer], "intrinsic_dim_twonn": g.dimension.twonn,
-                         "intrinsic_dim_mle": g.dimension.mle,
-                         "pca_components_90": g.pca.n_components.get(0.9),
+                         "intrinsic_dim_mle": g.dimension.mle, "pca_components_90": g.pca.n_components.get(0.9),
                          "pca_components_99": g.pca.n_components.get(0.99)})
         for task, q in g.clusters.items():
-            if best_layer.get(task) == layer:
+            if best.get(task) == layer:
                 clusters.append({"task": task, "layer": layer, "silhouette": q.silhouette,
                                  "davies_bouldin": q.davies_bouldin, "adjusted_rand_kmeans": q.adjusted_rand})
-    leep_rows, leep_by_task, rel_by_task = [], {}, {}
-    logit_layer = next((layer for layer in store.layers if layer in LOGIT_LAYERS), None)
+    leep_rows, leep_by_task = [], {}
+    logit_layer = next((layer for layer in sections.layer_order(store) if layer in LOGIT_LAYERS), None)
+    classification = [t for t in tasks if (chosen.loc[chosen["task"] == t, "metric"] == "accuracy").all()]
     if logit_layer:
-        for task in tasks:
+        for task in classification:
             leep_by_task[task] = analysis.store_leep(store, task, layer=logit_layer)
             labels = store.index()[task].dropna().to_numpy(dtype=object)
-            rel_by_task[task] = leep_by_task[task] - analysis.leep_chance(labels)
-            leep_rows.append({"task": task, "leep": leep_by_task[task], "leep_minus_chance": rel_by_task[task],
-                              "best_probe_accuracy": float(matrix.loc[task].max())})
-    recs = analysis.recommend_from_results(results, store.layers, leep=leep_by_task or None)
-    for task in tasks[:3]:
-        m = analysis.layer_map(store, best_layer[task], tasks=[task], sample=map_sample, threads=1)
-        figures.append((f"2-D map of {best_layer[task]} by {task}",
-                        analysis.draw_map(m, task, title=f"{m.method} of {best_layer[task]}, coloured by {task}")))
+            mine = chosen[(chosen["task"] == task) & (chosen["layer"] == best[task])].iloc[0]
+            leep_rows.append({"task": task, "leep": leep_by_task[task],
+                              "leep_minus_chance": leep_by_task[task] - analysis.leep_chance(labels),
+                              "best_layer": best[task], "val_accuracy": mine["val_accuracy"],
+                              "test_accuracy": mine["test_accuracy"]})
+    splits = sections.task_splits(store, classification, splits_table, _split_spec(probe_config or {}))
+    scores, agreement = sections.scores_section(store, splits, [x for x in probed if x in layers], chosen,
+                                                leep_by_task)
+    recs = analysis.recommend_from_results(results, probed, leep=leep_by_task or None, scores=scores)
+    few_rows, sec.few_shot = sections.few_shot_figures(results, probed, best)
+    sec.maps = sections.map_figures(store, tasks, best, sample=map_sample)
     data = {
         "summary": store.summary(),
-        "matrix": {"tasks": tasks, "layers": list(matrix.columns), "test_accuracy": matrix.to_numpy(float).tolist()},
-        "matrix_rows": [{"task": t, **{c: float(v) for c, v in matrix.loc[t].items()}} for t in tasks],
-        "best_layer": best_layer,
+        "matrix": {"tasks": tasks, "layers": probed,
+                   "val_accuracy": _pivot(chosen, tasks, probed, "val_accuracy"),
+                   "test_accuracy": _pivot(chosen, tasks, probed, "test_accuracy")},
+        "matrix_rows": sections.records(chosen.drop(columns=["hparams"])),
+        "best_layer": best,
         "cka": {"layers": cka.layers, "matrix": cka.matrix.tolist()},
         "geometry": geometry,
         "clusters": clusters,
         "leep": leep_rows,
-        "recommendations": [{"task": r.task, "action": r.action, "reasons": list(r.reasons)} for r in recs],
+        "scores": sections.records(scores),
+        "score_agreement": sections.records(agreement),
+        "few_shot": few_rows,
+        "maps": [{"task": m.data["task"], "layer": m.data["layer"], "points": len(m.data["ids"]),
+                  "caption": m.caption} for m in sec.maps],
+        "recommendations": [{"task": r.task, "action": r.action, "best_layer": r.best_layer,
+                             "score_used": SCORE_LABELS.get(r.score_used or "", r.score_used),
+                             "reasons": list(r.reasons)} for r in recs],
     }
-    log.info("analysed %s: %d tasks, %d layers", name, len(tasks), len(layers))
-    return data, figures
+    log.info("analysed %s: %d tasks, %d layers", store.meta["featureset"], len(tasks), len(layers))
+    return data, sec
+
+
+def _pivot(chosen: pd.DataFrame, tasks: list[str], layers: list[str], column: str) -> list[list[float]]:
+    return chosen.pivot(index="task", columns="layer", values=column).reindex(index=tasks, columns=layers
+                                                                              ).to_numpy(float).tolist()
 
 
 def build_report(store_uris: Sequence[str], out_dir: str | Path, *, storage_options: Mapping[str, Any] | None = None,
-                 map_sample: int = 1000) -> Path:
+                 map_sample: int = 1000, thumbnail_limit: int = THUMBNAILS) -> Path:
     """Write `index.html` (self-contained) and `report.json` to out_dir; returns the HTML path."""
     from ..probes.job import run_probes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    featuresets, figures = [], {}
+    featuresets, secs = [], {}
     stores = [FeatureStore(u, storage_options=storage_options) for u in store_uris]
     for store in stores:
-        results = latest_probe_results(store)
-        if results is None:
-            log.info("no probe results for %s yet: running the default linear probes", store.uri)
-            results = run_probes(store.uri, default_probe_config(store), storage_options=storage_options).results.table
-        data, figs = analyse_store(store, results=results, map_sample=map_sample)
+        found = latest_probe_results(store)
+        if found is None:
+            log.info("no probe results for %s yet: running the default probes", store.uri)
+            run = run_probes(store.uri, default_probe_config(store), storage_options=storage_options)
+            found = (run.results.table, run.results.splits, run.results.config or {})
+        results, splits_table, config = found
+        data, sec = analyse_store(store, results=results, splits_table=splits_table, probe_config=config,
+                                  map_sample=map_sample)
         featuresets.append(data)
-        figures[data["summary"]["featureset"]] = figs
+        secs[data["summary"]["featureset"]] = sec
+    thumbs = _thumbs(stores, secs, thumbnail_limit, storage_options)
     report = {"generated_at": dt.datetime.now(dt.timezone.utc).isoformat(), "library": _library_version(),
-              "featuresets": featuresets, "comparison": _compare(featuresets)}
+              "featuresets": featuresets, "comparison": compare(featuresets, shared_images(stores)),
+              "thumbnails": len(thumbs)}
     if len(stores) > 1:
         a, b = stores[0], stores[1]
-        cross = analysis.cross_cka(a, b, _feature_layers(a), _feature_layers(b))
+        cross = analysis.cross_cka(a, b, sections.feature_layers(a), sections.feature_layers(b))
         report["cross_cka"] = {"a": a.meta["featureset"], "b": b.meta["featureset"], "layers_a": cross.layers_a,
                                "layers_b": cross.layers_b, "matrix": cross.matrix.tolist()}
-        figures["_comparison"] = [("CKA between encoders", plots.heatmap(
-            cross.matrix, cross.layers_a, cross.layers_b, title=f"CKA: {a.provenance['encoder']} (rows) vs "
-                                                                f"{b.provenance['encoder']} (columns)", vmin=0, vmax=1))]
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+        secs["_comparison"] = Section(figures=[("Linear CKA between the layers of two encoders on the same images.",
+                                                svg.heatmap(cross.matrix, cross.layers_a, cross.layers_b,
+                                                            title=f"CKA: {a.provenance['encoder']} (rows) vs "
+                                                                  f"{b.provenance['encoder']} (columns)",
+                                                            vmin=0, vmax=1))])
+    (out / "report.json").write_text(json.dumps(html.finite(report), indent=2, default=_json_default))
     page = out / "index.html"
-    page.write_text(html.render(report, figures))
+    page.write_text(html.render(report, secs, thumbs), encoding="utf-8")
     return page
 
 
-def _compare(featuresets: list[dict]) -> list[dict]:
-    """Best probe accuracy per task and encoder, when several feature sets are reported together."""
+def _thumbs(stores, secs: dict[str, Section], limit: int, storage_options) -> dict[str, str]:
+    """Thumbnails of the images on the maps (shared by id), at most `limit`; none when limit is 0."""
+    if limit <= 0:
+        return {}
+    ids, uris = [], []
+    for sec in secs.values():
+        for m in sec.maps:
+            ids += m.data["ids"]
+            uris += m.data["uris"]
+    return thumbnails(ids, uris, limit=limit, storage_options=storage_options)
+
+
+def shared_images(stores: Sequence[FeatureStore]) -> float:
+    """The fraction of the first store's images that every other store has too."""
+    ids = [set(s.index()["image_id"].astype(str)) for s in stores]
+    return len(set.intersection(*ids)) / max(len(ids[0]), 1) if ids else 0.0
+
+
+def compare(featuresets: list[dict], shared: float = 1.0) -> dict[str, Any]:
+    """Per (task, encoder) when several feature sets are reported together: the layer chosen on validation,
+    its val and test accuracy, the transferability scores of the encoder's last feature layer, and how
+    well each score ranks the encoders (needs 3 or more encoders, and the same images: `shared` is the
+    fraction they have in common; below one half no ranking is made)."""
     if len(featuresets) < 2:
-        return []
+        return {}
     rows = []
     for fs in featuresets:
+        scores = pd.DataFrame(fs["scores"])
         for task, layer in fs["best_layer"].items():
-            i = fs["matrix"]["tasks"].index(task)
-            acc = max(v for v in fs["matrix"]["test_accuracy"][i] if v == v)
-            rows.append({"featureset": fs["summary"]["featureset"], "encoder": fs["summary"]["encoder"],
-                         "task": task, "best_layer": layer, "test_accuracy": acc})
-    return rows
+            i, j = fs["matrix"]["tasks"].index(task), fs["matrix"]["layers"].index(layer)
+            row = {"featureset": fs["summary"]["featureset"], "encoder": fs["summary"]["encoder"], "task": task,
+                   "best_layer": layer, "val_accuracy": fs["matrix"]["val_accuracy"][i][j],
+                   "test_accuracy": fs["matrix"]["test_accuracy"][i][j]}
+            mine = scores[scores["task"] == task] if len(scores) else scores
+            if len(mine):
+                last = mine.iloc[-1]  # layers are in early-to-late order
+                row["scored_layer"] = last["layer"]
+                row.update({k: last[k] for k in ("logme", "nleep", "h_score", "knn_accuracy", "leep") if k in last})
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    agreement: list[dict] = []
+    if shared < 0.5:
+        log.warning("report: the stores share %.0f%% of their images; encoders are listed, not ranked", 100 * shared)
+        return {"encoders": sections.records(df), "agreement": agreement, "shared_images": shared}
+    for task, g in df.groupby("task", sort=True):
+        for name in ("logme", "nleep", "h_score", "knn_accuracy", "leep"):
+            if name in g:
+                a = rank_agreement(g[name], g["val_accuracy"])
+                agreement.append({"task": task, "score": SCORE_LABELS[name], "encoders": len(g),
+                                  "kendall_tau_val": a["kendall_tau"],
+                                  "kendall_tau_test": rank_agreement(g[name], g["test_accuracy"])["kendall_tau"]})
+    return {"encoders": sections.records(df), "agreement": agreement, "shared_images": shared}
 
 
 def _json_default(o: Any) -> Any:

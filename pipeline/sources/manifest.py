@@ -120,6 +120,14 @@ class ManifestSource(Source):
 
         return sorted(self.records(read_unit_rows(self, unit), fingerprints=True), key=lambda r: r.image_id)
 
+    def label_schema(self, units: Sequence[WorkUnit]) -> pa.Schema:
+        """The label columns with the types the driver's pass saw (no image is touched)."""
+        from .manifest_units import _arrow_type
+
+        types = units[0].params.get("types", {}) if units else {}
+        roles = self._columns(list(types))
+        return pa.schema([(name, _arrow_type(types[name])) for name in roles["labels"]])
+
     def _text_columns(self) -> list[str]:
         id_column = self.id_column or "image_id"
         return [n for n in (self.uri_column, id_column, self.split_column, self.fingerprint_column) if n]

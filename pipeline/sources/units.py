@@ -13,8 +13,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Target images per page of a row-wise listing; pages end where hash(id) says, at most 4x this long.
-PAGE_IMAGES = 4096
+#: Target images per page of a row-wise listing (pages end where hash(id) says, at most 4x this long): about a
+#: block's worth, so that a job has many units for the cluster to spread.
+PAGE_IMAGES = 1024
 
 
 @dataclass(frozen=True)

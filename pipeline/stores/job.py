@@ -50,14 +50,16 @@ class JobPlan:
     unchanged_images: int = 0  # rows of those units, errors included
     listed: int = 0
     job_id: str = ""
+    reserved: int = 0  # blocks reserved for the work
 
     @property
     def empty(self) -> bool:
         return not (self.work or self.removed)
 
 
-def plan_job(writer: FeatureStoreWriter, units: Sequence[Any], *, job_id: str) -> JobPlan:
-    """Which units need a task (new, changed, or of unknown content), which left the source; blocks reserved."""
+def plan_job(writer: FeatureStoreWriter, units: Sequence[Any], *, job_id: str, dry_run: bool = False) -> JobPlan:
+    """Which units need a task (new, changed, or of unknown content), which left the source; blocks reserved
+    (``dry_run``: counted, not reserved, and nothing is written)."""
     parent = latest_version(writer.fs, writer.base)
     known = parent.units if parent else {}
     segments = parent.by_unit() if parent else {}
@@ -78,9 +80,9 @@ def plan_job(writer: FeatureStoreWriter, units: Sequence[Any], *, job_id: str) -
     for uid in sorted(set(known) - seen):
         plan.removed.append(UnitPlan(UnitSpec(uid, **known[uid]), segments.get(uid, []), removed=True,
                                      counts={"deleted": sum(s.live_rows for s in segments.get(uid, []))}))
-    total = sum(n for _, n in reserve)
+    total = plan.reserved = sum(n for _, n in reserve)
     first = 0
-    if total:
+    if total and not dry_run:
         keys = [stable_hash([parent.version if parent else 0, u.unit_id, u.fingerprint, u.meta, k])
                 for u, n in reserve for k in range(n)]
         alloc = allocate(writer.fs, writer.base, keys, job_id=job_id)

@@ -1,0 +1,87 @@
+"""The driver's watch over a running job: progress in images (rate, ETA) and stalls.
+
+Ray Data's own progress counts blocks of rows; a job's units and blocks vary in size, so the driver polls the
+job's JobProgress actor and logs images. If no block is written for `run.stall_timeout_s`, it logs which units
+are in flight on which nodes (and for how long), then stops the job: a re-run resumes from the blocks written.
+"""
+from __future__ import annotations
+
+import _thread
+import logging
+import threading
+import time
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+class JobStalled(RuntimeError):
+    """No block was written for run.stall_timeout_s; nothing was published, and a re-run resumes."""
+
+
+class JobMonitor:
+    def __init__(self, progress, *, total: int, unknown_units: int, interval: float, stall_timeout: float):
+        self.progress, self.total, self.unknown = progress, total, unknown_units
+        self.interval, self.stall_timeout = max(0.1, interval), stall_timeout
+        self.stalled: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="strata-monitor", daemon=True)
+        self._t0 = time.time()
+
+    def __enter__(self) -> JobMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        next_log = time.time() + self.interval
+        while not self._stop.wait(min(1.0, self.interval)):
+            try:
+                status = ray.get(self.progress.status.remote(), timeout=30)
+            except Exception as e:  # noqa: BLE001 - a monitor must never take the job down
+                log.debug("progress unavailable: %s", e)
+                continue
+            now = time.time()
+            if now >= next_log:
+                log.info("%s", self.line(status, now))
+                next_log = now + self.interval
+            if self.stall_timeout and now - status["last"] > self.stall_timeout:
+                self.stalled = self.stall_message(status, now)
+                log.error("%s", self.stalled)
+                _thread.interrupt_main()  # the driver is blocked in Ray Data: stop it there
+                return
+
+    def line(self, status: dict, now: float) -> str:
+        done, errors = status["images"], status["errors"]
+        rate = done / max(1e-9, now - self._t0)
+        if self.total and not self.unknown:
+            left = max(0, self.total - done)
+            eta = f", ETA {_duration(left / rate)}" if rate > 0 and left else ""
+            of = f" of {self.total} ({done / self.total:.0%})"
+        else:
+            of, eta = f" of at least {self.total}" if self.total else "", ""
+        return (f"progress: {done} images{of}, {errors} errors, {rate:.1f} images/s{eta}; "
+                f"{len(status['in_flight'])} units in flight")
+
+    def stall_message(self, status: dict, now: float) -> str:
+        nodes = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes()}
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        flights = sorted(status["in_flight"].items(), key=lambda kv: kv[1][1])
+        shown = "; ".join(f"{unit} on node {nodes.get(node, node[:12])}{'' if node in alive else ' (dead)'} "
+                          f"for {_duration(now - since)}" for unit, (node, since, _left) in flights[:10])
+        return (f"no block written for {_duration(now - status['last'])} (run.stall_timeout_s="
+                f"{self.stall_timeout:g}); in flight: {shown or 'nothing reported'}. Stopped: blocks written so "
+                f"far are kept, nothing was published; run the same command again to resume")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"

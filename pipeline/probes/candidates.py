@@ -1,0 +1,200 @@
+"""Every head of one (task, layer, few-shot k) group, trained and predicting on validation, before selection.
+
+Linear heads of the L-BFGS solver are fitted to convergence together (lbfgs.py), those of the Adam
+solver as one batched minibatch computation (adam.py); MLP and learnable prototype heads train one
+by one; fixed prototypes are class means; all kNN k values come from one top-k search. Within a
+linear spec the heads are listed from the strongest penalty to the weakest, so that selection
+("first wins ties") prefers the more regularised of two heads with equal validation scores, like
+scikit-learn's LogisticRegressionCV over ascending Cs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from pipeline.probes.adam import Fit, fit_module, train_linear_grid
+from pipeline.probes.config import (AutoHeadSpec, HeadSpec, KNNHeadSpec, LinearHeadSpec, MLPHeadSpec, ProbeConfig,
+                                    PrototypeHeadSpec)
+from pipeline.probes.heads import KNNProbe, LinearProbe, MLPProbe, ProbeHead, PrototypeProbe, choose_head
+from pipeline.probes.lbfgs import SolverSettings, fit_logistic_grid, fit_ridge_grid, row_basis
+
+_DEFAULT_SPECS = {"linear": LinearHeadSpec(), "mlp": MLPHeadSpec(), "prototype": PrototypeHeadSpec()}
+
+
+@dataclass
+class Candidate:
+    """One trained head of a group, before and after selection."""
+
+    kind: str
+    requested: str
+    hparams: dict[str, Any]
+    spec: HeadSpec
+    head: ProbeHead
+    val_pred: Any
+    train_time_s: float
+    best_epoch: int | None = None
+    steps: int | None = None
+    batch_heads: int = 1
+    auto_reason: str | None = None
+    converged: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GroupData:
+    """Standardised inputs and targets of one group: z/y keyed by "train"/"val"/"test"."""
+
+    z: dict[str, torch.Tensor]
+    y: dict[str, torch.Tensor]
+    n_out: int
+    regression: bool
+    make: Callable[[ProbeHead], ProbeHead]  # sets the group's standardisation on a new head
+    bases: dict = field(default_factory=dict)  # L-BFGS eigen-bases by training rows, shared by a layer's tasks
+    rows_key: bytes = b""  # the training rows, as a key of `bases`
+
+
+def train_candidates(data: GroupData, config: ProbeConfig, fit: Fit, n_classes: int
+                     ) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """(trained candidates, (kind, reason) of the heads skipped) for the group's heads."""
+    z, y, regression = data.z, data.y, data.regression
+    per_class = len(y["train"]) / max(n_classes, 1)
+    specs: list[tuple[HeadSpec, str, str | None]] = []  # (spec, requested, auto reason)
+    skipped = []
+    for spec in config.heads:
+        if isinstance(spec, AutoHeadSpec):
+            kind, why = ("linear", "regression task: linear head") if regression else choose_head(
+                per_class, prototype_below=spec.prototype_below, linear_below=spec.linear_below)
+            specs.append((_DEFAULT_SPECS[kind], "auto", why))
+        elif regression and isinstance(spec, PrototypeHeadSpec):
+            skipped.append(("prototype", "prototype heads need classes; not run for a regression task"))
+        else:
+            specs.append((spec, spec.kind, None))
+    linear = [s for s in specs if isinstance(s[0], LinearHeadSpec)]
+    cands = _lbfgs_candidates([s for s in linear if s[0].solver == "lbfgs"], data)
+    cands += _adam_candidates([s for s in linear if s[0].solver == "adam"], data, fit)
+    for spec, requested, why in specs:
+        t0 = time.perf_counter()
+        if isinstance(spec, MLPHeadSpec):
+            for lr in spec.lrs:
+                for wd in spec.weight_decays:
+                    t0 = time.perf_counter()
+                    torch.manual_seed(config.seed)  # the same init for the same spec, whatever the order
+                    head = data.make(MLPProbe(z["train"].shape[1], data.n_out, hidden_sizes=spec.hidden_sizes,
+                                              dropout=spec.dropout, batch_norm=spec.batch_norm,
+                                              regression=regression))
+                    info = fit_module(head, z["train"], y["train"], z["val"], y["val"], lr=lr, weight_decay=wd,
+                                      fit=fit)
+                    cands.append(_cand("mlp", requested, {"lr": lr, "weight_decay": wd}, spec, head, z, t0, why,
+                                       best_epoch=info["best_epoch"], steps=info["steps"]))
+        elif isinstance(spec, PrototypeHeadSpec):
+            torch.manual_seed(config.seed)
+            head = data.make(PrototypeProbe(z["train"].shape[1], data.n_out, metric=spec.metric,
+                                            learnable=spec.learnable))
+            head.set_class_means(z["train"], y["train"])
+            info = {}
+            if spec.learnable:
+                info = fit_module(head, z["train"], y["train"], z["val"], y["val"], lr=spec.lr, weight_decay=0.0,
+                                  fit=fit)
+            hp = {"metric": spec.metric, "learnable": spec.learnable} | ({"lr": spec.lr} if spec.learnable else {})
+            cands.append(_cand("prototype", requested, hp, spec, head, z, t0, why,
+                               best_epoch=info.get("best_epoch"), steps=info.get("steps")))
+        elif isinstance(spec, KNNHeadSpec):
+            cands += _knn_candidates(spec, requested, why, data)
+    return cands, skipped
+
+
+def _cand(kind, requested, hparams, spec, head, z, t0, why, **kw) -> Candidate:
+    val_pred = head.predict_standardized(z["val"]).cpu().numpy()
+    return Candidate(kind, requested, hparams, spec, head, val_pred, time.perf_counter() - t0, auto_reason=why, **kw)
+
+
+def _linear_head(data: GroupData, spec: LinearHeadSpec, weight: torch.Tensor, bias: torch.Tensor) -> LinearProbe:
+    head = data.make(LinearProbe(data.z["train"].shape[1], data.n_out, l2_normalize=spec.l2_normalize,
+                                 regression=data.regression))
+    with torch.no_grad():
+        head.weight.copy_(weight.T)
+        head.bias.copy_(bias)
+    return head
+
+
+def sklearn_c(weight_decay: float, n_train: int, n_classes: int) -> float:
+    """scikit-learn's LogisticRegression C for this penalty (binomial for two classes: twice the multinomial C)."""
+    if weight_decay <= 0:
+        return float("inf")
+    return (2.0 if n_classes == 2 else 1.0) / (weight_decay * n_train)
+
+
+def _lbfgs_candidates(specs, data: GroupData) -> list[Candidate]:
+    """Every L-BFGS linear head of the group, on one shared basis of the training rows."""
+    if not specs:
+        return []
+    t0 = time.perf_counter()
+    zt = data.z["train"]
+    if data.rows_key not in data.bases:  # kept for the layer's other tasks (train_layer drops it after)
+        data.bases[data.rows_key] = row_basis(zt)
+    basis = data.bases[data.rows_key]
+    fits = []
+    for spec, req, why in specs:
+        wds = sorted(spec.weight_decays, reverse=True)
+        if data.regression:
+            f = fit_ridge_grid(zt, data.y["train"], weight_decays=wds, l2_normalize=spec.l2_normalize, basis=basis)
+        else:
+            f = fit_logistic_grid(zt, data.y["train"], weight_decays=wds, n_classes=data.n_out,
+                                  l2_normalize=spec.l2_normalize, basis=basis,
+                                  settings=SolverSettings(tol=spec.tol, max_iter=spec.max_iter))
+        fits.append((spec, req, why, wds, f))
+    n_heads = sum(len(f[3]) for f in fits)
+    share = (time.perf_counter() - t0) / n_heads  # the batched wall time, split evenly
+    out = []
+    for spec, req, why, wds, f in fits:
+        for i, wd in enumerate(wds):
+            head = _linear_head(data, spec, f.weight[i], f.bias[i])
+            hp = {"solver": "lbfgs", "weight_decay": wd, "l2_normalize": spec.l2_normalize}
+            if not data.regression:
+                hp["C"] = sklearn_c(wd, len(zt), data.n_out)
+            out.append(Candidate("linear", req, hp, spec, head, head.predict_standardized(data.z["val"]).cpu().numpy(),
+                                 share, steps=int(f.iterations[i]), batch_heads=n_heads, auto_reason=why,
+                                 converged=bool(f.converged[i])))
+    return out
+
+
+def _adam_candidates(specs, data: GroupData, fit: Fit) -> list[Candidate]:
+    """Every Adam linear head of the group in one train_linear_grid call."""
+    heads = [(spec, req, why, lr, wd) for spec, req, why in specs
+             for wd in sorted(spec.weight_decays, reverse=True) for lr in spec.lrs]
+    if not heads:
+        return []
+    z, y = data.z, data.y
+    t0 = time.perf_counter()
+    res = train_linear_grid(z["train"], y["train"], z["val"], y["val"], lrs=[h[3] for h in heads],
+                            weight_decays=[h[4] for h in heads], l2_normalize=[h[0].l2_normalize for h in heads],
+                            n_out=data.n_out, regression=data.regression, fit=fit)
+    share = (time.perf_counter() - t0) / len(heads)
+    out = []
+    for i, (spec, req, why, lr, wd) in enumerate(heads):
+        head = _linear_head(data, spec, res.weight[i], res.bias[i])
+        hp = {"solver": "adam", "lr": lr, "weight_decay": wd, "l2_normalize": spec.l2_normalize}
+        out.append(Candidate("linear", req, hp, spec, head, head.predict_standardized(z["val"]).cpu().numpy(), share,
+                             int(res.best_epoch[i]), res.steps, len(heads), why))
+    return out
+
+
+def _knn_candidates(spec: KNNHeadSpec, requested: str, why: str | None, data: GroupData) -> list[Candidate]:
+    z, y, regression, n_out = data.z, data.y, data.regression, data.n_out
+    t0 = time.perf_counter()
+    base = data.make(KNNProbe(z["train"].shape[1], n_out, k=spec.ks[0], cosine=spec.cosine, regression=regression))
+    base.set_bank(z["train"], y["train"])
+    scores = base.scores_for_ks(z["val"], list(spec.ks))
+    share = (time.perf_counter() - t0) / len(spec.ks)
+    out = []
+    for k, s in zip(spec.ks, scores):
+        head = data.make(KNNProbe(z["train"].shape[1], n_out, k=k, cosine=spec.cosine, regression=regression))
+        head.bank, head.bank_targets = base.bank, base.bank_targets
+        pred = (s.squeeze(-1) * head.target_std + head.target_mean) if regression else s.argmax(-1)
+        out.append(Candidate("knn", requested, {"k": k, "cosine": spec.cosine}, spec, head, pred.cpu().numpy(),
+                             share, batch_heads=len(spec.ks), auto_reason=why))
+    return out

@@ -1,0 +1,183 @@
+"""One feature set's part of the report: probe matrix, scores, few-shot curves, maps, geometry, LEEP, advice.
+
+Every choice (best layer, best head) is made on validation; test figures are those of the chosen
+head. Figures are inline SVG (svg.py); maps carry their points as JSON for the hover script.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .. import analysis
+from ..analysis.cka import ordered_layers
+from ..analysis.score_table import SCORE_LABELS, layer_scores, score_agreement
+from ..probes.config import SplitSpec
+from ..probes.splits import split_task
+from ..stores import FeatureStore
+from . import svg
+from .html import MapFigure, Section
+
+log = logging.getLogger(__name__)
+
+LOGIT_LAYERS = ("classifier", "fc", "heads", "head")  # source-classifier logits: LEEP, not a feature layer
+MAX_MAP_CLASSES = 19  # more classes than this: the rarest share one colour ("other"); hover still tells them apart
+
+
+def layer_order(store: FeatureStore) -> list[str]:
+    """The store's layers early to late (the encoder's order when recorded), source-classifier logits last."""
+    names = ordered_layers(store)
+    return [x for x in names if x not in LOGIT_LAYERS] + [x for x in names if x in LOGIT_LAYERS]
+
+
+def feature_layers(store: FeatureStore) -> list[str]:
+    return [layer for layer in layer_order(store) if layer not in LOGIT_LAYERS]
+
+
+def chosen_heads(results: pd.DataFrame, layers: Sequence[str]) -> pd.DataFrame:
+    """Per (task, layer), full data: the head selected on validation, with its val and test accuracy (or r2)."""
+    ok = results[(results["status"] == "ok") & results["selected"].astype(bool) & results["few_shot"].isna()]
+    ok = ok[ok["layer"].isin(layers)]
+    rows = []
+    for (task, layer), g in ok.groupby(["task", "layer"], sort=False):
+        r = g.iloc[0]
+        metric = "r2" if r["task_type"] == "regression" else "accuracy"
+        rows.append({"task": task, "layer": layer, "head": r["head"], "hparams": r["hparams"], "metric": metric,
+                     "val_accuracy": float(r[f"val_{metric}"]), "test_accuracy": float(r[f"test_{metric}"])})
+    df = pd.DataFrame(rows, columns=["task", "layer", "head", "hparams", "metric", "val_accuracy", "test_accuracy"])
+    df["order"] = df["layer"].map({name: i for i, name in enumerate(layers)})
+    return df.sort_values(["task", "order"]).drop(columns="order").reset_index(drop=True)
+
+
+def best_layers(chosen: pd.DataFrame) -> dict[str, str]:
+    """task -> the layer whose selected head has the best validation score (first in layer order on ties)."""
+    out = {}
+    for task, g in chosen.groupby("task", sort=True):
+        v = g["val_accuracy"].astype(float).fillna(-np.inf).to_numpy()
+        out[task] = str(g["layer"].iloc[int(np.argmax(v))])
+    return out
+
+
+def task_splits(store: FeatureStore, tasks: Sequence[str], splits_table: pd.DataFrame | None,
+                spec: SplitSpec) -> dict[str, Any]:
+    """The probes' splits: from their splits table when there is one, else generated as the probes would."""
+    index = store.index()
+    out = {}
+    for task in tasks:
+        try:
+            given = splits_table if splits_table is not None and (splits_table["task"] == task).any() else None
+            out[task] = split_task(index, task, spec, given=given)
+        except ValueError as e:
+            log.warning("report: no split for task %r (%s); its scores are left out", task, e)
+    return out
+
+
+def few_shot_figures(results: pd.DataFrame, layers: Sequence[str], best: dict[str, str]) -> tuple[list, list]:
+    """(rows for report.json, (caption, svg) figures): test accuracy of the validation-selected head vs k."""
+    ok = results[(results["status"] == "ok") & results["layer"].isin(layers)]
+    if not ok["few_shot"].notna().any():
+        return [], []
+    ks = sorted(int(k) for k in ok["few_shot"].dropna().unique())
+    x = [str(k) for k in ks] + (["all"] if ok["few_shot"].isna().any() else [])
+    key = ok["few_shot"].astype("Float64").fillna(np.inf)
+    rows, figs = [], []
+    for task, g in ok.groupby("task", sort=True):
+        metric = "test_r2" if (g["task_type"] == "regression").any() else "test_accuracy"
+        kx = key[g.index]
+        per_layer = {}
+        for layer in [name for name in layers if name in set(g["layer"])]:
+            sel = g[(g["layer"] == layer) & g["selected"].astype(bool)]
+            per_layer[layer] = [_at(sel, kx, k, metric) for k in ks + [np.inf]][:len(x)]
+            rows += [{"task": task, "layer": layer, "head": "selected", "k": k, metric: v}
+                     for k, v in zip(x, per_layer[layer])]
+        figs.append((f"{task}: accuracy against k, per layer", svg.line_chart(
+            x, per_layer, title=f"few-shot: {task}", ylabel=metric.replace("_", " "), xlabel="k per class")))
+        at_best = g[(g["layer"] == best.get(task)) & g["selected_in_kind"].astype(bool)]
+        per_kind = {kind: [_at(h, kx, k, metric) for k in ks + [np.inf]][:len(x)]
+                    for kind, h in at_best.groupby("head", sort=True)}
+        if len(per_kind) > 1:
+            rows += [{"task": task, "layer": best[task], "head": kind, "k": k, metric: v}
+                     for kind, vals in per_kind.items() for k, v in zip(x, vals)]
+            figs.append((f"{task}: accuracy against k per head kind, layer {best[task]}", svg.line_chart(
+                x, per_kind, title=f"few-shot by head: {task} @ {best[task]}", ylabel=metric.replace("_", " "),
+                xlabel="k per class")))
+    return rows, figs
+
+
+def _at(g: pd.DataFrame, key: pd.Series, k: float, metric: str) -> float:
+    hit = g[key[g.index] == k]
+    return float(hit[metric].iloc[0]) if len(hit) else float("nan")
+
+
+def scores_section(store: FeatureStore, splits: dict[str, Any], layers: Sequence[str], chosen: pd.DataFrame,
+                   leep_by_task: dict[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(scores per task and layer, with LEEP; each score's rank agreement with the probes across layers)."""
+    scores = layer_scores(store, splits, layers)
+    if leep_by_task:
+        scores["leep"] = scores["task"].map(leep_by_task)
+    names = [c for c in ("logme", "nleep", "h_score", "knn_accuracy", "leep") if c in scores]
+    agree = score_agreement(scores, chosen[["task", "layer", "val_accuracy", "test_accuracy"]], score_names=names)
+    if len(agree):
+        agree["score"] = agree["score"].map(lambda s: SCORE_LABELS.get(s, s))
+    return scores, agree
+
+
+def map_figures(store: FeatureStore, tasks: Sequence[str], best: dict[str, str], *, sample: int,
+                seed: int = 0) -> list[MapFigure]:
+    """A hoverable map for every task, drawn on its best layer; one embedding per distinct layer."""
+    index = store.index()
+    uri_of = dict(zip(index["image_id"].astype(str), index["uri"].astype(str))) if "uri" in index else {}
+    out, embedded = [], {}
+    for task in tasks:
+        layer = best.get(task)
+        if layer is None:
+            continue
+        if layer not in embedded:
+            embedded[layer] = analysis.layer_map(store, layer, tasks=list(tasks), sample=sample, seed=seed, threads=1)
+        m = embedded[layer]
+        labels = [None if v is None or (isinstance(v, float) and v != v) else str(v) for v in m.labels[task]]
+        counts = pd.Series([x for x in labels if x is not None], dtype=object).value_counts()
+        shown = sorted(counts.index[:MAX_MAP_CLASSES] if len(counts) > MAX_MAP_CLASSES + 1 else counts.index)
+        colours = svg.palette(len(shown) + (len(counts) > len(shown)))
+        code_of = {lab: i for i, lab in enumerate(shown)}
+        other = len(shown)
+        codes = np.array([-1 if x is None else code_of.get(x, other) for x in labels])
+        legend = [(lab, colours[i], int(counts[lab])) for i, lab in enumerate(shown)]
+        if len(counts) > len(shown):
+            rest = counts.index[len(shown):]
+            legend.append((f"other ({len(rest)} classes)", colours[other], int(counts[rest].sum())))
+        if (codes < 0).any():
+            legend.append((None, svg.MISSING_COLOUR, int((codes < 0).sum())))
+        ids = [str(i) for i in m.image_ids]
+        map_id = f"map-{store.meta['featureset']}-{len(out)}"
+        total = len(index)
+        sampled = (f"all {total} images" if len(ids) >= total
+                   else f"{len(ids)} of {total} images, a uniform random sample (seed {seed}; cap --map-sample)")
+        out.append(MapFigure(
+            map_id=map_id, caption=f"{m.method} of layer {layer} (best for {task} on validation), coloured by "
+                                   f"{task}: {sampled}",
+            svg=svg.scatter_map(m.coords, codes, colours, data_id=map_id),
+            data={"task": task, "layer": layer, "ids": ids, "labels": labels, "uris": [uri_of.get(i, "") for i in ids]},
+            legend=legend))
+    return out
+
+
+def section_figures(sec: Section, chosen: pd.DataFrame, tasks: Sequence[str], layers: Sequence[str],
+                    cka: Any) -> None:
+    m = chosen.pivot(index="task", columns="layer", values="test_accuracy").reindex(index=tasks, columns=layers)
+    sec.figures.append(("Test accuracy of the head selected on validation, per task and layer.", svg.heatmap(
+        m.to_numpy(float), tasks, layers, title="probe test accuracy (task x layer)", vmin=0.0, vmax=1.0)))
+    sec.figures.append(("The same as curves, early to late layers.", svg.line_chart(
+        layers, {t: m.loc[t].to_numpy(float) for t in tasks}, title="probe accuracy per layer",
+        ylabel="test accuracy", xlabel="layer (early -> late)")))
+    sec.figures.append(("Linear CKA between layers (1 = the same representation up to rotation and scale).",
+                        svg.heatmap(cka.matrix, cka.layers, cka.layers, title="linear CKA between layers",
+                                    vmin=0, vmax=1)))
+
+
+def records(df: pd.DataFrame) -> list[dict]:
+    """A frame as JSON-able rows (numpy scalars to Python)."""
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in df.to_dict("records")]
