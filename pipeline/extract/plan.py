@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import re
 
 from ..config import ExtractConfig, SourceSpec
 from .. import storage
@@ -29,7 +30,10 @@ def dataset_fingerprint(units) -> str:
 
 def dataset_name(spec: SourceSpec) -> str:
     path = spec.uri.rstrip("/").split("://", 1)[-1].split("?", 1)[0]
-    head = path.split("*", 1)[0].rstrip("/")
+    head = re.split(r"[*\[{]", path, maxsplit=1)[0]
+    if head != path and not head.endswith("/"):  # a pattern inside a name (shard-{00000..00099}.tar): its folder
+        head = posixpath.dirname(head)
+    head = head.rstrip("/")
     stem = posixpath.splitext(posixpath.basename(head))[0]
     if spec.kind == "manifest" or stem in ("", "images"):
         stem = posixpath.basename(posixpath.dirname(head)) or stem  # data/digits/manifest.csv -> digits
