@@ -169,6 +169,17 @@ def sorted_unique(records: Iterable[ImageRecord], *, hint: str = "") -> list[Ima
     return records
 
 
+class SharedFileSource(Source):
+    """A source whose images live inside shared files (tars, Parquet row groups): :meth:`read_many` reads
+    them together, one pass per file, and a single image is read the same way."""
+
+    def read_bytes(self, record: ImageRecord) -> bytes:
+        result = self.read_many([record])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
 def record_to_json(r: ImageRecord) -> dict:
     return {"image_id": r.image_id, "uri": r.uri, "fingerprint": r.fingerprint, "labels": dict(r.labels),
             "split": r.split}

@@ -16,6 +16,7 @@ from fsspec import AbstractFileSystem
 
 from pipeline.sources.arrow_files import ARROW_SUFFIX, take_arrow_rows
 from pipeline.sources.base import (
+    SharedFileSource,
     ImageRecord,
     Source,
     fingerprint_bytes,
@@ -52,7 +53,7 @@ def row_of(uri: str) -> tuple[str, int | None]:
 
 
 @dataclass(frozen=True)
-class ParquetBytesSource(Source):
+class ParquetBytesSource(SharedFileSource):
     """Rows of Parquet files (one file, a folder of them, or a glob) with an image column.
 
     The image column is a struct ``{bytes: binary, path: string}`` (what ``datasets`` writes), plain binary,
@@ -175,13 +176,6 @@ class ParquetBytesSource(Source):
         if pa.types.is_string(kind) or pa.types.is_large_string(kind):
             return paths_complete(pf.read(columns=[column]).column(0).combine_chunks())
         return False
-
-    def read_bytes(self, record: ImageRecord) -> bytes:
-        """Inline bytes, or (for a record that lost them) the row re-read from its file, or the image file."""
-        result = self.read_many([record])[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
 
     def read_many(self, records: Sequence[ImageRecord], *, threads: int = 8) -> list[bytes | Exception]:
         """Rows grouped by file and row group (or batch): each needed part of the image column is read once.

@@ -14,6 +14,7 @@ import pyarrow as pa
 from fsspec import AbstractFileSystem
 
 from pipeline.sources.base import (
+    SharedFileSource,
     IMAGE_EXTENSIONS,
     ImageRecord,
     Source,
@@ -46,7 +47,7 @@ class TarMemberError(OSError):
 
 
 @dataclass(frozen=True)
-class WebDatasetSource(Source):
+class WebDatasetSource(SharedFileSource):
     """Samples of WebDataset tars: a brace pattern (``s3://b/shard-{00000..00999}.tar``; several groups,
     comma lists and globs allowed), a glob, a single tar, or a folder searched for ``.tar`` files.
 
@@ -174,12 +175,6 @@ class WebDatasetSource(Source):
         return labels
 
     # -- reading ------------------------------------------------------------------------------------------
-
-    def read_bytes(self, record: ImageRecord) -> bytes:
-        result = self.read_many([record])[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
 
     def read_many(self, records: Sequence[ImageRecord], *, threads: int = 8) -> list[bytes | Exception]:
         """Inline bytes where records carry them; the others (records that travelled as JSON) are read from
