@@ -44,8 +44,8 @@ def test_from_dict_builds_typed_config():
     ({"tasks": ["a"], "few_shot": [0]}, ">= 1"),
     ({"heads": ["linear"]}, "'tasks' is required"),
     ({"tasks": ["a"], "heads": [{"kind": "linear", "solver": "sgd"}]}, "valid: ['lbfgs', 'adam']"),
-    ({"tasks": ["a"], "heads": [{"kind": "linear", "tol": 0}]}, "tol=0 must be > 0"),
-    ({"tasks": ["a"], "heads": [{"kind": "linear", "tol": "tight"}]}, "tol='tight' is not a number"),
+    ({"tasks": ["a"], "heads": [{"kind": "linear", "tol": 0}]}, "tol=0.0 must be > 0"),
+    ({"tasks": ["a"], "heads": [{"kind": "linear", "tol": "tight"}]}, "tol: expected a number, got 'tight'"),
     ({"tasks": ["a"], "split": {"column": "fold", "file": "s.parquet"}}, "both set"),
 ])
 def test_from_dict_refuses_with_valid_choices(d, needle):

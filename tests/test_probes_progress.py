@@ -35,7 +35,8 @@ def test_the_grid_reports_every_group(caplog):
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 120)
     index = pd.DataFrame({"image_id": [f"i{k}" for k in range(120)], "label": y})
-    table = InMemoryFeatureTable(index, {"a": rng.normal(size=(120, 4)) + y[:, None], "b": rng.normal(size=(120, 3))})
+    features = {"a": rng.normal(size=(120, 4)) + y[:, None], "b": rng.normal(size=(120, 3))}
+    table = InMemoryFeatureTable({k: v.astype(np.float32) for k, v in features.items()}, index)
     with caplog.at_level(logging.INFO, logger="pipeline.probes.progress"):
         run_probe_grid(table, ProbeConfig.from_dict({"tasks": ["label"], "heads": ["linear"]}), use_ray=False)
     last = [r.getMessage() for r in caplog.records if r.name == "pipeline.probes.progress"][-1]

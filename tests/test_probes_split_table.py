@@ -95,5 +95,5 @@ def test_cli_splits_flag_reuses_an_earlier_runs_split(tmp_path, capsys):
     assert set(second["split"]) == {"train", "val"}
     pd.testing.assert_frame_equal(second.sort_values("image_id", ignore_index=True),
                                   check_splits(edited).sort_values("image_id", ignore_index=True), check_dtype=False)
-    assert main(args + ["--splits", str(tmp_path / "nope.parquet")]) == 2
+    assert main(args + ["--splits", str(tmp_path / "nope.parquet")]) == 3  # NOT_FOUND
     assert "does not exist" in capsys.readouterr().err
