@@ -78,7 +78,8 @@ def bench_current(uri: str, options: dict, shards: int) -> dict:
 
     t = target(uri, options, shard_rows=SHARD_ROWS, chunk_rows=SHARD_ROWS)
     listing = records(shards * SHARD_ROWS)
-    job(t, listing, processes=0)
+    # units of about a block each, as a real listing's pages are (a refresh then reads only its own unit)
+    job(t, listing, processes=0, page_images=SHARD_ROWS)
     row: dict = {"protocol": "strata (format 2)", "shards": shards}
     new = listing + records(SHARD_ROWS, prefix="new")
 
@@ -93,7 +94,7 @@ def bench_current(uri: str, options: dict, shards: int) -> dict:
     job_mod.commit_change = commit_timed
     try:
         with measured(row, "refresh"):
-            out = job(t, new, operation="refresh")
+            out = job(t, new, operation="refresh", page_images=SHARD_ROWS)
     finally:
         job_mod.commit_change = original
     assert out.version == 2 and out.diff.added == SHARD_ROWS, out

@@ -84,6 +84,10 @@ class RunSpec:
     decode: str = setting("exact", "exact: PIL decode and resize as the weights' reference transform; fast: torch "
                           "resize, large JPEGs DCT-downscaled, nvJPEG where encoders run on GPUs (cos >= 0.995 of "
                           "exact; recorded in the provenance)", choices=DECODE_MODES)
+    decode_in: str = setting("tasks", "tasks: decode tasks ship each block's pixels to the encoders; encoder: the "
+                                      "encoder actor reads and decodes a block batch by batch (memory per block in "
+                                      "flight: one batch of pixels, whatever store.shard_rows)",
+                             choices=("tasks", "encoder"))
     stall_timeout_s: float = setting(1800.0, "no block written for this long: log what is in flight, where, and stop "
                                              "(a re-run resumes); 0: never")
     progress_interval_s: float = setting(30.0, "seconds between progress lines (images done, rate, ETA)")

@@ -286,3 +286,15 @@ def test_float16_overflow_stops_before_writing_and_float32_holds_it(tmp_path):
     store = FeatureStore(summary.store_uri)
     assert store.meta["dtype"] == "float32" and np.isfinite(store.layer("layer1")).all()
     assert np.abs(store.layer("layer1")).max() > 65504
+
+
+def test_decoding_in_the_encoder_gives_the_same_store(ray_local, images, tmp_path):
+    """run.decode_in=encoder: blocks travel without pixels and the actor decodes them batch by batch."""
+    base = _config(str(images), str(tmp_path / "a"), "run.local_max_images=0", "encoder.batch_size=16")
+    deferred = _config(str(images), str(tmp_path / "b"), "run.local_max_images=0", "encoder.batch_size=16",
+                       "run.decode_in=encoder")
+    a, b = FeatureStore(run_extract(base).store_uri), FeatureStore(run_extract(deferred).store_uri)
+    assert list(a.index().image_id) == list(b.index().image_id) and len(a) == 196
+    assert sorted(a.errors().column("image_id").to_pylist()) == sorted(b.errors().column("image_id").to_pylist())
+    for layer in a.layers:
+        np.testing.assert_array_equal(a.layer(layer), b.layer(layer))

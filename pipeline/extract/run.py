@@ -248,15 +248,17 @@ def _run_pipeline(cfg: ExtractConfig, work: list, target, *, layers, preprocessi
                                              "niceness": 0 if gpus else cfg.run.decode_niceness,
                                              "decode_kwargs": {"decode": cfg.run.decode,
                                                                "device_decode": bool(gpus) and cfg.run.decode == "fast"},
-                                             "progress": progress},
+                                             "progress": progress, "defer": cfg.run.decode_in == "encoder"},
                      num_cpus=0.5, concurrency=cfg.run.decode_concurrency)  # != encoder's: keeps decode in tasks
     ds = ds.map(EncodeShard, fn_constructor_kwargs={"encoder_spec": cfg.encoder, "device": device,
                                                     "store_dtype": cfg.store.dtype,
                                                     "storage_options": dict(cfg.store.storage_options) or None,
                                                     "torch_threads": threads, "expected_provenance": provenance,
-                                                    "decode": cfg.run.decode},
+                                                    "decode": cfg.run.decode, "source": source,
+                                                    "max_pixels": cfg.run.max_image_pixels},
                 compute=ray.data.ActorPoolStrategy(size=cfg.run.num_encoders), num_gpus=gpus,
-                num_cpus=0 if gpus else actor_cpus, **_encoder_runtime_env(cfg))
+                num_cpus=(1 if cfg.run.decode_in == "encoder" else 0) if gpus else actor_cpus,
+                **_encoder_runtime_env(cfg))
     sink = FeatureStoreDatasink(target, layers, budget=progress)
     unknown = sum(1 for w in work if w.unit.n_images is None)
     with JobMonitor(progress, total=total, unknown_units=unknown, interval=cfg.run.progress_interval_s,

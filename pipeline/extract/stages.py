@@ -101,7 +101,8 @@ class EncodeShard:
     """Actor callable: loads the frozen encoder once, then encodes shard after shard."""
 
     def __init__(self, *, encoder_spec, device: str, store_dtype: str, storage_options: dict | None = None,
-                 torch_threads: int | None = None, expected_provenance: dict | None = None, decode: str = "exact"):
+                 torch_threads: int | None = None, expected_provenance: dict | None = None, decode: str = "exact",
+                 source=None, max_pixels: int = 89_478_485):
         import torch
 
         from ..encoders import build_encoder
@@ -113,10 +114,46 @@ class EncodeShard:
             check_encoder_matches(expected_provenance, self.encoder.provenance())
         self.batch_size = encoder_spec.batch_size
         self.store_dtype = np.dtype(store_dtype)
+        self.source, self.max_pixels, self.decode = source, max_pixels, decode
         log.info("encoder %s ready on %s", self.encoder.name, self.encoder.device)
 
     def __call__(self, row: dict) -> dict:
+        if row.get("defer"):  # run.decode_in: encoder
+            return decode_and_encode(self.encoder, row, source=self.source, max_pixels=self.max_pixels,
+                                     decode=self.decode, batch_size=self.batch_size, store_dtype=self.store_dtype)
         return encode_row(self.encoder, row, batch_size=self.batch_size, store_dtype=self.store_dtype)
+
+
+def decode_and_encode(encoder, row: dict, *, source, max_pixels: int, decode: str, batch_size: int,
+                      store_dtype) -> dict:
+    """A block row without pixels -> its features, reading and decoding one batch while the previous one is
+    encoded: at most two batches of pixels are in memory, whatever the block's size."""
+    from ..sources.base import record_from_json
+
+    records = [record_from_json(r) for r in json.loads(row["records"])]
+    batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+
+    def decoded(batch):
+        return decode_records(batch, source=source, preprocessing=encoder.preprocessing, max_pixels=max_pixels,
+                              decode=decode)
+
+    oks, errors, parts = [], [], {layer: [] for layer in encoder.layers}
+    with ThreadPoolExecutor(1, thread_name_prefix="strata-decode") as pool:
+        pending = pool.submit(decoded, batches[0]) if batches else None
+        for k in range(len(batches)):
+            got = pending.result()
+            pending = pool.submit(decoded, batches[k + 1]) if k + 1 < len(batches) else None
+            encoded = encode_row(encoder, {"records": "[]", **got}, batch_size=batch_size, store_dtype=store_dtype)
+            oks.append(got["ok"])
+            errors += json.loads(got["errors"])
+            for layer in parts:
+                parts[layer].append(encoded[FEATURE_PREFIX + layer])
+    out = {k: v for k, v in row.items() if k != "pixels"} | {
+        "ok": np.concatenate(oks) if oks else np.zeros(0, bool), "errors": json.dumps(errors), "defer": False}
+    for layer, chunks in parts.items():
+        out[FEATURE_PREFIX + layer] = (np.concatenate(chunks) if chunks else
+                                       np.zeros((0, encoder.layer_dims[layer]), store_dtype))
+    return out
 
 
 def check_encoder_matches(expected: dict, actual: dict) -> None:

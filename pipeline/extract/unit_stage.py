@@ -29,7 +29,7 @@ def unit_item(work, job_id: str) -> dict:
 
 
 def empty_row(crop: int, device_decode: bool = False) -> dict:
-    row = {"shard_id": -1, "row_start": -1, "unit": "", "records": "[]", "plan": "", "done": "",
+    row = {"shard_id": -1, "row_start": -1, "unit": "", "records": "[]", "plan": "", "done": "", "defer": False,
            "ok": np.zeros(0, bool), "pixels": np.zeros((0, 3, crop, crop), np.uint8), "errors": "[]"}
     if device_decode:  # every row of a job has the same columns
         row |= {"jpegs": [], "on_device": np.zeros(0, bool)}
@@ -51,9 +51,10 @@ def plan_item(item: dict, *, source, target: StoreTarget):
 
 
 def block_rows(plan, by_id: dict, done: dict, *, source, preprocessing, max_pixels: int, threads: int = 8,
-               niceness: int = 0, decode_kwargs: dict | None = None) -> Iterator[dict]:
+               niceness: int = 0, decode_kwargs: dict | None = None, defer: bool = False) -> Iterator[dict]:
     """A planned unit -> its block rows, one at a time (a unit's pixels are never all in memory at once),
-    pixels decoded for the blocks not written yet. The first row carries the unit's plan."""
+    pixels decoded for the blocks not written yet (``defer``: left to the encoder actor, which decodes a
+    block batch by batch). The first row carries the unit's plan."""
     crop = preprocessing.crop_size
     device = bool((decode_kwargs or {}).get("device_decode"))
     plan_json = json.dumps(plan.to_json())
@@ -64,6 +65,8 @@ def block_rows(plan, by_id: dict, done: dict, *, source, preprocessing, max_pixe
                                  "records": json.dumps(task.records)}
         if task.block in done:
             row["done"] = json.dumps(done[task.block])  # written by an earlier run of this work: resumed
+        elif defer:
+            row["defer"] = True
         else:
             row |= decode_records([by_id[r["image_id"]] for r in task.records], source=source,
                                   preprocessing=preprocessing, max_pixels=max_pixels, threads=threads,
@@ -74,7 +77,8 @@ def block_rows(plan, by_id: dict, done: dict, *, source, preprocessing, max_pixe
 
 
 def expand_unit(item: dict, *, source, target: StoreTarget, preprocessing, max_pixels: int, threads: int = 8,
-                niceness: int = 0, decode_kwargs: dict | None = None, progress=None) -> Iterator[dict]:
+                niceness: int = 0, decode_kwargs: dict | None = None, progress=None,
+                defer: bool = False) -> Iterator[dict]:
     """A unit row -> its block rows (see the module docstring): the Ray Data stage. With ``progress`` (the
     job's JobProgress actor), the unit is reported in flight on this node until its blocks are written."""
     if progress is not None:
@@ -86,7 +90,7 @@ def expand_unit(item: dict, *, source, target: StoreTarget, preprocessing, max_p
     if progress is not None:
         progress.started.remote(plan.unit.unit_id, ray.get_runtime_context().get_node_id(), max(1, len(plan.blocks)))
     yield from block_rows(plan, by_id, done, source=source, preprocessing=preprocessing, max_pixels=max_pixels,
-                          threads=threads, niceness=niceness, decode_kwargs=decode_kwargs)
+                          threads=threads, niceness=niceness, decode_kwargs=decode_kwargs, defer=defer)
 
 
 def _record_dict(r) -> dict:
