@@ -200,6 +200,9 @@ class SeaweedS3Server:
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
             "-volume.preStopSeconds=0",
+            # every bucket is a collection that takes volumes of its own: with the auto-sized defaults
+            # (free disk / 1 GiB) a session's buckets exhaust them and PUTs fail with InternalError
+            "-master.volumeSizeLimitMB=64", "-volume.max=4000",
             f"-s3.config={d / 's3.json'}",
             f"-filer.localSocket={d / 'filer.sock'}",
             f"-s3.localSocket={d / 's3.sock'}",
