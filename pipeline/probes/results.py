@@ -37,7 +37,7 @@ def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
                 "n_missing"):
         df[col] = pd.to_numeric(df[col]).astype("Int64")
     for col in ("selected", "selected_in_kind"):
-        df[col] = df[col].fillna(False).astype(bool)
+        df[col] = df[col].where(df[col].notna(), False).astype(bool)
     df["converged"] = df["converged"].astype("boolean")
     return df.sort_values(["task", "layer", "few_shot", "head"], kind="stable", na_position="first",
                           ignore_index=True)
