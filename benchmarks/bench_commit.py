@@ -97,7 +97,7 @@ def bench_current(uri: str, options: dict, shards: int) -> dict:
             out = job(t, new, operation="refresh", page_images=SHARD_ROWS)
     finally:
         job_mod.commit_change = original
-    assert out.version == 2 and out.diff.added == SHARD_ROWS, out
+    assert out.version == 2 and out.counts["added"] == SHARD_ROWS, out
     return row
 
 
