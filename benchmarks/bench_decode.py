@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
 
 from _machine import machine_header  # noqa: E402
+from _timing import best_seconds  # noqa: E402
 from photos import photo_jpegs  # noqa: E402
 
 from pipeline.config import EncoderSpec  # noqa: E402
@@ -56,17 +56,6 @@ def variants(pre):
             ("  fast with DRAFT_MARGIN=1", fast_draft_1x)]
 
 
-def rate(fn, blobs, repeats: int) -> float:
-    fn(blobs[0])
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for b in blobs:
-            fn(b)
-        best = min(best, time.perf_counter() - t0)
-    return len(blobs) / best
-
-
 def features(enc, pixels: np.ndarray) -> dict[str, torch.Tensor]:
     out: dict[str, list] = {}
     for start in range(0, len(pixels), 50):
@@ -80,7 +69,7 @@ def measure(enc, blobs, repeats: int, names: set[str] | None = None) -> list[tup
     for name, fn in variants(enc.preprocessing):
         if names is not None and name not in names:
             continue
-        ips = rate(fn, blobs, repeats)
+        ips = len(blobs) / best_seconds(fn, blobs, repeats)
         pixels = np.stack([fn(b) for b in blobs])
         feats = features(enc, pixels)
         if ref_feats is None:

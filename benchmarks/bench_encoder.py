@@ -7,23 +7,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import torch
 
+from _timing import best_seconds
 from pipeline.config import EncoderSpec
 from pipeline.encoders import build_encoder
-
-
-def _time(fn, batches, repeats: int) -> float:
-    fn(batches[0])  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for b in batches:
-            fn(b)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:
@@ -55,7 +44,7 @@ def main() -> None:
     n = args.batches * args.batch_size
     rows = []
     for name, fn in [("bare model(x) -> logits", bare), (f"strata {len(layers)} layers, avg-pooled", taps)]:
-        rows.append((name, n / _time(fn, batches, args.repeats)))
+        rows.append((name, n / best_seconds(fn, batches, args.repeats)))
     print(f"# {platform.node()} {platform.processor() or platform.machine()} torch {torch.__version__} "
           f"threads={torch.get_num_threads()} device={enc.device} dtype={args.compute_dtype}")
     print(f"{'variant':<34} {'images/s':>10}")
