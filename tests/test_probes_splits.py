@@ -79,6 +79,25 @@ def test_user_split_column_wins():
         split_task(idx, "label", SplitSpec(column="my_split"))
 
 
+def test_a_user_split_without_val_gets_val_from_its_train_rows_only():
+    """Published datasets come as train + test: validation is carved from train by hash; test stays as given."""
+    idx = _index(n=600)
+    idx["split"] = np.where(np.arange(600) < 450, "train", "test")
+    spec = SplitSpec(train=0.7, val=0.15, test=0.15)
+    s = split_task(idx, "label", spec)
+    assert s.source == "column:split+val-from-train"
+    assert list(s.rows["test"]) == list(range(450, 600))
+    assert set(s.rows["val"]) | set(s.rows["train"]) == set(range(450)) and not set(s.rows["val"]) & set(s.rows["train"])
+    assert abs(len(s.rows["val"]) / 450 - 0.15 / 0.85) < 0.05
+    assert set(s.targets[s.rows["val"]]) == set(range(s.n_classes))
+    shuffled = idx.sample(frac=1.0, random_state=1).reset_index(drop=True)  # the same ids land in val
+    t = split_task(shuffled, "label", spec)
+    assert sorted(_by_id(t, shuffled).items()) == sorted(_by_id(s, idx).items())
+    idx.loc[idx.index[:450], "split"] = "test"  # no train rows either: refused as before
+    with pytest.raises(ValueError, match="train split has 0 labelled rows"):
+        split_task(idx, "label", spec)
+
+
 def test_few_shot_k_per_class_seeded_nested_and_order_independent():
     idx = _index(n=1000)
     s = split_task(idx, "label", SplitSpec())

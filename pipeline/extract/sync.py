@@ -95,7 +95,8 @@ class DryRun:
     unknown_units: int  # units to work on whose image count only their task will know (tars)
     blocks: int
     shard_rows: int
-    layer_bytes: dict  # layer -> estimated bytes of its features (Zarr and Parquet)
+    layer_bytes: dict  # layer -> estimated bytes of its features (Zarr and Parquet) for the known images
+    bytes_per_image: int  # of every layer: what each image of the units of unknown size adds
 
     def __str__(self) -> str:
         total = sum(self.layer_bytes.values())
@@ -106,7 +107,9 @@ class DryRun:
                  f"  images     {self.images}{unknown} to list, diff and encode where new or changed",
                  f"  shards     {self.blocks} blocks of {self.shard_rows} rows reserved "
                  f"({self.blocks * self.shard_rows} rows)",
-                 f"  bytes      {_human(total)} at most, estimated:"]
+                 f"  bytes      {_human(total)} at most, estimated" + (
+                     f" for the known images, plus {_human(self.bytes_per_image)} per image of the "
+                     f"{self.unknown_units} units of unknown size:" if self.unknown_units else ":")]
         lines += [f"    {layer:<32} {_human(n)}" for layer, n in self.layer_bytes.items()]
         return "\n".join(lines)
 
@@ -123,10 +126,10 @@ def dry_run(cfg: ExtractConfig) -> DryRun:
     itemsize = 2 if cfg.store.dtype == "float16" else 4
     copies = len(cfg.store.formats)
     new = sum(1 for w in plan.work if not w.old)
-    layer_bytes = {layer: images * dim * itemsize * copies for layer, dim in encoder.layer_dims.items()}
+    per_image = {layer: dim * itemsize * copies for layer, dim in encoder.layer_dims.items()}
     return DryRun(target.uri, plan.listed, len(plan.work), new, len(plan.removed), plan.unchanged, images,
                   sum(1 for w in plan.work if w.unit.n_images is None), plan.reserved, target.shard_rows,
-                  layer_bytes)
+                  {layer: images * n for layer, n in per_image.items()}, sum(per_image.values()))
 
 
 def _human(n: float) -> str:

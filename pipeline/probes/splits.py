@@ -169,6 +169,8 @@ def split_task(index: pd.DataFrame, task: TaskSpec | str, spec: SplitSpec, *,
         fractions = (spec.train, spec.val, spec.test)
         split = np.empty(len(index), dtype=object)
         split[labelled] = assign_splits(ids[labelled], strata, fractions=fractions, seed=spec.seed)
+    elif given is None and not (split[labelled] == "val").any() and (split[labelled] == "train").any():
+        source += _carve_val(split, ids, targets if strata is not None else None, spec, name)
     rows = {s: labelled[split[labelled] == s] for s in SPLITS}
     out = TaskSplit(task=name, task_type=task_type, classes=classes, targets=targets, rows=rows, image_ids=ids,
                     n_missing=int(missing.sum()), n_unsplit=n_unsplit, source=source, given_few_shot=given_few_shot)
@@ -209,6 +211,18 @@ def _split_column(index: pd.DataFrame, spec: SplitSpec, labelled: np.ndarray) ->
     if n_unsplit:
         log.warning("split column %r: %d labelled rows have no split and are left out", column, n_unsplit)
     return norm, n_unsplit, f"column:{column}"
+
+
+def _carve_val(split: np.ndarray, ids: np.ndarray, targets: np.ndarray | None, spec: SplitSpec, task: str) -> str:
+    """A user split of train and test only (most published datasets): validation comes out of train, by the
+    same id hash as a generated split, so the test rows stay untouched and are still reported once."""
+    train = np.flatnonzero(split == "train")
+    share = spec.val / (spec.train + spec.val)
+    split[train] = assign_splits(ids[train], None if targets is None else targets[train],
+                                 fractions=(1.0 - share, share, 0.0), seed=spec.seed)
+    log.info("task %r: the split column has no val rows; %d of its %d train rows become val (probes.split.val / "
+             "(train + val) = %.0f%%)", task, int((split[train] == "val").sum()), len(train), 100 * share)
+    return "+val-from-train"
 
 
 def _check_sizes(s: TaskSplit, spec: SplitSpec) -> None:
