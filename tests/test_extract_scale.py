@@ -11,6 +11,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import ExtractConfig, load_config
 from pipeline.extract import run_extract
+from pipeline.extract.refresh import run_refresh
 from pipeline.extract.monitor import JobStalled
 from pipeline.sources import ImageFolderSource
 from pipeline.sources.demo import write_shapes
@@ -56,6 +57,21 @@ def test_progress_is_logged_in_images(ray_local, images, tmp_path, caplog):
     assert summary.images == 40
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
     assert lines and all(" of 40 (" in line and "images/s" in line for line in lines)
+
+
+def test_refresh_progress_counts_only_the_images_it_encodes(ray_local, images, tmp_path, caplog):
+    """A touched unit's unchanged images leave the total once its task has planned it: progress, ETA and the
+    error budget are about the work to do, not the unit's size."""
+    line = ["source.kind=folder", f"source.uri={images}", f"store.root={tmp_path / 'stores'}", *TINY,
+            "run.local_max_images=0", "run.progress_interval_s=0.2"]
+    assert run_extract(load_config(ExtractConfig, None, line)).images == 40
+    for k, png in enumerate(sorted((images / "a" / "images").glob("*.png"))[:3]):
+        (images / "a" / "images" / f"copy-{k}.png").write_bytes(png.read_bytes())
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline.extract.monitor"):
+        run_refresh(load_config(ExtractConfig, None, line))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert lines and " of 3 (" in lines[-1], lines[-3:]
 
 
 class _SilentServer:

@@ -56,14 +56,14 @@ class JobMonitor:
                 return
 
     def line(self, status: dict, now: float) -> str:
-        done, errors = status["images"], status["errors"]
+        done, errors, total = status["images"], status["errors"], status.get("total", self.total)
         rate = done / max(1e-9, now - self._t0)
-        if self.total and not self.unknown:
-            left = max(0, self.total - done)
+        if total and not self.unknown:
+            left = max(0, total - done)
             eta = f", ETA {_duration(left / rate)}" if rate > 0 and left else ""
-            of = f" of {self.total} ({done / self.total:.0%})"
+            of = f" of {total} ({done / total:.0%})"
         else:
-            of, eta = f" of at least {self.total}" if self.total else "", ""
+            of, eta = f" of at least {total}" if total else "", ""
         return (f"progress: {done} images{of}, {errors} errors, {rate:.1f} images/s{eta}; "
                 f"{len(status['in_flight'])} units in flight")
 

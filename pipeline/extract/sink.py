@@ -32,7 +32,7 @@ class JobProgress:
         import time
 
         self.max_fraction, self.total = max_fraction, total  # total 0: not known (units of unknown size)
-        self.images = self.errors = self.blocks = 0
+        self.images = self.errors = 0
         self.in_flight: dict[str, tuple[str, float, int]] = {}  # unit -> (node id, since, blocks left)
         self.last = time.time()
 
@@ -41,7 +41,6 @@ class JobProgress:
 
         self.images += images
         self.errors += errors
-        self.blocks += 1
         self.last = time.time()
         if unit in self.in_flight:
             node, since, left = self.in_flight[unit]
@@ -51,15 +50,18 @@ class JobProgress:
                 self.in_flight[unit] = (node, since, left - 1)
         return self.images, self.errors, self.errors > self.max_fraction * max(self.total, self.images)
 
-    def started(self, unit: str, node: str, blocks: int) -> None:
+    def started(self, unit: str, node: str, blocks: int, kept: int = 0) -> None:
+        """``kept``: images of a unit of known size that its plan does not encode (unchanged, or in blocks an
+        earlier run wrote): they leave the total, so progress, ETA and the error budget count work to do."""
         import time
 
+        self.total = max(0, self.total - kept)
         if blocks:  # a unit is reported when its task starts (-1: still planning), then with its block count
             since = self.in_flight[unit][1] if unit in self.in_flight else time.time()
             self.in_flight[unit] = (node, since, blocks)
 
     def status(self) -> dict:
-        return {"images": self.images, "errors": self.errors, "blocks": self.blocks, "last": self.last,
+        return {"images": self.images, "errors": self.errors, "total": self.total, "last": self.last,
                 "in_flight": dict(self.in_flight)}
 
 

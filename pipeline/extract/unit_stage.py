@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..sources.base import record_to_json
 from ..sources.units import WorkUnit
 from ..stores import FeatureStoreWriter, Segment, StoreTarget
 from ..stores.units import UnitSpec, plan_unit
@@ -42,7 +43,7 @@ def plan_item(item: dict, *, source, target: StoreTarget):
     old = [Segment.from_json(s) for s in json.loads(item["old"])]
     writer = FeatureStoreWriter(target)
     listed = source.expand(unit)
-    plan = plan_unit(writer, UnitSpec(unit.unit_id, unit.fingerprint, unit.meta), [_record_dict(r) for r in listed],
+    plan = plan_unit(writer, UnitSpec(unit.unit_id, unit.fingerprint, unit.meta), [record_to_json(r) for r in listed],
                      old, json.loads(item["blocks"]), job_id=item["job_id"])
     done = writer.written_records([t.block for t in plan.blocks])
     done = {b: r for b, r in done.items() if any(t.block == b and t.content == r.get("plan_hash")
@@ -84,15 +85,14 @@ def expand_unit(item: dict, *, source, target: StoreTarget, preprocessing, max_p
     if progress is not None:
         import ray
 
-        unit_id = json.loads(item["unit"])["unit_id"]
+        unit = json.loads(item["unit"])
+        unit_id = unit["unit_id"]
         progress.started.remote(unit_id, ray.get_runtime_context().get_node_id(), -1)
     plan, by_id, done = plan_item(item, source=source, target=target)
     if progress is not None:
-        progress.started.remote(plan.unit.unit_id, ray.get_runtime_context().get_node_id(), max(1, len(plan.blocks)))
+        todo = sum(len(t.records) for t in plan.blocks if t.block not in done)
+        kept = unit["n_images"] - todo if unit.get("n_images") is not None else 0  # the total counted n_images
+        progress.started.remote(plan.unit.unit_id, ray.get_runtime_context().get_node_id(), max(1, len(plan.blocks)),
+                                kept)
     yield from block_rows(plan, by_id, done, source=source, preprocessing=preprocessing, max_pixels=max_pixels,
                           threads=threads, niceness=niceness, decode_kwargs=decode_kwargs, defer=defer)
-
-
-def _record_dict(r) -> dict:
-    return {"image_id": r.image_id, "uri": r.uri, "fingerprint": r.fingerprint, "split": r.split,
-            "labels": dict(r.labels)}
