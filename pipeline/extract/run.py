@@ -95,13 +95,12 @@ def execute(cfg: ExtractConfig, work: list, writer: FeatureStoreWriter, encoder,
     plans: dict[str, Any] = {}
     records: dict[int, dict] = {}
     encoded = skipped = written = 0
-    todo = list(work)
-    for _ in range(3):  # an object store that loses acknowledged writes gets two more chances
+    todo, verified = list(work), set()
+    for attempt in range(3):  # an object store that loses acknowledged writes gets two more chances
         if not todo:
             break
         known = sum(w.unit.n_images or 0 for w in todo)
-        cheap = all(w.unit.n_images is not None and w.unit.fingerprint for w in todo)  # no HEADs, no tar reads
-        planned = _plan_in_driver(cfg, todo, writer, job_id) if cheap and len(todo) <= DRIVER_PLANNED_UNITS else None
+        planned = _plan_in_driver(cfg, todo, writer, job_id) if _driver_may_plan(cfg, todo) else None
         if planned is not None:
             outputs = _run_local(cfg, planned, writer, encoder)
         else:
@@ -111,8 +110,11 @@ def execute(cfg: ExtractConfig, work: list, writer: FeatureStoreWriter, encoder,
                                     job_id=job_id, total=known).outputs
         fresh = _collect(outputs, plans, records)
         encoded += sum(r["n_ok"] for r in fresh)
-        skipped += sum(1 for o in outputs if o.get("resumed"))
-        lost, nbytes = _verify(writer, [t.block for w in todo for t in plans[w.unit.unit_id].blocks], records)
+        if attempt == 0:  # later passes find this job's own good blocks again
+            skipped += sum(1 for o in outputs if o.get("resumed"))
+        blocks = [t.block for w in todo for t in plans[w.unit.unit_id].blocks if t.block not in verified]
+        lost, nbytes = _verify(writer, blocks, records)
+        verified.update(set(blocks) - lost)
         written += nbytes
         todo = [w for w in todo if {t.block for t in plans[w.unit.unit_id].blocks} & lost]
     if todo:
@@ -152,6 +154,15 @@ def _collect(outputs: list[dict], plans: dict, records: dict) -> list[dict]:
 #: units whose listing metadata gave their size and content: expanding others means reading every image's
 #: metadata (or a whole tar), which tasks do.
 DRIVER_PLANNED_UNITS = 16
+
+
+def _driver_may_plan(cfg: ExtractConfig, todo: list) -> bool:
+    """Few units, each cheap to expand (no HEADs, no tar reads), and their new units alone not already over
+    run.local_max_images: otherwise the tasks would expand every unit again."""
+    if len(todo) > DRIVER_PLANNED_UNITS or not all(w.unit.n_images is not None and w.unit.fingerprint
+                                                    for w in todo):
+        return False
+    return sum(w.unit.n_images for w in todo if not w.old) <= cfg.run.local_max_images
 
 
 def _plan_in_driver(cfg: ExtractConfig, work: list, writer: FeatureStoreWriter, job_id: str) -> list | None:
