@@ -107,11 +107,15 @@ def assign_splits(image_ids: np.ndarray, strata: np.ndarray | None, *, fractions
     return out
 
 
-def hash_unit(ids: np.ndarray, seed: int) -> np.ndarray:
-    """A seeded hash of each id as a float in [0, 1): the same for an id whatever else is in the set."""
+def _seeded_hash(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded 64-bit hash of each id: the same for an id whatever else is in the set."""
     key = hashlib.blake2b(str(seed).encode(), digest_size=8).hexdigest()
-    h = pd.util.hash_array(np.asarray(ids, dtype=object), hash_key=key, categorize=False)
-    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return pd.util.hash_array(np.asarray(ids, dtype=object), hash_key=key, categorize=False)
+
+
+def hash_unit(ids: np.ndarray, seed: int) -> np.ndarray:
+    """The seeded hash of each id as a float in [0, 1)."""
+    return (_seeded_hash(ids, seed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def _repair_strata(out: np.ndarray, u: np.ndarray, strata: np.ndarray, fractions: tuple[float, float, float]) -> None:
@@ -170,7 +174,7 @@ def split_task(index: pd.DataFrame, task: TaskSpec | str, spec: SplitSpec, *,
         split = np.empty(len(index), dtype=object)
         split[labelled] = assign_splits(ids[labelled], strata, fractions=fractions, seed=spec.seed)
     elif given is None and not (split[labelled] == "val").any() and (split[labelled] == "train").any():
-        source += _carve_val(split, ids, targets if strata is not None else None, spec, name)
+        source += _carve_val(split, labelled, ids, targets if strata is not None else None, spec, name)
     rows = {s: labelled[split[labelled] == s] for s in SPLITS}
     out = TaskSplit(task=name, task_type=task_type, classes=classes, targets=targets, rows=rows, image_ids=ids,
                     n_missing=int(missing.sum()), n_unsplit=n_unsplit, source=source, given_few_shot=given_few_shot)
@@ -213,10 +217,11 @@ def _split_column(index: pd.DataFrame, spec: SplitSpec, labelled: np.ndarray) ->
     return norm, n_unsplit, f"column:{column}"
 
 
-def _carve_val(split: np.ndarray, ids: np.ndarray, targets: np.ndarray | None, spec: SplitSpec, task: str) -> str:
+def _carve_val(split: np.ndarray, labelled: np.ndarray, ids: np.ndarray, targets: np.ndarray | None,
+               spec: SplitSpec, task: str) -> str:
     """A user split of train and test only (most published datasets): validation comes out of train, by the
     same id hash as a generated split, so the test rows stay untouched and are still reported once."""
-    train = np.flatnonzero(split == "train")
+    train = labelled[split[labelled] == "train"]
     share = spec.val / (spec.train + spec.val)
     split[train] = assign_splits(ids[train], None if targets is None else targets[train],
                                  fractions=(1.0 - share, share, 0.0), seed=spec.seed)
@@ -249,6 +254,4 @@ def _check_sizes(s: TaskSplit, spec: SplitSpec) -> None:
 
 def _hash_order(ids: np.ndarray, seed: int) -> np.ndarray:
     """Permutation ordering `ids` by a seeded hash (ties by id): the same for any row order."""
-    key = hashlib.blake2b(str(seed).encode(), digest_size=8).hexdigest()
-    h = pd.util.hash_array(np.asarray(ids, dtype=object), hash_key=key, categorize=False)
-    return np.lexsort((np.asarray(ids, dtype=str), h))
+    return np.lexsort((np.asarray(ids, dtype=str), _seeded_hash(ids, seed)))

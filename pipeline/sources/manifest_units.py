@@ -59,17 +59,16 @@ def _batches(source: ManifestSource, fmt: str) -> Iterator[pa.Table]:
 
 def list_manifest_units(source: ManifestSource) -> Iterator[WorkUnit]:
     fmt = _format(source)
-    pages, seen, schema, rows = [], [], None, 0
+    pages, seen, schema = [], [], None
 
     def rows_of() -> Iterator[tuple]:
-        nonlocal schema, rows
+        nonlocal schema
         for table in _batches(source, fmt):
             schema = schema or table.schema
             records = source.records(table, fingerprints=False)
             seen.append(np.array([_h64(r.image_id) for r in records], dtype=np.uint64))
-            for r, content in zip(records, page_rows(records)):
+            for content in page_rows(records):
                 yield content[0], (content[1] or None), content[2]
-            rows += table.num_rows
 
     start = 0
     for page in paginate(rows_of(), _units.PAGE_IMAGES):

@@ -18,7 +18,6 @@ from pipeline.sources.arrow_files import ARROW_SUFFIX, take_arrow_rows
 from pipeline.sources.base import (
     SharedFileSource,
     ImageRecord,
-    Source,
     fingerprint_bytes,
     fingerprint_from_info,
     has_glob,

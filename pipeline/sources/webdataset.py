@@ -17,7 +17,6 @@ from pipeline.sources.base import (
     SharedFileSource,
     IMAGE_EXTENSIONS,
     ImageRecord,
-    Source,
     fingerprint_bytes,
     fingerprint_from_info,
     has_glob,

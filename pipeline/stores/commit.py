@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,7 +207,3 @@ def _merge_unit(writer: FeatureStoreWriter, uc: UnitChange, now: list[Segment], 
     for block, edits in relabel.items():
         segments[block] = relabel_segment(writer, segments[block], edits)
     return [s for s in segments.values() if s.live_rows > 0], dedup, yielded, conflicts
-
-
-def blocks_of(changes: Iterable[UnitChange]) -> list[int]:
-    return sorted(s.block for uc in changes for s in uc.new)

@@ -79,27 +79,10 @@ class LiveIndex:
         self._pos: dict[str, int] | None = None
 
     @classmethod
-    def empty(cls, label_columns: Sequence[str] = ()) -> LiveIndex:
-        return cls(None, {}, label_columns)
-
-    @classmethod
     def of(cls, fs, base: str, version: Version, label_columns: Sequence[str]) -> LiveIndex:
         segments = list(version.segments)
         tables = read_tables(fs, base, [s.index for s in segments])
         return cls(version, {s.block: segment_index(t, s) for s, t in zip(segments, tables)}, label_columns)
-
-    def advance(self, fs, base: str, to: Version) -> LiveIndex:
-        """The live index of ``to``, reading only the segments whose index or deletions differ."""
-        old = self.version.segment_map() if self.version else {}
-        new = to.segment_map()
-        tables = {b: t for b, t in self._tables.items() if b in new}
-        reread = [s for b, s in new.items() if b not in old or old[b].index != s.index]
-        for seg, table in zip(reread, read_tables(fs, base, [s.index for s in reread])):
-            tables[seg.block] = segment_index(table, seg)
-        for b, seg in new.items():
-            if b in old and old[b].index == seg.index and old[b].deleted != seg.deleted:
-                tables[b] = segment_index(tables[b], seg)
-        return LiveIndex(to, tables, self.label_columns)
 
     @property
     def table(self) -> pa.Table:
