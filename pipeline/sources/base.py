@@ -7,7 +7,7 @@ import hashlib
 import logging
 import posixpath
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,6 +155,26 @@ def fingerprint_file(fs: AbstractFileSystem, path: str, info: Mapping[str, Any] 
     return fingerprint_from_info(info) or fingerprint_bytes(fs.cat_file(path))
 
 
+MISSING = "missing"  # fingerprint of a listed file that is not there; reading it then records the error
+_INFO_THREADS = 16  # metadata requests are latency-bound on object stores
+
+
+def file_fingerprints(uris: Sequence[str], options_for: Callable[[str], Mapping[str, Any] | None]) -> list[str]:
+    """Fingerprints of files from their listing metadata (ETag, size+mtime), fetched concurrently; a file that
+    is not there gets MISSING. ``options_for(uri)``: the storage options that reach it."""
+    def one(uri: str) -> str:
+        try:
+            fs, path = url_to_fs(uri, options_for(uri))
+            return fingerprint_file(fs, path)
+        except FileNotFoundError:
+            return MISSING
+
+    if len(uris) <= 1:
+        return [one(u) for u in uris]
+    with ThreadPoolExecutor(max_workers=_INFO_THREADS) as pool:
+        return list(pool.map(one, uris))
+
+
 def sorted_unique(records: Iterable[ImageRecord], *, hint: str = "") -> list[ImageRecord]:
     """Records sorted by id; duplicate ids are refused because stores are keyed by id."""
     records = sorted(records, key=lambda record: record.image_id)
@@ -172,6 +192,13 @@ def sorted_unique(records: Iterable[ImageRecord], *, hint: str = "") -> list[Ima
 class SharedFileSource(Source):
     """A source whose images live inside shared files (tars, Parquet row groups): :meth:`read_many` reads
     them together, one pass per file, and a single image is read the same way."""
+
+    #: appended to the refusal of duplicate ids in :meth:`list_images`
+    duplicate_hint = ""
+
+    def list_images(self) -> list[ImageRecord]:
+        """Every unit expanded: a convenience for small sources and tests (a job expands units in tasks)."""
+        return sorted_unique((r for unit in self.list_units() for r in self.expand(unit)), hint=self.duplicate_hint)
 
     def read_bytes(self, record: ImageRecord) -> bytes:
         result = self.read_many([record])[0]

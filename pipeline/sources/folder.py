@@ -50,23 +50,9 @@ class ImageFolderSource(Source):
         root = root.rstrip("/")
         if not fs.isdir(root):
             raise FileNotFoundError(f"image folder {self.root_uri!r} does not exist or is not a folder")
-        records = []
-        for path, info in sorted(fs.find(root, detail=True).items()):
-            image_id = relative_id(path, root)
-            if not self._wanted(image_id) or info.get("type") == "directory":
-                continue
-            parts = image_id.split("/")
-            labels = {self.label_name: parts[0]} if len(parts) > 1 else {}
-            records.append(
-                ImageRecord(
-                    image_id=image_id,
-                    uri=fs.unstrip_protocol(path),
-                    fingerprint=fingerprint_file(fs, path, info),
-                    labels=labels,
-                )
-            )
+        records = sorted_unique(self._folder_records(fs, root, root, fs.find(root, detail=True)))
         logger.info("listed %d images under %s", len(records), self.root_uri)
-        return sorted_unique(records)
+        return records
 
     def list_units(self) -> Iterator[WorkUnit]:
         """Pages of each folder's listing, one folder at a time: the driver never holds more than one folder's

@@ -6,18 +6,15 @@ from __future__ import annotations
 import json
 import posixpath
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
 
-from pipeline.sources.base import fingerprint_file, url_to_fs
+from pipeline.sources.base import MISSING, file_fingerprints
 
 __all__ = ["MISSING", "detect_image_column", "image_cells", "path_fingerprints", "paths_complete", "resolve_path",
            "storage_options_for"]
 
-MISSING = "missing"  # fingerprint of a path that is not there; reading it then records the error
-_INFO_THREADS = 16  # metadata requests are latency-bound on object stores
 
 
 def detect_image_column(schema: pa.Schema, wanted: str | None) -> str:
@@ -79,19 +76,8 @@ def resolve_path(path: str, root_uri: str) -> str:
 
 def path_fingerprints(uris: Sequence[str], storage_options: Mapping[str, Any] | None,
                       root_uri: str) -> list[str]:
-    """Fingerprints of image files from their listing metadata (ETag, size+mtime), fetched concurrently; the
-    dataset's storage options apply to files on the dataset's own filesystem only."""
-    def one(uri: str) -> str:
-        try:
-            fs, path = url_to_fs(uri, storage_options_for(uri, root_uri, storage_options))
-            return fingerprint_file(fs, path)
-        except FileNotFoundError:
-            return MISSING
-
-    if len(uris) <= 1:
-        return [one(u) for u in uris]
-    with ThreadPoolExecutor(max_workers=_INFO_THREADS) as pool:
-        return list(pool.map(one, uris))
+    """Fingerprints of image files; the dataset's storage options apply to files on its own filesystem only."""
+    return file_fingerprints(uris, lambda uri: storage_options_for(uri, root_uri, storage_options))
 
 
 def storage_options_for(uri: str, root_uri: str, storage_options: Mapping[str, Any] | None) -> Mapping | None:

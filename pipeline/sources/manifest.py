@@ -6,7 +6,6 @@ import logging
 import posixpath
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
@@ -19,9 +18,10 @@ from pipeline.sources.units import WorkUnit
 from pipeline.storage import redact_uri
 
 from pipeline.sources.base import (
+    MISSING,
     ImageRecord,
     Source,
-    fingerprint_file,
+    file_fingerprints,
     sorted_unique,
     url_to_fs,
 )
@@ -30,10 +30,8 @@ __all__ = ["ManifestSource", "read_table"]
 
 logger = logging.getLogger(__name__)
 
-MISSING = "missing"  # fingerprint of a listed file that is not there; decoding then records the error
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".zip")
-_INFO_THREADS = 16  # metadata requests are latency-bound on object stores
 
 
 def read_table(
@@ -196,19 +194,11 @@ class ManifestSource(Source):
         return fs.unstrip_protocol(posixpath.dirname(path))
 
     def _fingerprints(self, uris: Sequence[str]) -> list[str]:
-        with ThreadPoolExecutor(max_workers=_INFO_THREADS) as pool:
-            fingerprints = list(pool.map(self._fingerprint, uris))
+        fingerprints = file_fingerprints(uris, lambda _uri: self.storage_options)
         n_missing = fingerprints.count(MISSING)
         if n_missing:
             logger.warning("%s: %d listed files do not exist", self.manifest_uri, n_missing)
         return fingerprints
-
-    def _fingerprint(self, uri: str) -> str:
-        fs, path = url_to_fs(uri, self.storage_options)
-        try:
-            return fingerprint_file(fs, path)
-        except FileNotFoundError:
-            return MISSING
 
 
 def _public_id(image_id: str) -> str:

@@ -163,6 +163,7 @@ def _h64(text: str) -> int:
 
 
 def _arrow_type(name: str) -> pa.DataType:
-    simple = {"string": pa.string(), "large_string": pa.large_string(), "int64": pa.int64(), "int32": pa.int32(),
-              "double": pa.float64(), "float": pa.float32(), "bool": pa.bool_(), "null": pa.string()}
-    return simple.get(name, pa.string())
+    """A manifest column's type as the driver saw it; anything else (an all-null column) is read as text."""
+    from ..stores.writer import type_from_str
+
+    return type_from_str(name, default=pa.string())

@@ -22,7 +22,6 @@ from pipeline.sources.base import (
     fingerprint_from_info,
     has_glob,
     relative_id,
-    sorted_unique,
     url_to_fs,
 )
 from pipeline.sources.globbing import glob_root
@@ -65,6 +64,7 @@ class ParquetBytesSource(SharedFileSource):
     """
 
     uri_or_glob: str
+    duplicate_hint = "; pass id_column= naming a unique column"
     _: KW_ONLY
     image_column: str | None = "image"
     id_column: str | None = None
@@ -77,11 +77,6 @@ class ParquetBytesSource(SharedFileSource):
         if self.label_columns is not None:
             object.__setattr__(self, "label_columns", tuple(self.label_columns))
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
-
-    def list_images(self) -> list[ImageRecord]:
-        records = [r for unit in self.list_units() for r in self.expand(unit)]
-        logger.info("listed %d images from %s", len(records), self.uri_or_glob)
-        return sorted_unique(records, hint="; pass id_column= naming a unique column")
 
     def list_units(self) -> Iterator[WorkUnit]:
         """One unit per row group, from each file's footer and listing metadata: the driver never reads image

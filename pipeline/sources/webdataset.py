@@ -21,7 +21,6 @@ from pipeline.sources.base import (
     fingerprint_from_info,
     has_glob,
     relative_id,
-    sorted_unique,
     url_to_fs,
 )
 from pipeline.sources.braces import expand_braces
@@ -107,11 +106,6 @@ class WebDatasetSource(SharedFileSource):
             seen = label_schema([{"labels": {n: r.labels.get(n) for n in untyped}} for r in first])
             types |= {f.name: f.type for f in seen}
         return pa.schema(sorted(types.items()))
-
-    def list_images(self) -> list[ImageRecord]:
-        records = [r for unit in self.list_units() for r in self.expand(unit)]
-        logger.info("listed %d samples from tars at %s", len(records), self.uri)
-        return sorted_unique(records)
 
     def expand(self, unit: WorkUnit) -> list[ImageRecord]:
         """The tar's samples, image bytes inline, in one streamed pass; broken samples become error records."""

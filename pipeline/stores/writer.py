@@ -332,15 +332,20 @@ ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("st
 
 
 def schema_from_json(fields: Sequence[Mapping]) -> pa.Schema:
-    return pa.schema([pa.field(f["name"], _type_from_str(f["type"])) for f in fields])
+    return pa.schema([pa.field(f["name"], type_from_str(f["type"])) for f in fields])
 
 
-def _type_from_str(name: str) -> pa.DataType:
-    simple = {"string": pa.string(), "large_string": pa.large_string(), "int64": pa.int64(), "int32": pa.int32(),
-              "double": pa.float64(), "float": pa.float32(), "bool": pa.bool_()}
-    if name not in simple:
-        raise ValueError(f"label type {name!r} is not supported; valid: {sorted(simple)}")
-    return simple[name]
+LABEL_TYPES = {"string": pa.string(), "large_string": pa.large_string(), "int64": pa.int64(), "int32": pa.int32(),
+               "double": pa.float64(), "float": pa.float32(), "bool": pa.bool_()}
+
+
+def type_from_str(name: str, default: pa.DataType | None = None) -> pa.DataType:
+    """The Arrow type of a label column from its name (``str(type)``); other names raise, or give ``default``."""
+    if name in LABEL_TYPES:
+        return LABEL_TYPES[name]
+    if default is not None:
+        return default
+    raise ValueError(f"label type {name!r} is not supported; valid: {sorted(LABEL_TYPES)}")
 
 
 def _vectors(x: np.ndarray) -> pa.FixedSizeListArray:
