@@ -42,18 +42,25 @@ def _cmd_encoders(_args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    return _run_job(args, "extract")
+
+
+def _run_job(args: argparse.Namespace, operation: str) -> int:
+    """extract or refresh: the config checked before Ray is imported, then the plan (--dry-run) or the job."""
     from .config import ExtractConfig, load_config, validate_extract
 
     cfg = load_config(ExtractConfig, args.config, args.overrides)
-    validate_extract(cfg)  # before importing Ray
+    validate_extract(cfg)
     if args.dry_run:
         from .extract.sync import dry_run
 
         print(dry_run(cfg))
         return 0
-    from .extract import run_extract
-
-    print(run_extract(cfg))
+    if operation == "refresh":
+        from .extract.refresh import run_refresh as run
+    else:
+        from .extract import run_extract as run
+    print(run(cfg))
     return 0
 
 
@@ -94,18 +101,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
-    from .config import ExtractConfig, load_config
-
-    cfg = load_config(ExtractConfig, args.config, args.overrides)
-    if args.dry_run:
-        from .extract.sync import dry_run
-
-        print(dry_run(cfg))
-        return 0
-    from .extract.refresh import run_refresh
-
-    print(run_refresh(cfg))
-    return 0
+    return _run_job(args, "refresh")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
