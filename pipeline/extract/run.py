@@ -242,11 +242,7 @@ def _encoder_runtime_env(cfg: ExtractConfig) -> dict:
 
 def _run_pipeline(cfg: ExtractConfig, work: list, target, *, layers, preprocessing, provenance: dict,
                   job_id: str, total: int) -> FeatureStoreDatasink:
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    # on the driver's node: the job's counts must outlive any worker node (it stops with the driver anyway)
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    progress = JobProgress.options(scheduling_strategy=here).remote(cfg.run.max_error_fraction, total)
+    progress = JobProgress.remote(cfg.run.max_error_fraction, total)
     resources = ray.cluster_resources()
     has_gpu = resources.get("GPU", 0) > 0
     gpus = cfg.run.gpus_per_encoder if cfg.run.gpus_per_encoder is not None else (1 if has_gpu else 0)
