@@ -86,13 +86,14 @@ def sklearn_cells(store: FeatureStore, split_table: pd.DataFrame, layers: list[s
     return pd.DataFrame(rows)
 
 
-def same_split_table(store_uris: list[str], *, tol: float, max_iter: int, with_adam: bool = True) -> pd.DataFrame:
+def same_split_table(store_uris: list[str], *, tol: float, max_iter: int, with_adam: bool = True,
+                     linear: dict | None = None) -> pd.DataFrame:
     """One row per (store, task, layer): strata L-BFGS, (strata Adam,) scikit-learn; accuracies in points."""
     frames = []
     for uri in store_uris:
         store = FeatureStore(uri)
         layers = list(store.layers)
-        cfg = store_config(store, heads=[{"kind": "linear"}])
+        cfg = store_config(store, heads=[{"kind": "linear", **(linear or {})}])
         ours, split_table = strata_cells(store, cfg, layers)
         wds = list(LinearHeadSpec().weight_decays)
         sk = sklearn_cells(store, split_table, layers, wds, tol=tol, max_iter=max_iter)

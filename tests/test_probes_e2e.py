@@ -107,7 +107,7 @@ def test_linear_probes_match_converged_scikit_learn_on_the_same_split(digits, tm
             best = None
             for wd in wds:
                 m = LogisticRegression(C=sklearn_c(wd, len(rows["train"]), len(set(y[rows["train"]]))),
-                                       max_iter=20_000).fit(z["train"], y[rows["train"]])
+                                       tol=1e-6, max_iter=20_000).fit(z["train"], y[rows["train"]])
                 val = m.score(z["val"], y[rows["val"]])
                 if best is None or val > best[0]:
                     best = (val, m)

@@ -100,3 +100,47 @@ def test_separable_few_shot_heads_converge_whatever_else_is_in_the_batch():
         assert bool(alone.converged[0])
         agree = ((z.float() @ alone.weight[0]).argmax(1) == (z.float() @ batched.weight[h]).argmax(1)).all()
         assert bool(agree)
+
+
+def test_a_warm_start_reaches_the_same_optimum_in_fewer_iterations():
+    z, y = _blobs(200, 30, 4, seed=5)
+    loose = fit_logistic_grid(z, y, weight_decays=[1e-4], n_classes=4, settings=SolverSettings(tol=1e-3))
+    cold = fit_logistic_grid(z, y, weight_decays=[1e-4], n_classes=4, settings=TIGHT)
+    warm = fit_logistic_grid(z, y, weight_decays=[1e-4], n_classes=4, settings=TIGHT, start=loose.start)
+    assert warm.converged.all() and warm.iterations[0] < cold.iterations[0]
+    scale = cold.weight.abs().max()
+    assert (warm.weight - cold.weight).abs().max() <= 1e-4 * scale
+    assert ((warm.bias - warm.bias.mean()) - (cold.bias - cold.bias.mean())).abs().max() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("polish_tol", [1e-8, None])
+def test_selection_picks_among_polished_heads(polish_tol):
+    """With a loose tol, the validation leader is refitted to polish_tol: the selected head is scikit-learn's optimum
+    for its C. Without polishing, the same leader is wherever the loose tol stopped it."""
+    from pipeline.probes.candidates import GroupData, train_candidates
+    from pipeline.probes.heads import fit_standardizer
+    from pipeline.probes.metrics import accuracy
+    from pipeline.probes import ProbeConfig
+
+    z_all, y_all = _blobs(300, 40, 3, seed=11, noise=1.5)
+    z_all, idx = z_all.float(), np.arange(300)
+    tr, va = idx[:200], idx[200:]
+    mean, std = fit_standardizer(z_all[tr])
+    z = {"train": (z_all[tr] - mean) / std, "val": (z_all[va] - mean) / std}
+    y = {"train": y_all[tr], "val": y_all[va]}
+    config = ProbeConfig.from_dict({"tasks": ["t"], "heads": [{"kind": "linear", "weight_decays": [1e-1, 1e-3, 1e-5],
+                                                                "tol": 1e-2, "polish_tol": polish_tol}]})
+    data = GroupData(z, y, 3, False, lambda h: h.set_standardization(mean, std), {}, b"",
+                     lambda p: accuracy(y["val"].numpy(), p))
+    cands, _ = train_candidates(data, config, None, 3)
+    cands = [c for c in cands if c.kind == "linear"]
+    scores = [accuracy(y["val"].numpy(), c.val_pred) for c in cands]
+    leader = cands[max(range(len(cands)), key=lambda i: (scores[i], -i))]
+    wd = leader.hparams["weight_decay"]
+    sk = LogisticRegression(C=sklearn_c(wd, 200, 3), tol=1e-10, max_iter=100_000).fit(z["train"].double().numpy(),
+                                                                                     y["train"].numpy())
+    gap = np.abs(leader.head.weight.detach().double().numpy() - sk.coef_).max() / np.abs(sk.coef_).max()
+    if polish_tol:
+        assert leader.converged and gap <= 1e-4, (wd, gap)
+    else:
+        assert gap > 1e-2, (wd, gap)

@@ -10,6 +10,7 @@ scikit-learn's LogisticRegressionCV over ascending Cs.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -20,8 +21,9 @@ from pipeline.probes.adam import Fit, fit_module, train_linear_grid
 from pipeline.probes.config import (AutoHeadSpec, HeadSpec, KNNHeadSpec, LinearHeadSpec, MLPHeadSpec, ProbeConfig,
                                     PrototypeHeadSpec)
 from pipeline.probes.heads import KNNProbe, LinearProbe, MLPProbe, ProbeHead, PrototypeProbe, choose_head
-from pipeline.probes.lbfgs import SolverSettings, fit_logistic_grid, fit_ridge_grid, row_basis
+from pipeline.probes.lbfgs import LinearFit, SolverSettings, fit_logistic_grid, fit_ridge_grid, row_basis
 
+POLISH_BATCH = 3  # heads refitted together per round: one batch costs about what one head does on narrow layers
 _DEFAULT_SPECS = {"linear": LinearHeadSpec(), "mlp": MLPHeadSpec(), "prototype": PrototypeHeadSpec()}
 
 
@@ -55,6 +57,7 @@ class GroupData:
     make: Callable[[ProbeHead], ProbeHead]  # sets the group's standardisation on a new head
     bases: dict = field(default_factory=dict)  # L-BFGS eigen-bases by training rows, shared by a layer's tasks
     rows_key: bytes = b""  # the training rows, as a key of `bases`
+    val_score: Callable[[Any], float] | None = None  # the selection metric of validation predictions
 
 
 def train_candidates(data: GroupData, config: ProbeConfig, fit: Fit, n_classes: int
@@ -146,6 +149,7 @@ def _lbfgs_candidates(specs, data: GroupData) -> list[Candidate]:
             f = fit_logistic_grid(zt, data.y["train"], weight_decays=wds, n_classes=data.n_out,
                                   l2_normalize=spec.l2_normalize, basis=basis,
                                   settings=SolverSettings(tol=spec.tol, max_iter=spec.max_iter))
+            f = _polish_first(f, data, spec, wds, basis)
         fits.append((spec, req, why, wds, f))
     n_heads = sum(len(f[3]) for f in fits)
     share = (time.perf_counter() - t0) / n_heads  # the batched wall time, split evenly
@@ -160,6 +164,41 @@ def _lbfgs_candidates(specs, data: GroupData) -> list[Candidate]:
                                  share, steps=int(f.iterations[i]), batch_heads=n_heads, auto_reason=why,
                                  converged=bool(f.converged[i])))
     return out
+
+
+def _polish_first(f: LinearFit, data: GroupData, spec: LinearHeadSpec, wds: list[float], basis) -> LinearFit:
+    """Refit the head that validation ranks first to spec.polish_tol, and again, until the first is a refitted one.
+
+    A weakly penalised head stopped at the loose `tol` is not at its optimum yet, and such an early
+    stop can score better on validation than the optimum does: selection would then pick what the
+    solver happened to do. Polishing the leaders (POLISH_BATCH at a time, warm-started) until the
+    first is a polished one selects among optima, at the cost of refitting a few heads rather than
+    the whole grid at the tight tolerance.
+    """
+    zt, zv = data.z["train"], data.z["val"]
+    if data.val_score is None or not len(zv) or not spec.polish_tol or spec.polish_tol >= spec.tol:
+        return f
+    w, b, iters, conv = f.weight.clone(), f.bias.clone(), f.iterations.clone(), f.converged.clone()
+    sw, sb = (t.clone() for t in f.start)
+
+    def score(i: int) -> float:
+        s = data.val_score(_linear_head(data, spec, w[i], b[i]).predict_standardized(zv).cpu().numpy())
+        return -math.inf if math.isnan(s) else s
+
+    scores = [score(i) for i in range(len(wds))]
+    polished: set[int] = set()
+    while (rank := sorted(range(len(wds)), key=lambda i: (-scores[i], i)))[0] not in polished:  # first wins ties
+        batch = [i for i in rank if i not in polished][:POLISH_BATCH]
+        g = fit_logistic_grid(zt, data.y["train"], weight_decays=[wds[i] for i in batch], n_classes=data.n_out,
+                              l2_normalize=spec.l2_normalize, basis=basis,
+                              settings=SolverSettings(tol=spec.polish_tol, max_iter=spec.max_iter),
+                              start=(sw[batch], sb[batch]))
+        for k, i in enumerate(batch):
+            w[i], b[i], iters[i], conv[i] = g.weight[k], g.bias[k], iters[i] + g.iterations[k], g.converged[k]
+            sw[i], sb[i] = g.start[0][k], g.start[1][k]
+            scores[i] = score(i)
+        polished.update(batch)
+    return LinearFit(w, b, iters, conv, f.loss, (sw, sb))
 
 
 def _adam_candidates(specs, data: GroupData, fit: Fit) -> list[Candidate]:

@@ -40,6 +40,8 @@ class LinearHeadSpec:
     lrs: tuple[float, ...] = setting((1e-2, 1e-1), "learning rates (solver adam only); one head each")
     tol: float = setting(1e-4, "lbfgs: stop when the gradient's max-norm is below this (scikit-learn's tol)")
     max_iter: int = setting(1000, "lbfgs: at most this many iterations per head")
+    polish_tol: float | None = setting(1e-6, "lbfgs: the head ranked first on validation is refitted to this "
+                                             "tolerance, again until the first is a refitted one; null: off")
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,8 @@ def _validate_head(h: HeadSpec) -> None:
             raise ValueError(f"{where}: solver {h.solver!r} unknown; valid: {list(LINEAR_SOLVERS)}")
         if not h.tol > 0 or h.max_iter < 1:
             raise ValueError(f"{where}: tol={h.tol} must be > 0 and max_iter={h.max_iter} >= 1")
+        if h.polish_tol is not None and not h.polish_tol > 0:
+            raise ValueError(f"{where}: polish_tol={h.polish_tol} must be > 0, or null to select on `tol` fits")
     if isinstance(h, MLPHeadSpec):
         if not h.hidden_sizes or any(n < 1 for n in h.hidden_sizes):
             raise ValueError(f"{where}: hidden_sizes={list(h.hidden_sizes)} must be positive ints, e.g. [512]")
