@@ -140,7 +140,8 @@ def main() -> None:
     cfg = ProbeConfig.from_dict({
         "tasks": ["fine", "coarse", "attribute"], "device": args.device, "epochs": args.epochs,
         "batch_size": 1024, "patience": 10, "seed": 0,
-        "heads": [{"kind": "linear", "solver": args.solver, "lrs": [1e-2], "weight_decays": wds}],
+        "heads": [{"kind": "linear", "solver": args.solver, "lrs": [1e-2], "weight_decays": wds}
+                  | ({"polish_tol": args.strata_polish_tol or None} if args.strata_polish_tol is not None else {})],
     })
     print(f"rows={n} layers={dims} tasks=3 heads/group={len(wds)} -> {len(dims) * 3 * len(wds)} linear heads; "
           f"torch threads={torch.get_num_threads()} cpus={os.cpu_count()}")

@@ -144,3 +144,15 @@ def test_selection_picks_among_polished_heads(polish_tol):
         assert leader.converged and gap <= 1e-4, (wd, gap)
     else:
         assert gap > 1e-2, (wd, gap)
+
+
+def test_the_final_gradient_bounds_the_distance_to_the_optimum():
+    """What lets selection skip refitting strongly penalised heads: ||w - w*|| <= ||g|| / lambda."""
+    z, y = _blobs(200, 30, 4, seed=3)
+    wds = [1.0, 1e-1, 1e-2, 1e-3, 1e-5]
+    loose = fit_logistic_grid(z, y, weight_decays=wds, n_classes=4, settings=SolverSettings(tol=1e-3))
+    tight = fit_logistic_grid(z, y, weight_decays=wds, n_classes=4, settings=TIGHT)
+    dist = (loose.start[0] - tight.start[0]).flatten(1).norm(dim=1)
+    assert (dist > 0).all() and (dist <= loose.grad_norm / torch.tensor(wds, dtype=dist.dtype)).all()
+    near = loose.near_optimum(wds, 1e-2)
+    assert near[0] and not near[-1], near

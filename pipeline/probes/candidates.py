@@ -24,6 +24,7 @@ from pipeline.probes.heads import KNNProbe, LinearProbe, MLPProbe, ProbeHead, Pr
 from pipeline.probes.lbfgs import LinearFit, SolverSettings, fit_logistic_grid, fit_ridge_grid, row_basis
 
 POLISH_BATCH = 3  # heads refitted together per round: one batch costs about what one head does on narrow layers
+POLISH_SKIP_REL = 1e-2  # a head provably within 1% (relative) of its optimal weights is not refitted
 _DEFAULT_SPECS = {"linear": LinearHeadSpec(), "mlp": MLPHeadSpec(), "prototype": PrototypeHeadSpec()}
 
 
@@ -173,12 +174,14 @@ def _polish_first(f: LinearFit, data: GroupData, spec: LinearHeadSpec, wds: list
     stop can score better on validation than the optimum does: selection would then pick what the
     solver happened to do. Polishing the leaders (POLISH_BATCH at a time, warm-started) until the
     first is a polished one selects among optima, at the cost of refitting a few heads rather than
-    the whole grid at the tight tolerance.
+    the whole grid at the tight tolerance. A head whose gradient bounds its distance to the optimum
+    within POLISH_SKIP_REL of its weights' norm (a strong penalty, typically) counts as polished.
     """
     zt, zv = data.z["train"], data.z["val"]
     if data.val_score is None or not len(zv) or not spec.polish_tol or spec.polish_tol >= spec.tol:
         return f
-    w, b, iters, conv = f.weight.clone(), f.bias.clone(), f.iterations.clone(), f.converged.clone()
+    w, b, iters, conv, loss, gn = (t.clone() for t in (f.weight, f.bias, f.iterations, f.converged, f.loss,
+                                                       f.grad_norm))
     sw, sb = (t.clone() for t in f.start)
 
     def score(i: int) -> float:
@@ -186,7 +189,7 @@ def _polish_first(f: LinearFit, data: GroupData, spec: LinearHeadSpec, wds: list
         return -math.inf if math.isnan(s) else s
 
     scores = [score(i) for i in range(len(wds))]
-    polished: set[int] = set()
+    polished = set(torch.nonzero(f.near_optimum(wds, POLISH_SKIP_REL)).flatten().tolist())
     while (rank := sorted(range(len(wds)), key=lambda i: (-scores[i], i)))[0] not in polished:  # first wins ties
         batch = [i for i in rank if i not in polished][:POLISH_BATCH]
         g = fit_logistic_grid(zt, data.y["train"], weight_decays=[wds[i] for i in batch], n_classes=data.n_out,
@@ -194,11 +197,12 @@ def _polish_first(f: LinearFit, data: GroupData, spec: LinearHeadSpec, wds: list
                               settings=SolverSettings(tol=spec.polish_tol, max_iter=spec.max_iter),
                               start=(sw[batch], sb[batch]))
         for k, i in enumerate(batch):
-            w[i], b[i], iters[i], conv[i] = g.weight[k], g.bias[k], iters[i] + g.iterations[k], g.converged[k]
+            w[i], b[i], conv[i], loss[i], gn[i] = g.weight[k], g.bias[k], g.converged[k], g.loss[k], g.grad_norm[k]
+            iters[i] += g.iterations[k]
             sw[i], sb[i] = g.start[0][k], g.start[1][k]
             scores[i] = score(i)
         polished.update(batch)
-    return LinearFit(w, b, iters, conv, f.loss, (sw, sb))
+    return LinearFit(w, b, iters, conv, loss, (sw, sb), gn)
 
 
 def _adam_candidates(specs, data: GroupData, fit: Fit) -> list[Candidate]:

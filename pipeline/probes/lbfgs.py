@@ -88,6 +88,16 @@ class LinearFit:
     converged: torch.Tensor  # (H,) bool
     loss: torch.Tensor  # (H,) final training objective
     start: tuple[torch.Tensor, torch.Tensor] | None = None  # (H, r, C) weights in the basis, (H, C) bias: a warm start
+    grad_norm: torch.Tensor | None = None  # (H,) 2-norm of the final gradient (weights and bias)
+
+    def near_optimum(self, weight_decays: list[float], rel: float) -> torch.Tensor:
+        """(H,) bool: the bound ||w - w*|| <= ||g|| / lambda is at most rel * ||w||.
+
+        The bound is lambda-strong convexity in the weights; the bias is unpenalised, so it is a close
+        guide rather than a proof (tests/test_probes_lbfgs.py checks it holds).
+        """
+        lam = torch.tensor(weight_decays, dtype=self.grad_norm.dtype)
+        return self.grad_norm <= rel * lam * self.start[0].flatten(1).norm(dim=1)
 
 
 def row_basis(z: torch.Tensor, *, rel_tol: float | None = None) -> RowBasis:
@@ -128,10 +138,10 @@ def fit_logistic_grid(z: torch.Tensor, y: torch.Tensor, *, weight_decays: list[f
     e = (Q * Q).sum(0) if l2_normalize else basis.e
     if settings.tol < FLOAT32_MIN_TOL:  # float32 matmuls cannot resolve such small gradients
         Q = Q.double()
-    w, b, iters, conv, loss = _lbfgs(Q, e.to(settings.dtype), y,
+    w, b, iters, conv, loss, gnorm = _lbfgs(Q, e.to(settings.dtype), y,
                                      torch.tensor(weight_decays, dtype=settings.dtype, device=Q.device),
                                      n_classes, settings, start)
-    return LinearFit(basis.to_features(w.to(basis.Q.dtype)), b.to(basis.Q.dtype), iters, conv, loss, (w, b))
+    return LinearFit(basis.to_features(w.to(basis.Q.dtype)), b.to(basis.Q.dtype), iters, conv, loss, (w, b), gnorm)
 
 
 def fit_ridge_grid(z: torch.Tensor, y: torch.Tensor, *, weight_decays: list[float], l2_normalize: bool = False,
@@ -188,7 +198,7 @@ class _Objective:
 
 def _lbfgs(Q: torch.Tensor, e: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, n_classes: int,
            s: SolverSettings, start: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
-    """Batched L-BFGS; returns (w (H, r, C), b (H, C), iterations, converged, objective), heads in input order."""
+    """Batched L-BFGS; (w (H, r, C), b (H, C), iterations, converged, objective, gradient 2-norm), in input order."""
     n, r = Q.shape
     H, C, dt, dev = len(lam), n_classes, s.dtype, Q.device
     penalty = lam.clamp_min(s.floor)[:, None]
@@ -200,6 +210,7 @@ def _lbfgs(Q: torch.Tensor, e: torch.Tensor, y: torch.Tensor, lam: torch.Tensor,
     if start is not None:
         x = torch.cat([start[0], start[1][:, None]], 1).to(dt) * sq_all[..., None]
     out_w, out_f = torch.zeros_like(x), torch.zeros(H, dtype=dt, device=dev)
+    out_g = torch.zeros(H, dtype=dt, device=dev)
     iters = torch.zeros(H, dtype=torch.long)
     converged = torch.zeros(H, dtype=torch.bool)
     lam_l, sq = lam, sq_all
@@ -231,6 +242,7 @@ def _lbfgs(Q: torch.Tensor, e: torch.Tensor, y: torch.Tensor, lam: torch.Tensor,
             ids = live[finished]
             out_w[ids] = x[finished] / sq[finished][..., None]
             out_f[ids] = f[finished]
+            out_g[ids] = graw[finished].flatten(1).norm(dim=1)
             iters[ids.cpu()] = it
             converged[ids.cpu()] = done[finished].cpu()
             keep = ~finished
@@ -239,8 +251,9 @@ def _lbfgs(Q: torch.Tensor, e: torch.Tensor, y: torch.Tensor, lam: torch.Tensor,
     if len(live):
         out_w[live] = x / sq[..., None]
         out_f[live] = f
+        out_g[live] = graw.flatten(1).norm(dim=1)
         iters[live.cpu()] = it
-    return out_w[:, :r], out_w[:, r], iters, converged, out_f
+    return out_w[:, :r], out_w[:, r], iters, converged, out_f, out_g
 
 
 class _Memory:
