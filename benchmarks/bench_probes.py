@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--stores", nargs="+", default=None, help="feature stores for the same-split table")
     ap.add_argument("--threads", type=int, default=None, help="torch and BLAS threads, the same for both sides")
     ap.add_argument("--tol", type=float, default=1e-4, help="sklearn tol in the same-split table (its default)")
-    ap.add_argument("--strata-tol", type=float, default=None, help="strata's lbfgs tol (default: its own default)")
+    ap.add_argument("--strata-tol", type=float, default=None, help="strata's lbfgs tol (default: its own)")
     ap.add_argument("--strata-polish-tol", type=float, default=None,
                     help="strata's lbfgs polish_tol (0: off; default: its own default)")
     ap.add_argument("--no-adam", action="store_true", help="same-split table without the Adam grid")
@@ -126,11 +126,11 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         threadpool_limits(args.threads)
+    linear = ({"tol": args.strata_tol} if args.strata_tol else {}) | (
+        {"polish_tol": args.strata_polish_tol or None} if args.strata_polish_tol is not None else {})
     if args.stores:
         df = same_split_table(args.stores, tol=args.tol, max_iter=args.max_iter, with_adam=not args.no_adam,
-                              linear=({"tol": args.strata_tol} if args.strata_tol else {})
-                              | ({"polish_tol": args.strata_polish_tol or None}
-                                 if args.strata_polish_tol is not None else {}))
+                              linear=linear)
         print_same_split(df)
         return
     n = args.rows or (5_000 if args.quick else 20_000)
@@ -140,8 +140,7 @@ def main() -> None:
     cfg = ProbeConfig.from_dict({
         "tasks": ["fine", "coarse", "attribute"], "device": args.device, "epochs": args.epochs,
         "batch_size": 1024, "patience": 10, "seed": 0,
-        "heads": [{"kind": "linear", "solver": args.solver, "lrs": [1e-2], "weight_decays": wds}
-                  | ({"polish_tol": args.strata_polish_tol or None} if args.strata_polish_tol is not None else {})],
+        "heads": [{"kind": "linear", "solver": args.solver, "lrs": [1e-2], "weight_decays": wds} | linear],
     })
     print(f"rows={n} layers={dims} tasks=3 heads/group={len(wds)} -> {len(dims) * 3 * len(wds)} linear heads; "
           f"torch threads={torch.get_num_threads()} cpus={os.cpu_count()}")

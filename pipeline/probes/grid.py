@@ -125,13 +125,13 @@ def _train_subset(features, split, layer, k, config, fit, device, bases) -> tupl
     make = lambda head: head.set_standardization(stats[0], stats[1], target_mean=stats[2],  # noqa: E731
                                                  target_std=stats[3]).to(device)
     key = "r2" if regression else config.selection_metric
-    val_score = None if regression else (lambda p: M.classification_metrics(t["val"], p)[key])
+    val_metric = (lambda p: M.regression_metrics(t["val"], p)) if regression else (
+        lambda p: M.classification_metrics(t["val"], p))
+    val_score = None if regression else (lambda p: val_metric(p)[key])
     data = GroupData(z, y, n_out, regression, make, bases, train_rows.tobytes(), val_score)
     with torch.random.fork_rng(devices=[]):  # MLP init / dropout draw from the global RNG
         torch.manual_seed(config.seed)
         cands, skipped = train_candidates(data, config, fit, split.n_classes)
-    val_metric = (lambda p: M.regression_metrics(t["val"], p)) if regression else (
-        lambda p: M.classification_metrics(t["val"], p))
     vals = [val_metric(c.val_pred) for c in cands]
     best = _select(cands, vals, key)
     base = {"task": split.task, "task_type": split.task_type, "layer": layer, "few_shot": k,
