@@ -17,11 +17,11 @@ from pipeline.probes.split_table import splits_frame
 from pipeline.stores import FeatureStore
 
 
-def store_config(store: FeatureStore, *, heads: list[dict], epochs: int = 100) -> ProbeConfig:
+def store_config(store: FeatureStore, *, heads: list[dict], epochs: int = 100, device: str = "cpu") -> ProbeConfig:
     """Every label column with 2+ classes as a task, 60/20/20 split (the demos' probe config)."""
     index = store.index()
     tasks = [c for c in store.label_columns if c in index and index[c].nunique() >= 2]
-    return ProbeConfig.from_dict({"tasks": tasks, "heads": heads, "device": "cpu", "epochs": epochs,
+    return ProbeConfig.from_dict({"tasks": tasks, "heads": heads, "device": device, "epochs": epochs,
                                   "split": {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 0}})
 
 
@@ -29,6 +29,9 @@ def strata_cells(store: FeatureStore, config: ProbeConfig, layers: list[str]) ->
     """Per (task, layer): time and the selected linear head's val/test accuracy, one train_group call per cell."""
     index = store.index()
     splits = {t.name: split_task(index, t, config.split) for t in config.tasks}
+    if config.device != "cpu":  # CUDA context, cuBLAS/cuSOLVER handles and kernels load on first use: not timed
+        first = next(iter(splits.values()))
+        train_group(np.asarray(store.layer(layers[0])), first, layers[0], config, bases={})
     rows = []
     for layer in layers:
         x = np.asarray(store.layer(layer))
@@ -87,20 +90,20 @@ def sklearn_cells(store: FeatureStore, split_table: pd.DataFrame, layers: list[s
 
 
 def same_split_table(store_uris: list[str], *, tol: float, max_iter: int, with_adam: bool = True,
-                     linear: dict | None = None) -> pd.DataFrame:
+                     linear: dict | None = None, device: str = "cpu") -> pd.DataFrame:
     """One row per (store, task, layer): strata L-BFGS, (strata Adam,) scikit-learn; accuracies in points."""
     frames = []
     for uri in store_uris:
         store = FeatureStore(uri)
         layers = list(store.layers)
-        cfg = store_config(store, heads=[{"kind": "linear", **(linear or {})}])
+        cfg = store_config(store, heads=[{"kind": "linear", **(linear or {})}], device=device)
         ours, split_table = strata_cells(store, cfg, layers)
         wds = list(LinearHeadSpec().weight_decays)
         sk = sklearn_cells(store, split_table, layers, wds, tol=tol, max_iter=max_iter)
         both = ours.merge(sk, on=["task", "layer"])
         if with_adam:
             adam = store_config(store, heads=[{"kind": "linear", "solver": "adam", "lrs": [0.01, 0.1],
-                                               "weight_decays": [1e-4, 1e-3, 1e-2]}], epochs=60)
+                                               "weight_decays": [1e-4, 1e-3, 1e-2]}], epochs=60, device=device)
             adam = replace(adam, split=cfg.split)
             a, _ = strata_cells(store, adam, layers)
             both = both.merge(a[["task", "layer", "time_s", "test"]].rename(

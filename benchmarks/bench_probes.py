@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true", help="fan the groups out over a local Ray (init time excluded)")
     ap.add_argument("--epochs", type=int, default=30, help="Adam solver only")
     ap.add_argument("--solver", default="lbfgs", choices=["lbfgs", "adam"], help="strata's linear solver (synthetic)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="strata's torch device (scikit-learn runs on the CPU)")
     ap.add_argument("--max-iter", type=int, default=10_000, help="sklearn max_iter (lbfgs)")
     ap.add_argument("--no-sklearn", action="store_true", help="time strata only")
     ap.add_argument("--stores", nargs="+", default=None, help="feature stores for the same-split table")
@@ -130,7 +130,7 @@ def main() -> None:
         {"polish_tol": args.strata_polish_tol or None} if args.strata_polish_tol is not None else {})
     if args.stores:
         df = same_split_table(args.stores, tol=args.tol, max_iter=args.max_iter, with_adam=not args.no_adam,
-                              linear=linear)
+                              linear=linear, device=args.device)
         print_same_split(df)
         return
     n = args.rows or (5_000 if args.quick else 20_000)

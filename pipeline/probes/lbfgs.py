@@ -96,7 +96,7 @@ class LinearFit:
         The bound is lambda-strong convexity in the weights; the bias is unpenalised, so it is a close
         guide rather than a proof (tests/test_probes_lbfgs.py checks it holds).
         """
-        lam = torch.tensor(weight_decays, dtype=self.grad_norm.dtype)
+        lam = torch.tensor(weight_decays, dtype=self.grad_norm.dtype, device=self.grad_norm.device)
         return self.grad_norm <= rel * lam * self.start[0].flatten(1).norm(dim=1)
 
 
