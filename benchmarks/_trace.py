@@ -24,12 +24,13 @@ def traced_stages(trace_path: str):
 
     orig_expand, base = unit_stage.expand_unit, stages.EncodeShard
 
-    def expand_unit(item, **kw):
-        t = time.time()
-        rows = orig_expand(item, **kw)
+    def expand_unit(item, **kw):  # a generator, like the pipeline's: counting must not consume its rows
+        t, n = time.time(), 0
+        for r in orig_expand(item, **kw):
+            n += len(r["ok"])
+            yield r
         _append(trace_path, {"ev": "decode", "shard": json.loads(item["unit"])["unit_id"], "t0": t,
-                             "t1": time.time(), "pid": os.getpid(), "n": int(sum(len(r["ok"]) for r in rows))})
-        return rows
+                             "t1": time.time(), "pid": os.getpid(), "n": int(n)})
 
     class EncodeShard(base):
         def __init__(self, **kw):

@@ -15,6 +15,10 @@ pytestmark = [pytest.mark.gpu,
 DEVICE = "cuda"
 # per layer, over images: the lowest cosine between the device's features and the CPU's
 BOUNDS = {"fp32": 0.9999, "bf16": 0.999}
+# bf16 keeps 8 bits of mantissa: through the trained EfficientNet-Lite0 (depthwise convolutions, folded BN, ReLU6)
+# the lowest cosine measured under CPU bf16 autocast was 0.9966 on noise and 0.9929 on photos (resnet50, vit_b_16
+# and swin at random init: >= 0.99996)
+BF16_BOUNDS = {"efficientnet_lite0": 0.99}
 SPECS = [
     EncoderSpec(name="efficientnet_lite0"),  # real weights: the activations of a trained network
     EncoderSpec(name="resnet50", weights="random:0"),
@@ -45,7 +49,8 @@ def features_agree(spec: EncoderSpec, dtype: str, device: str = DEVICE) -> dict[
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
 def test_cuda_features_equal_cpu_features(spec, dtype):
     cos = features_agree(spec, dtype)
-    assert min(cos.values()) >= BOUNDS[dtype], cos
+    bound = BF16_BOUNDS.get(spec.name, BOUNDS[dtype]) if dtype == "bf16" else BOUNDS[dtype]
+    assert min(cos.values()) >= bound, cos
 
 
 def test_batches_are_pinned_and_prefetched(device: str = DEVICE):

@@ -41,8 +41,9 @@ class HostToDevice:
         self._stream = torch.cuda.Stream(device) if self.pinned else None
 
     def upload(self, batch) -> Uploaded:
-        if isinstance(batch, torch.Tensor) and batch.device == self.device:
-            return Uploaded(batch)  # decoded on the device already
+        if isinstance(batch, torch.Tensor) and batch.device.type != "cpu":
+            # decoded on a device already (nvJPEG): "cuda" and "cuda:0" name the same one, so no == test
+            return Uploaded(batch.to(self.device))
         if not self.pinned:
             # a Ray block may be a read-only view: torch wants a writable array
             array = batch.numpy() if isinstance(batch, torch.Tensor) else batch
