@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import xml.etree.ElementTree as ET
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -273,7 +274,7 @@ def run_end_to_end(clock: Clock, *, images: int, cuda: bool, batch: int, dtype: 
             try:
                 summary = run_extract(cfg)
             except Exception as e:  # noqa: BLE001 - one mode failing must not lose the other's row and the table
-                import traceback; traceback.print_exc()
+                traceback.print_exc()
                 row("end to end", f"run_extract, decode {decode}", "FAILED", _first_line(e))
                 NOTES.append(f"FAILED run_extract, decode {decode}: {_first_line(e)}")
                 continue
@@ -304,6 +305,7 @@ def _section(name: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
         row(name, "section", "FAILED", _first_line(e))
         NOTES.append(f"FAILED section {name}: {_first_line(e)}")
         return None

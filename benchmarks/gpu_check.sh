@@ -4,8 +4,12 @@
 #   benchmarks/gpu_check.sh           # CUDA machine
 #   benchmarks/gpu_check.sh --cpu     # anywhere: scaled-down sizes, to prove it works
 # Extra arguments go to benchmarks/gpu_check.py (--budget SECONDS, --images N, --skip tests throughput ...).
+#   PYTHON=python3 benchmarks/gpu_check.sh   # an interpreter that already has strata's dependencies (no .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -n "${PYTHON:-}" ]; then
+    exec "$PYTHON" benchmarks/gpu_check.py "$@"
+fi
 if [ ! -x .venv/bin/python ] || [ ! -f .venv/.installed-stamp ]; then
     echo "no .venv here: building it (make .venv/.installed-stamp, about 3 minutes)" >&2
     make .venv/.installed-stamp >&2
