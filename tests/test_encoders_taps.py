@@ -81,6 +81,19 @@ def test_layers_by_negative_index_and_execution_order():
     assert enc.layers == ["blocks.2", "classifier"]
 
 
+def test_batches_padded_to_a_shape_multiple_keep_each_images_features():
+    """On CUDA batches run padded (few shapes for blocks of any size); forced here on the CPU: same features."""
+    enc = build_encoder(EncoderSpec(name="resnet18", weights="random:0", layers=("layer1", "layer2")), device="cpu")
+    x = _pixels(n=5)
+    plain = enc.encode(x)
+    enc.shape_multiple = 8
+    assert enc._run_size(5) == 8 and enc._run_size(8) == 8 and enc._run_size(9) == 16
+    padded = enc.encode(x)
+    for layer in plain:
+        assert padded[layer].shape == plain[layer].shape == (5, enc.layer_dims[layer])
+        torch.testing.assert_close(padded[layer], plain[layer], rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_compute_close_to_fp32():
     x = _pixels(n=2)
     ref = build_encoder(EncoderSpec(name="resnet18", weights="random:0"), device="cpu").encode(x)

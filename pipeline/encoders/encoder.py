@@ -22,6 +22,7 @@ from .transfer import HostToDevice
 log = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = {name: getattr(torch, attr) for name, attr in COMPUTE_DTYPE_NAMES.items()}
+CUDA_SHAPE_MULTIPLE = 32  # on CUDA, batches run padded to a multiple of this (see Encoder._run_size)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class FrozenEncoder:
         self.taps = PooledTaps(self.model, self.layers, poolers, stop_early=not compile)
         self._forward = torch.compile(self.taps, dynamic=False) if compile else self.taps
         self._compiled_batch = 0
+        self.shape_multiple = CUDA_SHAPE_MULTIPLE if self.device.type == "cuda" else 1
         self._uploads = HostToDevice(self.device)
 
     def encode(self, pixels) -> dict[str, torch.Tensor]:
@@ -141,14 +143,25 @@ class FrozenEncoder:
 
     def _run(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n = pixels.shape[0]
-        if self.compiled:  # a shard's short last batch is padded: one compiled shape, no recompilation
-            self._compiled_batch = max(self._compiled_batch, n)
-            if n < self._compiled_batch:
-                pad = pixels.new_zeros((self._compiled_batch - n, *pixels.shape[1:]))
-                pixels = torch.cat([pixels, pad])
+        size = self._run_size(n)
+        if size > n:  # zero images: each image's features depend on that image alone (eval mode)
+            pixels = torch.cat([pixels, pixels.new_zeros((size - n, *pixels.shape[1:]))])
         x = self.preprocessing.normalize(pixels).contiguous(memory_format=self.memory_format)
         with torch.inference_mode(), self._autocast():
             return tuple(t[:n] for t in self._forward(x))
+
+    def _run_size(self, n: int) -> int:
+        """The batch size a batch of n images runs at.
+
+        Blocks reach an encoder with sizes that vary (units' remainders). Compiled, every batch runs at the
+        largest size seen: one graph, no recompilation. On CUDA, n is rounded up to a multiple of
+        shape_multiple, so that a few shapes serve every block: cuDNN sets up each new input shape anew
+        (suspected to be what held the H200's end-to-end rate far below the encoder's; gpu_check times both).
+        """
+        if self.compiled:
+            self._compiled_batch = max(self._compiled_batch, n)
+            return self._compiled_batch
+        return -(-n // self.shape_multiple) * self.shape_multiple
 
     def layer_infos(self) -> list[LayerInfo]:
         return [
