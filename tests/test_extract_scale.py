@@ -12,7 +12,8 @@ from pipeline.cli import main
 from pipeline.config import ExtractConfig, load_config
 from pipeline.extract import run_extract
 from pipeline.extract.refresh import run_refresh
-from pipeline.extract.monitor import JobStalled
+from pipeline.extract import monitor as monitor_mod
+from pipeline.extract.monitor import JobMonitor, JobStalled
 from pipeline.sources import ImageFolderSource
 from pipeline.sources.demo import write_shapes
 from pipeline.stores import FeatureStoreWriter, label_schema
@@ -119,6 +120,25 @@ def test_a_stalled_job_names_what_is_in_flight_and_stops(ray_local, tmp_path):
     finally:
         server.close()
     assert not list((tmp_path / "stores").glob("*/_manifest/versions/*.json"))
+
+
+def test_a_swallowed_stall_interrupt_is_sent_again(ray_local, monkeypatch):
+    """A library between the driver and the monitor may swallow the KeyboardInterrupt: the monitor repeats it."""
+    @ray_local.remote(num_cpus=0)
+    class Stale:
+        def status(self):
+            return {"last": time.time() - 100, "images": 0, "errors": 0, "in_flight": {}}
+
+    monkeypatch.setattr(monitor_mod, "REINTERRUPT_S", 0.5)
+    caught = 0
+    with JobMonitor(Stale.remote(), total=8, unknown_units=0, interval=0.1, stall_timeout=1) as watch:
+        deadline = time.monotonic() + 30
+        while caught < 2 and time.monotonic() < deadline:
+            try:
+                time.sleep(0.05)
+            except KeyboardInterrupt:
+                caught += 1  # the first one is swallowed, as the CI run's was
+    assert caught == 2 and watch.stalled and "no block written for" in watch.stalled
 
 
 def test_units_plan_deterministically(images, tmp_path):

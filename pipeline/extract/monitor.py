@@ -15,6 +15,8 @@ import ray
 
 log = logging.getLogger(__name__)
 
+REINTERRUPT_S = 10.0
+
 
 class JobStalled(RuntimeError):
     """No block was written for run.stall_timeout_s; nothing was published, and a re-run resumes."""
@@ -52,8 +54,19 @@ class JobMonitor:
             if self.stall_timeout and now - status["last"] > self.stall_timeout:
                 self.stalled = self.stall_message(status, now)
                 log.error("%s", self.stalled)
-                _thread.interrupt_main()  # the driver is blocked in Ray Data: stop it there
+                self._interrupt_until_stopped()
                 return
+
+    def _interrupt_until_stopped(self) -> None:
+        """Stop the driver where it is blocked in Ray Data, again every REINTERRUPT_S until the job has stopped.
+
+        One KeyboardInterrupt was seen lost in CI (the driver went on waiting until the test's timeout): a
+        library between the driver's loop and ours can swallow it. Leaving the job's `with` stops this.
+        """
+        _thread.interrupt_main()
+        while not self._stop.wait(REINTERRUPT_S):
+            log.warning("the job has not stopped %g s after the stall: interrupting it again", REINTERRUPT_S)
+            _thread.interrupt_main()
 
     def line(self, status: dict, now: float) -> str:
         done, errors, total = status["images"], status["errors"], status.get("total", self.total)
