@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import _thread
 import logging
+import signal
 import threading
 import time
 
 import ray
 
 log = logging.getLogger(__name__)
-
-REINTERRUPT_S = 10.0
 
 
 class JobStalled(RuntimeError):
@@ -32,12 +31,15 @@ class JobMonitor:
         self._t0 = time.time()
 
     def __enter__(self) -> JobMonitor:
+        self._restore_sigint = _handle_sigint()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self._restore_sigint is not None:
+            signal.signal(signal.SIGINT, self._restore_sigint)
 
     def _run(self) -> None:
         next_log = time.time() + self.interval
@@ -54,19 +56,8 @@ class JobMonitor:
             if self.stall_timeout and now - status["last"] > self.stall_timeout:
                 self.stalled = self.stall_message(status, now)
                 log.error("%s", self.stalled)
-                self._interrupt_until_stopped()
+                _thread.interrupt_main()  # the driver is blocked in Ray Data: stop it there
                 return
-
-    def _interrupt_until_stopped(self) -> None:
-        """Stop the driver where it is blocked in Ray Data, again every REINTERRUPT_S until the job has stopped.
-
-        One KeyboardInterrupt was seen lost in CI (the driver went on waiting until the test's timeout): a
-        library between the driver's loop and ours can swallow it. Leaving the job's `with` stops this.
-        """
-        _thread.interrupt_main()
-        while not self._stop.wait(REINTERRUPT_S):
-            log.warning("the job has not stopped %g s after the stall: interrupting it again", REINTERRUPT_S)
-            _thread.interrupt_main()
 
     def line(self, status: dict, now: float) -> str:
         done, errors, total = status["images"], status["errors"], status.get("total", self.total)
@@ -89,6 +80,23 @@ class JobMonitor:
         return (f"no block written for {_duration(now - status['last'])} (run.stall_timeout_s="
                 f"{self.stall_timeout:g}); in flight: {shown or 'nothing reported'}. Stopped: blocks written so "
                 f"far are kept, nothing was published; run the same command again to resume")
+
+
+def _handle_sigint():
+    """Let `_thread.interrupt_main` reach this driver for the job's duration; returns the handler to restore.
+
+    interrupt_main does nothing while SIGINT is ignored or at its default, and a process started in the
+    background by a non-interactive shell (`nohup strata extract … &`, some schedulers) starts with it
+    ignored: the stall would be logged and the driver would wait on forever. Python's own handler is set
+    for the job (from the main thread only, where signal handlers can be set); None: nothing to restore.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    current = signal.getsignal(signal.SIGINT)
+    if callable(current):
+        return None
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return current if current is not None else signal.SIG_DFL
 
 
 def _duration(seconds: float) -> str:
