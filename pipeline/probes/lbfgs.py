@@ -187,9 +187,12 @@ class _Objective:
         w = x / sq[..., None]
         wq = w[:, :r].permute(1, 0, 2).reshape(r, H * C).to(self.Q.dtype)
         logits = (self.Q @ wq).view(n, H, C).to(x.dtype) + w[:, r][None]
-        lse = torch.logsumexp(logits, -1)
+        top = logits.amax(-1, keepdim=True)
+        ex = (logits - top).exp()
+        se = ex.sum(-1, keepdim=True)  # one exp for loss and softmax: logsumexp + softmax were slow on few classes
+        lse = (top + se.log())[..., 0]
         f = (lse - (logits * self.onehot[:, None]).sum(-1)).mean(0) + 0.5 * lam * w[:, :r].pow(2).sum((1, 2))
-        G = (torch.softmax(logits, -1) - self.onehot[:, None]) / n  # (n, H, C)
+        G = (ex / se - self.onehot[:, None]) / n  # (n, H, C)
         gq = (self.Q.T @ G.reshape(n, H * C).to(self.Q.dtype)).to(x.dtype)
         gw = gq.view(r, H, C).permute(1, 0, 2) + lam[:, None, None] * w[:, :r]
         g = torch.cat([gw, G.sum(0)[:, None]], 1)
