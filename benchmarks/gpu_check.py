@@ -280,9 +280,7 @@ def run_end_to_end(clock: Clock, *, images: int, cuda: bool, batch: int, dtype: 
             try:
                 summary = run_extract(cfg)
             except Exception as e:  # noqa: BLE001 - one mode failing must not lose the other's row and the table
-                traceback.print_exc()
-                row("end to end", f"run_extract, decode {decode}", "FAILED", _first_line(e))
-                NOTES.append(f"FAILED run_extract, decode {decode}: {_first_line(e)}")
+                _failed("end to end", f"run_extract, decode {decode}", e)
                 continue
             seconds = time.perf_counter() - t
             events = read_trace(str(trace))
@@ -301,9 +299,13 @@ def run_end_to_end(clock: Clock, *, images: int, cuda: bool, batch: int, dtype: 
         ray.shutdown()
 
 
-def _first_line(e: BaseException) -> str:
+def _failed(section: str, what: str, e: BaseException) -> None:
+    """A FAILED row and note for what raised e; its traceback on stderr."""
+    traceback.print_exc()
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
+    first = f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
+    row(section, what, "FAILED", first)
+    NOTES.append(f"FAILED {what}: {first}")
 
 
 def _section(name: str, fn, *args, **kwargs):
@@ -311,9 +313,7 @@ def _section(name: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001
-        traceback.print_exc()
-        row(name, "section", "FAILED", _first_line(e))
-        NOTES.append(f"FAILED section {name}: {_first_line(e)}")
+        _failed(name, f"section {name}", e)
         return None
 
 

@@ -22,7 +22,7 @@ from .transfer import HostToDevice
 log = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = {name: getattr(torch, attr) for name, attr in COMPUTE_DTYPE_NAMES.items()}
-CUDA_SHAPE_MULTIPLE = 32  # on CUDA, batches run padded to a multiple of this (see Encoder._run_size)
+CUDA_SHAPE_MULTIPLE = 32  # on CUDA, batches run padded to a multiple of this (see FrozenEncoder._run_size)
 
 
 @dataclass(frozen=True)
