@@ -70,6 +70,9 @@ class StoreSpec:
     chunk_rows: int = setting(256, "rows per Zarr chunk")
     formats: tuple[str, ...] = setting(STORE_FORMATS, "formats written", choices=STORE_FORMATS)
     storage_options: Mapping[str, Any] = setting(factory=dict, help="fsspec options for the store (S3 endpoint...)")
+    allow_source_change: bool = setting(False, "update a feature set built from another source (kind or URI), "
+                                               "dropping the images it does not list (the data moved); false: "
+                                               "refused before any work")
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,13 @@ def validate_extract(cfg: ExtractConfig) -> None:
         resolve_entry(cfg.encoder.name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    from .sources import SOURCE_KINDS, source_options
+
+    if cfg.source.kind in SOURCE_KINDS:
+        unknown = sorted(set(cfg.source.options) - set(source_options(cfg.source.kind)))
+        if unknown:
+            raise ConfigError(f"source.options: unknown option {unknown[0]!r} for source kind {cfg.source.kind!r}; "
+                              f"valid: {source_options(cfg.source.kind)}")
     bad_pooling = sorted(set(cfg.encoder.layer_pooling.values()) - set(POOLINGS))
     if bad_pooling:
         raise ConfigError(f"encoder.layer_pooling: {bad_pooling[0]!r} is not a valid choice; valid: {list(POOLINGS)}")

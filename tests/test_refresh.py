@@ -121,6 +121,37 @@ def test_label_and_split_edits_are_data(tmp_path):
     assert run_refresh(cfg).nothing_changed
 
 
+def test_another_source_naming_the_same_feature_set_is_refused(tmp_path):
+    """train.csv and test.csv side by side name the same feature set: the second job must not drop the first's
+    images unless told the data moved."""
+    from pipeline.config import ConfigError
+    from pipeline.extract import run_extract
+
+    write_shapes(tmp_path / "src", n=12, size=32, seed=4)
+    lines = (tmp_path / "src" / "manifest.csv").read_text().splitlines()
+    (tmp_path / "src" / "train.csv").write_text("\n".join(lines[:9]) + "\n")
+    (tmp_path / "src" / "test.csv").write_text("\n".join([lines[0], *lines[9:]]) + "\n")
+    first = run_extract(_manifest_cfg(tmp_path / "src" / "train.csv", tmp_path / "stores"))
+    with pytest.raises(ConfigError, match=r"built from source manifest:.*train\.csv.*store\.featureset="):
+        run_extract(_manifest_cfg(tmp_path / "src" / "test.csv", tmp_path / "stores"))
+    assert FeatureStore(first.store_uri).versions() == [1] and len(FeatureStore(first.store_uri)) == 8
+
+    own = run_extract(_manifest_cfg(tmp_path / "src" / "test.csv", tmp_path / "stores", "store.featureset=test"))
+    assert len(FeatureStore(own.store_uri)) == 4 and len(FeatureStore(first.store_uri)) == 8
+    moved = run_extract(_manifest_cfg(tmp_path / "src" / "test.csv", tmp_path / "stores",
+                                      "store.allow_source_change=true"))
+    assert moved.store_uri == first.store_uri and moved.deleted == 8 and "8 images gone" in str(moved)
+    assert len(FeatureStore(first.store_uri)) == 4
+
+
+def test_unknown_source_option_is_refused_with_the_valid_ones(tmp_path):
+    from pipeline.config import ConfigError, validate_extract
+
+    cfg = _manifest_cfg(tmp_path / "m.csv", tmp_path / "stores", "source.options={bogus: 1}")
+    with pytest.raises(ConfigError, match=r"unknown option 'bogus' for source kind 'manifest'.*'uri_column'"):
+        validate_extract(cfg)
+
+
 @pytest.mark.slow
 def test_resume_and_refresh_from_another_install(tmp_path):
     """A store made by one copy of strata (its weights at one path) is resumed and refreshed by another copy

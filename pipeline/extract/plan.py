@@ -5,10 +5,11 @@ Plain Python: no Ray, no torch models.
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import re
 
-from ..config import ExtractConfig, SourceSpec
+from ..config import ConfigError, ExtractConfig, SourceSpec
 from .. import storage
 from ..sources import make_source
 from ..stores import StoreTarget, featureset_name
@@ -38,6 +39,33 @@ def dataset_name(spec: SourceSpec) -> str:
     if spec.kind == "manifest" or stem in ("", "images"):
         stem = posixpath.basename(posixpath.dirname(head)) or stem  # data/digits/manifest.csv -> digits
     return stem or "dataset"
+
+
+def check_source(cfg: ExtractConfig, target: StoreTarget, parent) -> None:
+    """Refuse to update a feature set from another source than the one it was built from.
+
+    Names derive from the source's folder, so two manifests side by side (train.csv, test.csv) name the same
+    feature set; the second job would drop every image only the first lists.
+    """
+    before = (parent.config or {}).get("source") if parent is not None else None
+    if cfg.store.allow_source_change or not isinstance(before, dict) or not before.get("uri"):
+        return
+    old, new = (str(before.get("kind", "")), str(before["uri"])), (cfg.source.kind, cfg.source.uri)
+    if _source_key(*old) == _source_key(*new):
+        return
+    raise ConfigError(
+        f"feature set {target.featureset} was built from source "
+        f"{old[0]}:{old[1]} (version {parent.version}, {parent.n_rows} images); this job's source is "
+        f"{new[0]}:{storage.redact_uri(new[1])}, and updating from it would drop every image it does not list. "
+        f"Give this source its own feature set (store.featureset=<name>), or, if the data moved, set "
+        f"store.allow_source_change=true")
+
+
+def _source_key(kind: str, uri: str) -> tuple[str, str]:
+    uri = storage.redact_uri(uri).removeprefix("file://").rstrip("/")
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    return kind, uri
 
 
 def list_units(spec: SourceSpec) -> list:

@@ -33,12 +33,14 @@ class ExtractSummary:
     skipped_shards: int
     seconds: float
     bytes_written: int
+    deleted: int = 0  # images the source no longer lists, dropped from the new version
 
     def __str__(self) -> str:
         rate = self.encoded / self.seconds if self.seconds else 0.0
+        gone = f", {self.deleted} images gone from the source dropped" if self.deleted else ""
         return (f"store {storage.redact_uri(self.store_uri)} version {self.version}: {self.images} images, "
                 f"{self.errors} errors, {self.encoded} encoded at {rate:.1f} images/s, "
-                f"{self.skipped_shards} shards already written, {self.bytes_written / 1e6:.1f} MB written")
+                f"{self.skipped_shards} shards already written, {self.bytes_written / 1e6:.1f} MB written{gone}")
 
 
 def _ensure_ray(address: str | None) -> None:
@@ -151,18 +153,23 @@ def _collect(outputs: list[dict], plans: dict, records: dict) -> list[dict]:
 
 #: A job of at most this many units is planned in the driver first, to see whether it is small enough to encode
 #: there (run.local_max_images) rather than start Ray: a nightly refresh that touched a few images, say. Only
-#: units whose listing metadata gave their size and content: expanding others means reading every image's
-#: metadata (or a whole tar), which tasks do.
+#: units whose listing gave their size (not tars, which must be read whole).
 DRIVER_PLANNED_UNITS = 16
+#: Units whose listing gave no content fingerprint (a manifest without one) are diffed by asking the storage for
+#: every image's metadata, concurrently: up to this many images that costs less than starting Ray, so a
+#: refresh that changed nothing in a small manifest starts no cluster.
+DRIVER_STAT_IMAGES = 4096
 
 
 def _driver_may_plan(cfg: ExtractConfig, todo: list) -> bool:
-    """Few units, each cheap to expand (no HEADs, no tar reads), and their new units alone not already over
-    run.local_max_images: otherwise the tasks would expand every unit again."""
-    if len(todo) > DRIVER_PLANNED_UNITS or not all(w.unit.n_images is not None and w.unit.fingerprint
-                                                    for w in todo):
+    """Few units of known size, their new images alone not already over run.local_max_images, and those of
+    unknown content few enough to stat here: otherwise the tasks would expand every unit again."""
+    if len(todo) > DRIVER_PLANNED_UNITS or any(w.unit.n_images is None for w in todo):
         return False
-    return sum(w.unit.n_images for w in todo if not w.old) <= cfg.run.local_max_images
+    if sum(w.unit.n_images for w in todo if not w.old) > cfg.run.local_max_images:
+        return False
+    return sum(w.unit.n_images for w in todo if not w.unit.fingerprint) <= max(DRIVER_STAT_IMAGES,
+                                                                                cfg.run.local_max_images)
 
 
 def _plan_in_driver(cfg: ExtractConfig, work: list, writer: FeatureStoreWriter, job_id: str) -> list | None:

@@ -7,6 +7,7 @@ units (tars, row groups, pages of a listing), never one record per image: tasks 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -17,7 +18,8 @@ from .. import storage
 from ..config import ExtractConfig, validate_extract
 from ..stores import FeatureStoreWriter
 from ..stores.job import counts, finish_job, plan_job
-from .plan import build_source, build_target, dataset_fingerprint, list_units
+from ..stores.manifest import latest_version
+from .plan import build_source, build_target, check_source, dataset_fingerprint, list_units
 from .run import ExecuteResult, ExtractSummary, _ensure_ray, execute, prepare_encoder
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = Fa
         encoder = building.result()
     target = build_target(cfg, encoder.provenance())
     writer = FeatureStoreWriter(target)
+    check_source(cfg, target, latest_version(writer.fs, writer.base))
     writer.prepare(n_rows=0, layer_dims=encoder.layer_dims, provenance=encoder.provenance(),
                    labels=build_source(cfg.source).label_schema(units))
     job_id = uuid.uuid4().hex
@@ -121,7 +124,9 @@ def dry_run(cfg: ExtractConfig) -> DryRun:
     encoder = prepare_encoder(cfg)
     units = list_units(cfg.source)
     target = build_target(cfg, encoder.provenance())
-    plan = plan_job(FeatureStoreWriter(target), units, job_id="dry-run", dry_run=True)
+    writer = FeatureStoreWriter(target)
+    check_source(cfg, target, latest_version(writer.fs, writer.base))
+    plan = plan_job(writer, units, job_id="dry-run", dry_run=True)
     images = sum(w.unit.n_images or 0 for w in plan.work)
     itemsize = 2 if cfg.store.dtype == "float16" else 4
     copies = len(cfg.store.formats)
@@ -158,6 +163,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     t0 = time.perf_counter()
     outcome = sync_store(cfg, operation="extract", start_ray_early=True)
     if outcome.extract is not None:
-        return outcome.extract
+        return dataclasses.replace(outcome.extract, deleted=outcome.counts["deleted"])
     # nothing to encode: the listing matched the store, or only deletions and label edits were committed
-    return ExtractSummary(outcome.store_uri, outcome.version, 0, 0, 0, 0, time.perf_counter() - t0, 0)
+    return ExtractSummary(outcome.store_uri, outcome.version, 0, 0, 0, 0, time.perf_counter() - t0, 0,
+                          outcome.counts["deleted"])
