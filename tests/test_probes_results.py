@@ -56,6 +56,27 @@ def test_write_and_reload_reproduces_predictions(results, tmp_path):
     assert (labels == table.index()["kind"].to_numpy()).mean() > 0.9
 
 
+def test_heads_of_names_that_slug_alike_get_their_own_files(tmp_path):
+    """'日本' and '中国' (or '$x$' and '#x#') must not share a file, and '..' must stay under heads/."""
+    from pipeline.probes.results import head_path
+
+    rng = np.random.default_rng(1)
+    n, names = 120, ["日本", "中国", "..", "$x$", "#x#"]
+    y = rng.integers(0, 2, (n, len(names)))
+    index = pd.DataFrame({"image_id": [f"x{i}" for i in range(n)],
+                          **{t: np.array(["no", "yes"])[y[:, j]] for j, t in enumerate(names)}})
+    feats = {"l": (y @ rng.normal(size=(len(names), 8)) + rng.normal(size=(n, 8)) * 0.3).astype(np.float16)}
+    cfg = ProbeConfig.from_dict({"tasks": names, "device": "cpu", "heads": ["prototype"]})
+    res = run_probe_grid(InMemoryFeatureTable(feats, index), cfg, use_ray=False)
+    res.write(str(tmp_path / "out"))
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("head.json"))
+    assert len(files) == len(names) and all(p.parts[:2] == ("out", "heads") for p in files)
+    for task in names:
+        _, meta = load_head(str(tmp_path / "out" / f"{head_path(task, 'l', None)}.safetensors"))
+        assert meta["task"] == task
+    assert head_path("digit", "blocks.2", 5) == "heads/digit/blocks.2/k5/head"  # safe names stay readable
+
+
 def test_write_to_memory_filesystem(results):
     res, _ = results
     res.write("memory://probe-results/run1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -118,9 +119,18 @@ class ProbeResults:
 
 
 def head_path(task: str, layer: str, few_shot: int | None) -> str:
-    """Relative path (without suffix) of a saved head."""
-    slug = lambda s: re.sub(r"[^A-Za-z0-9._-]+", "_", str(s))  # noqa: E731
-    return f"heads/{slug(task)}/{slug(layer)}/{'all' if few_shot is None else f'k{few_shot}'}/head"
+    """Relative path (without suffix) of a saved head: heads/<task>/<layer>/<all|k{few_shot}>/head."""
+    return f"heads/{_slug(task)}/{_slug(layer)}/{'all' if few_shot is None else f'k{few_shot}'}/head"
+
+
+def _slug(name: object) -> str:
+    """A path segment per name, one to one: a name that is not already safe ('$x$', '日本', '..') keeps its safe
+    characters and gets '~' and a hash of the name, and '~' is never in a safe name."""
+    name = str(name)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    if safe == name and safe.strip("."):
+        return safe
+    return f"{safe.strip('.') or '_'}~{hashlib.sha256(name.encode()).hexdigest()[:10]}"
 
 
 def load_head(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[ProbeHead, dict[str, Any]]:
