@@ -86,6 +86,40 @@ def test_report_numbers_and_page(tmp_path):
     assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text
 
 
+def test_blank_labels_are_missing_and_a_numeric_task_is_not_a_set_of_classes(tmp_path):
+    """A blank label is missing in the maps, the cluster scores and LEEP, as in the probes; a regression task's
+    map is coloured by value bins and gets no cluster scores."""
+    from pipeline import analysis
+    from pipeline.stores import FeatureStore
+
+    rng = np.random.default_rng(3)
+    shape = rng.integers(0, 3, N)
+    size = rng.normal(size=N) * 2.0
+    label = np.array(["s0", "s1", "s2"], dtype=object)[shape]
+    label[:40] = "  "
+    feats = {"early": rng.normal(0, 1, (N, 8)),
+             "late": np.c_[np.eye(3)[shape] * 3.0, size[:, None], rng.normal(0, 1, (N, 12))],
+             "classifier": np.c_[np.eye(3)[shape] * 4.0, rng.normal(0, 1, (N, 7))]}
+    store = write_store(str(tmp_path / "s"), feats, {"shape": list(label), "size": list(size)}, featureset="fs",
+                        shard_rows=SHARD, dtype="float32", provenance={"encoder": "toy", "layers": list(feats)})
+    run_probes(store.uri, ProbeConfig.from_dict({"tasks": ["shape", {"name": "size", "type": "regression"}],
+                                                 "heads": [{"kind": "linear"}]}), use_ray=False)
+    page = build_report([store.uri], tmp_path / "out", map_sample=N)
+    fs = json.loads((page.parent / "report.json").read_text())["featuresets"][0]
+    maps = {m["task"]: m["legend"] for m in fs["maps"]}
+    assert sorted(maps) == ["shape", "size"]
+    assert {e["label"]: e["count"] for e in maps["shape"]} == {"s0": int((label == "s0").sum()),
+                                                               "s1": int((label == "s1").sum()),
+                                                               "s2": int((label == "s2").sum()), None: 40}
+    assert 2 <= len(maps["size"]) <= 7 and all(" to " in e["label"] for e in maps["size"])
+    assert sum(e["count"] for e in maps["size"]) == N
+    assert {c["task"] for c in fs["clusters"]} == {"shape"}
+    logits = FeatureStore(store.uri).layer("classifier").astype(np.float64)
+    keep = label != "  "
+    (row,) = fs["leep"]
+    np.testing.assert_allclose(row["leep"], analysis.leep(logits[keep], label[keep]), rtol=1e-6)
+
+
 def test_best_layer_is_chosen_on_validation_not_test():
     rows = [{"task": "t", "task_type": "classification", "layer": layer, "few_shot": np.nan, "head": "linear",
              "hparams": "{}", "selected": True, "status": "ok", "val_accuracy": val, "test_accuracy": test}

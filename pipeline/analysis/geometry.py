@@ -12,6 +12,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, davies_bouldin_score, silhouette_score
 from sklearn.neighbors import NearestNeighbors
 
+from ..labels import missing_labels
 from .cka import CrossMoments, iter_blocks, layer_dim
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,11 @@ def sample_rows(source: Any, layer: str, n: int | None, *, seed: int = 0) -> tup
 
 
 def labels_for(source: Any, ids: np.ndarray, task: str) -> np.ndarray:
-    """The task's labels of these image ids (object array, None/NaN where missing)."""
+    """The task's labels of these image ids (object array, None where missing: None, NaN or blank)."""
     index = source.index()
-    return index[task].to_numpy(dtype=object)[pd.Index(index["image_id"]).get_indexer(ids)]
+    labels = index[task].to_numpy(dtype=object)[pd.Index(index["image_id"]).get_indexer(ids)]
+    labels[missing_labels(labels)] = None
+    return labels
 
 
 def task_columns(source: Any, tasks: Sequence[str] | None) -> list[str]:
@@ -174,7 +177,7 @@ def cluster_quality(X: np.ndarray, labels: Sequence[Any], *, task: str = "", sam
     Rows with a missing label are dropped. Fewer than two classes gives NaN scores.
     """
     labels = pd.Series(np.asarray(labels, dtype=object))
-    ok = labels.notna().to_numpy()
+    ok = ~missing_labels(labels)
     codes, classes = pd.factorize(labels[ok])
     Xs, ys = _subsample(np.asarray(X)[ok], sample, seed, codes)
     n_classes = len(np.unique(ys))

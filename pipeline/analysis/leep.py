@@ -10,6 +10,7 @@ import pandas as pd
 from scipy import sparse
 from scipy.special import log_softmax, logsumexp
 
+from ..labels import missing_labels
 from .cka import iter_blocks, layer_dim
 
 log = logging.getLogger(__name__)
@@ -20,8 +21,9 @@ _CHUNK = 8192
 
 def _codes(labels: Sequence[Any]) -> tuple[np.ndarray, int]:
     labels = pd.Series(np.asarray(labels, dtype=object))
-    if labels.isna().any():
-        raise ValueError(f"{int(labels.isna().sum())} labels are missing; drop those rows first")
+    if missing_labels(labels).any():
+        raise ValueError(f"{int(missing_labels(labels).sum())} labels are missing (None, NaN or blank); drop those "
+                         f"rows first")
     codes, classes = pd.factorize(labels)
     return codes, len(classes)
 
@@ -100,7 +102,7 @@ def store_leep(store: Any, task: str, *, layer: str = "classifier", from_probs: 
     """
     index = store.index()
     labels = pd.Series(index[task].to_numpy(dtype=object))
-    keep = labels.notna().to_numpy()
+    keep = ~missing_labels(labels)
     codes = np.full(len(labels), -1)
     codes[keep], classes = pd.factorize(labels[keep])
     code_of = dict(zip(index["image_id"].tolist(), codes.tolist()))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from pipeline.labels import missing_labels
 from pipeline.probes.config import SplitSpec, TaskSpec
 from pipeline.probes.split_table import split_from_table
 
@@ -66,14 +67,6 @@ class TaskSplit:
             log.warning("task %r: few-shot k=%d, but classes %s have fewer training rows; using all of theirs",
                         self.task, k, short[:10])
         return np.sort(np.concatenate(picked))
-
-
-def missing_labels(labels: pd.Series) -> np.ndarray:
-    """True where a label is None, NaN or an empty/blank string."""
-    miss = labels.isna().to_numpy().copy()
-    if labels.dtype == object or pd.api.types.is_string_dtype(labels.dtype):
-        miss |= labels.astype(str).str.strip().eq("").to_numpy() & ~miss
-    return miss
 
 
 def infer_task_type(labels: pd.Series) -> str:

@@ -19,6 +19,7 @@ import pandas as pd
 
 from .. import analysis
 from ..analysis.score_table import SCORE_LABELS, rank_agreement
+from ..labels import missing_labels
 from ..probes.config import ProbeConfig, SplitSpec
 from ..probes.split_table import check_splits
 from ..stores import FeatureStore
@@ -81,9 +82,11 @@ def analyse_store(store: FeatureStore, *, results: pd.DataFrame, splits_table: p
     cka = analysis.cka_matrix(store, layers)
     sections.section_figures(sec, chosen, tasks, probed, cka)
 
+    classification = [t for t in tasks if (chosen.loc[chosen["task"] == t, "metric"] == "accuracy").all()]
     geometry, clusters = [], []
     for layer in layers:
-        g = analysis.layer_geometry(store, layer, tasks=tasks, sample=geometry_sample, cluster_sample=geometry_sample)
+        g = analysis.layer_geometry(store, layer, tasks=classification, sample=geometry_sample,
+                                    cluster_sample=geometry_sample)
         geometry.append({"layer": layer, "dim": store.layer_dims[layer], "intrinsic_dim_twonn": g.dimension.twonn,
                          "intrinsic_dim_mle": g.dimension.mle, "pca_components_90": g.pca.n_components.get(0.9),
                          "pca_components_99": g.pca.n_components.get(0.99)})
@@ -93,11 +96,11 @@ def analyse_store(store: FeatureStore, *, results: pd.DataFrame, splits_table: p
                                  "davies_bouldin": q.davies_bouldin, "adjusted_rand_kmeans": q.adjusted_rand})
     leep_rows, leep_by_task = [], {}
     logit_layer = next((layer for layer in sections.layer_order(store) if layer in LOGIT_LAYERS), None)
-    classification = [t for t in tasks if (chosen.loc[chosen["task"] == t, "metric"] == "accuracy").all()]
     if logit_layer:
         for task in classification:
             leep_by_task[task] = analysis.store_leep(store, task, layer=logit_layer)
-            labels = store.index()[task].dropna().to_numpy(dtype=object)
+            labels = store.index()[task].to_numpy(dtype=object)
+            labels = labels[~missing_labels(labels)]
             mine = chosen[(chosen["task"] == task) & (chosen["layer"] == best[task])].iloc[0]
             leep_rows.append({"task": task, "leep": leep_by_task[task],
                               "leep_minus_chance": leep_by_task[task] - analysis.leep_chance(labels),
@@ -108,7 +111,8 @@ def analyse_store(store: FeatureStore, *, results: pd.DataFrame, splits_table: p
                                                 leep_by_task)
     recs = analysis.recommend_from_results(results, probed, leep=leep_by_task or None, scores=scores)
     few_rows, sec.few_shot = sections.few_shot_figures(results, probed, best)
-    sec.maps = sections.map_figures(store, tasks, best, sample=map_sample)
+    sec.maps = sections.map_figures(store, tasks, best, sample=map_sample,
+                                    numeric=[t for t in tasks if t not in classification])
     data = {
         "summary": store.summary(),
         "matrix": {"tasks": tasks, "layers": probed,
@@ -124,7 +128,8 @@ def analyse_store(store: FeatureStore, *, results: pd.DataFrame, splits_table: p
         "score_agreement": sections.records(agreement),
         "few_shot": few_rows,
         "maps": [{"task": m.data["task"], "layer": m.data["layer"], "points": len(m.data["ids"]),
-                  "caption": m.caption} for m in sec.maps],
+                  "caption": m.caption, "legend": [{"label": lab, "count": n} for lab, _, n in m.legend]}
+                 for m in sec.maps],
         "recommendations": [{"task": r.task, "action": r.action, "best_layer": r.best_layer,
                              "score_used": SCORE_LABELS.get(r.score_used or "", r.score_used),
                              "reasons": list(r.reasons)} for r in recs],

@@ -24,6 +24,7 @@ from .html import MapFigure, Section
 log = logging.getLogger(__name__)
 
 LOGIT_LAYERS = ("classifier", "fc", "heads", "head")  # source-classifier logits: LEEP, not a feature layer
+NUMERIC_BINS = 7  # a regression task's map: colour bins of its value, by quantile
 MAX_MAP_CLASSES = 19  # more classes than this: the rarest share one colour ("other"); hover still tells them apart
 
 
@@ -93,17 +94,18 @@ def few_shot_figures(results: pd.DataFrame, layers: Sequence[str], best: dict[st
             per_layer[layer] = [_at(sel, kx, k, metric) for k in ks + [np.inf]][:len(x)]
             rows += [{"task": task, "layer": layer, "head": "selected", "k": k, metric: v}
                      for k, v in zip(x, per_layer[layer])]
-        figs.append((f"{task}: accuracy against k, per layer", svg.line_chart(
-            x, per_layer, title=f"few-shot: {task}", ylabel=metric.replace("_", " "), xlabel="k per class")))
+        what, per = ("r2", "k training rows") if metric == "test_r2" else ("accuracy", "k per class")
+        figs.append((f"{task}: {what} against k, per layer", svg.line_chart(
+            x, per_layer, title=f"few-shot: {task}", ylabel=metric.replace("_", " "), xlabel=per)))
         at_best = g[(g["layer"] == best.get(task)) & g["selected_in_kind"].astype(bool)]
         per_kind = {kind: [_at(h, kx, k, metric) for k in ks + [np.inf]][:len(x)]
                     for kind, h in at_best.groupby("head", sort=True)}
         if len(per_kind) > 1:
             rows += [{"task": task, "layer": best[task], "head": kind, "k": k, metric: v}
                      for kind, vals in per_kind.items() for k, v in zip(x, vals)]
-            figs.append((f"{task}: accuracy against k per head kind, layer {best[task]}", svg.line_chart(
+            figs.append((f"{task}: {what} against k per head kind, layer {best[task]}", svg.line_chart(
                 x, per_kind, title=f"few-shot by head: {task} @ {best[task]}", ylabel=metric.replace("_", " "),
-                xlabel="k per class")))
+                xlabel=per)))
     return rows, figs
 
 
@@ -126,8 +128,9 @@ def scores_section(store: FeatureStore, splits: dict[str, Any], layers: Sequence
 
 
 def map_figures(store: FeatureStore, tasks: Sequence[str], best: dict[str, str], *, sample: int,
-                seed: int = 0) -> list[MapFigure]:
-    """A hoverable map for every task, drawn on its best layer; one embedding per distinct layer."""
+                seed: int = 0, numeric: Sequence[str] = ()) -> list[MapFigure]:
+    """A hoverable map for every task, drawn on its best layer; one embedding per distinct layer. Tasks in
+    ``numeric`` (regression) are coloured by quantile bins of their value, low to high, not as classes."""
     index = store.index()
     uri_of = dict(zip(index["image_id"].astype(str), index["uri"].astype(str))) if "uri" in index else {}
     out, embedded = [], {}
@@ -139,16 +142,10 @@ def map_figures(store: FeatureStore, tasks: Sequence[str], best: dict[str, str],
             embedded[layer] = analysis.layer_map(store, layer, tasks=list(tasks), sample=sample, seed=seed, threads=1)
         m = embedded[layer]
         labels = [None if v is None or (isinstance(v, float) and v != v) else str(v) for v in m.labels[task]]
-        counts = pd.Series([x for x in labels if x is not None], dtype=object).value_counts()
-        shown = sorted(counts.index[:MAX_MAP_CLASSES] if len(counts) > MAX_MAP_CLASSES + 1 else counts.index)
-        colours = svg.palette(len(shown) + (len(counts) > len(shown)))
-        code_of = {lab: i for i, lab in enumerate(shown)}
-        other = len(shown)
-        codes = np.array([-1 if x is None else code_of.get(x, other) for x in labels])
-        legend = [(lab, colours[i], int(counts[lab])) for i, lab in enumerate(shown)]
-        if len(counts) > len(shown):
-            rest = counts.index[len(shown):]
-            legend.append((f"other ({len(rest)} classes)", colours[other], int(counts[rest].sum())))
+        if task in numeric:
+            codes, colours, legend = _numeric_colours(m.labels[task])
+        else:
+            codes, colours, legend = _class_colours(labels)
         if (codes < 0).any():
             legend.append((None, svg.MISSING_COLOUR, int((codes < 0).sum())))
         ids = [str(i) for i in m.image_ids]
@@ -165,14 +162,46 @@ def map_figures(store: FeatureStore, tasks: Sequence[str], best: dict[str, str],
     return out
 
 
+def _class_colours(labels: list) -> tuple[np.ndarray, list[str], list]:
+    counts = pd.Series([x for x in labels if x is not None], dtype=object).value_counts()
+    shown = sorted(counts.index[:MAX_MAP_CLASSES] if len(counts) > MAX_MAP_CLASSES + 1 else counts.index)
+    colours = svg.palette(len(shown) + (len(counts) > len(shown)))
+    code_of = {lab: i for i, lab in enumerate(shown)}
+    other = len(shown)
+    codes = np.array([-1 if x is None else code_of.get(x, other) for x in labels])
+    legend = [(lab, colours[i], int(counts[lab])) for i, lab in enumerate(shown)]
+    if len(counts) > len(shown):
+        rest = counts.index[len(shown):]
+        legend.append((f"other ({len(rest)} classes)", colours[other], int(counts[rest].sum())))
+    return codes, colours, legend
+
+
+def _numeric_colours(values, bins: int = NUMERIC_BINS) -> tuple[np.ndarray, list[str], list]:
+    """Quantile bins of a numeric label; the legend gives each bin's range."""
+    x = pd.to_numeric(pd.Series(np.asarray(values, dtype=object)), errors="coerce").to_numpy(float)
+    ok = np.isfinite(x)
+    edges = np.unique(np.quantile(x[ok], np.linspace(0, 1, bins + 1))) if ok.any() else np.array([0.0])
+    n = max(len(edges) - 1, 1)
+    codes = np.full(len(x), -1)
+    codes[ok] = np.clip(np.searchsorted(edges, x[ok], side="right") - 1, 0, n - 1)
+    colours = svg.ramp(n)
+    lo = edges[:-1] if len(edges) > 1 else edges
+    hi = edges[1:] if len(edges) > 1 else edges
+    legend = [(f"{svg.fmt(a, 3)} to {svg.fmt(b, 3)}", colours[i], int((codes == i).sum()))
+              for i, (a, b) in enumerate(zip(lo, hi))]
+    return codes, colours, legend
+
+
 def section_figures(sec: Section, chosen: pd.DataFrame, tasks: Sequence[str], layers: Sequence[str],
                     cka: Any) -> None:
     m = chosen.pivot(index="task", columns="layer", values="test_accuracy").reindex(index=tasks, columns=layers)
-    sec.figures.append(("Test accuracy of the head selected on validation, per task and layer.", svg.heatmap(
-        m.to_numpy(float), tasks, layers, title="probe test accuracy (task x layer)", vmin=0.0, vmax=1.0)))
+    r2 = sorted(set(chosen.loc[chosen["metric"] == "r2", "task"]))
+    also = f" (r2 for the regression tasks: {', '.join(r2)})" if r2 else ""
+    sec.figures.append((f"Test accuracy of the head selected on validation, per task and layer{also}.", svg.heatmap(
+        m.to_numpy(float), tasks, layers, title=f"probe test {'score' if r2 else 'accuracy'} (task x layer)", vmin=0.0, vmax=1.0)))
     sec.figures.append(("The same as curves, early to late layers.", svg.line_chart(
-        layers, {t: m.loc[t].to_numpy(float) for t in tasks}, title="probe accuracy per layer",
-        ylabel="test accuracy", xlabel="layer (early -> late)")))
+        layers, {t: m.loc[t].to_numpy(float) for t in tasks}, title=f"probe {'score' if r2 else 'accuracy'} per layer",
+        ylabel="test accuracy" + (" / r2" if r2 else ""), xlabel="layer (early -> late)")))
     sec.figures.append(("Linear CKA between layers (1 = the same representation up to rotation and scale).",
                         svg.heatmap(cka.matrix, cka.layers, cka.layers, title="linear CKA between layers",
                                     vmin=0, vmax=1)))

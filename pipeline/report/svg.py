@@ -43,6 +43,11 @@ def palette(n: int) -> list[str]:
     return [to_hex(colormaps["hsv"](i / n)) for i in range(n)]
 
 
+def ramp(n: int) -> list[str]:
+    """n colours along viridis, low to high: bins of a numeric label."""
+    return [to_hex(colormaps["viridis"](i / max(n - 1, 1))) for i in range(n)]
+
+
 def _text(x: float, y: float, s: object, *, anchor: str = "start", rotate: float | None = None,
           size: int | None = None, weight: str | None = None) -> str:
     tr = f' transform="rotate({rotate} {x:.1f} {y:.1f})"' if rotate else ""
