@@ -44,7 +44,7 @@ def test_missing_store_is_one_line_and_verbose_shows_the_traceback(tmp_path):
 
 def test_missing_version_is_one_line(tmp_path):
     uri = _store_with_a_broken_layer(tmp_path)
-    assert_fails(strata("inspect", uri, "--version", "7"), 2, "version 7 not found; committed versions: [1]")
+    assert_fails(strata("inspect", uri, "--version", "7"), 3, "version 7 not found; committed versions: [1]")
 
 
 def test_failing_probe_groups_exit_non_zero(tmp_path):

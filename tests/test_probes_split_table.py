@@ -66,6 +66,18 @@ def test_bad_split_tables_are_refused(bad, needle):
         check_splits(bad)
 
 
+def test_a_split_file_that_is_no_table_or_lost_few_shot_k_says_so(tmp_path):
+    (tmp_path / "splits.parquet").write_text("image_id,task,split\n")
+    with pytest.raises(ValueError, match=r"splits file .*splits\.parquet is not a readable Parquet table"):
+        read_splits(str(tmp_path / "splits.parquet"))
+    rows = pd.DataFrame({"image_id": ["a", "a", "a", "b", "b"], "task": ["t"] * 5,
+                         "split": ["train"] * 5, "few_shot_k": [None, 1, 5, None, 5]})
+    with pytest.raises(ValueError, match=r"e\.g\. \[\{'image_id': 'a', 'task': 't'\}, \{'image_id': 'b', 'task': "
+                                         r"'t'\}\].*no few_shot_k column"):
+        check_splits(rows.drop(columns="few_shot_k"))
+    assert len(check_splits(rows)) == 5
+
+
 def test_a_split_file_without_the_task_names_the_tasks_it_has():
     res = run_probe_grid(_table(), ProbeConfig.from_dict(CFG), use_ray=False)
     with pytest.raises(ValueError, match=r"no rows for task 'colour'; it has tasks \['label', 'odd'\]"):

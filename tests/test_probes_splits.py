@@ -132,9 +132,13 @@ def test_refuses_single_class():
         split_task(idx, "label", SplitSpec())
 
 
-def test_refuses_unknown_label_column_listing_columns():
-    with pytest.raises(ValueError, match=r"no such label column; the index has columns \['image_id', 'label'\]"):
-        split_task(_index(n=50), "lable", SplitSpec())
+def test_refuses_unknown_label_column_listing_label_columns():
+    idx = _index(n=50).assign(uri="file:///x.png", fingerprint="f", Shape="round")
+    with pytest.raises(ValueError, match=r"no such label column \(did you mean 'label'\?\); label columns: "
+                                         r"\['label', 'Shape'\]"):
+        split_task(idx, "lable", SplitSpec())
+    with pytest.raises(ValueError, match=r"did you mean 'Shape'"):
+        split_task(idx, "shape", SplitSpec())
 
 
 def test_refuses_split_smaller_than_number_of_classes():

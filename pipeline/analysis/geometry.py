@@ -12,7 +12,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, davies_bouldin_score, silhouette_score
 from sklearn.neighbors import NearestNeighbors
 
-from ..labels import missing_labels
+from ..labels import INDEX_COLUMNS, missing_labels
 from .cka import CrossMoments, iter_blocks, layer_dim
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 ID_SAMPLE = 2_000       # rows for the neighbour-based dimension estimates (O(n^2 d) distances)
 CLUSTER_SAMPLE = 5_000  # rows for silhouette (O(n^2)) and k-means
 PCA_LEVELS = (0.90, 0.95, 0.99)
-_NOT_LABELS = {"image_id", "uri", "fingerprint", "row", "status", "split", "shard"}
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ def task_columns(source: Any, tasks: Sequence[str] | None) -> list[str]:
         return list(tasks)
     if hasattr(source, "label_columns"):
         return list(source.label_columns)
-    return [c for c in source.index().columns if c not in _NOT_LABELS]
+    return [c for c in source.index().columns if c not in INDEX_COLUMNS]
 
 
 def _subsample(X: np.ndarray, n: int | None, seed: int, labels: np.ndarray | None = None):

@@ -60,7 +60,13 @@ def read_splits(uri: str, storage_options: Mapping[str, Any] | None = None) -> p
         raise FileNotFoundError(f"splits file {storage.redact_uri(uri)} does not exist; pass the splits.parquet "
                                 "written next to a results.parquet")
     data = fs.cat_file(path)
-    df = pd.read_csv(io.BytesIO(data)) if path.endswith(".csv") else pd.read_parquet(io.BytesIO(data))
+    kind = "CSV" if path.endswith(".csv") else "Parquet"
+    try:
+        df = pd.read_csv(io.BytesIO(data)) if kind == "CSV" else pd.read_parquet(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - pyarrow and pandas raise many types for a file that is not a table
+        raise ValueError(f"splits file {storage.redact_uri(uri)} is not a readable {kind} table ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); pass a splits.parquet (or a .csv) with "
+                         f"columns {list(SPLIT_COLUMNS)}") from None
     return check_splits(df, where=storage.redact_uri(uri))
 
 
@@ -69,7 +75,8 @@ def check_splits(df: pd.DataFrame, *, where: str = "splits table") -> pd.DataFra
     if missing:
         raise ValueError(f"{where}: missing column(s) {missing}; a splits table has columns {list(SPLIT_COLUMNS)}")
     df = df.copy()
-    if "few_shot_k" not in df.columns:
+    no_k = "few_shot_k" not in df.columns
+    if no_k:
         df["few_shot_k"] = None
     df["few_shot_k"] = pd.array(pd.to_numeric(df["few_shot_k"]), dtype="Int64")
     df["image_id"] = df["image_id"].astype(str)
@@ -87,8 +94,11 @@ def check_splits(df: pd.DataFrame, *, where: str = "splits table") -> pd.DataFra
     few_dup = df[fs_rows].duplicated(["image_id", "task", "few_shot_k"])
     dup = list(full_dup[full_dup].index) + list(few_dup[few_dup].index)
     if dup:
-        first = df.loc[dup[:3], ["image_id", "task"]].to_dict("records")
-        raise ValueError(f"{where}: an image appears twice for a task, e.g. {first}; give one split per image and task")
+        first = df.loc[dup, ["image_id", "task"]].drop_duplicates().head(3).to_dict("records")
+        hint = (" (there is no few_shot_k column: rows of few-shot subsets need it, as in the splits.parquet strata "
+                "writes)" if no_k else "")
+        raise ValueError(f"{where}: an image appears twice for a task, e.g. {first}; give one split per image and "
+                         f"task{hint}")
     return df.reset_index(drop=True)
 
 
@@ -115,4 +125,9 @@ def split_from_table(table: pd.DataFrame, task: str, ids: np.ndarray, labelled: 
     for k, g in mine[mine["few_shot_k"].notna()].groupby("few_shot_k"):
         p = pd.Index(ids).get_indexer(g["image_id"])
         few[int(k)] = np.array(sorted(set(p[p >= 0].tolist()) & train), dtype=np.int64)
+        dropped = int((p >= 0).sum()) - len(few[int(k)])
+        if dropped:
+            log.warning("splits file: the k=%d subset of task %r trains on %d rows: %d of its images are no longer "
+                        "labelled training rows (moved to val/test, or unlabelled) and are left out", int(k), task,
+                        len(few[int(k)]), dropped)
     return split, n_unsplit, "file", few

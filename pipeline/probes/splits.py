@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from pipeline.labels import missing_labels
+from pipeline.labels import missing_labels, unknown_task_message
 from pipeline.probes.config import SplitSpec, TaskSpec
 from pipeline.probes.split_table import split_from_table
 
@@ -138,8 +138,7 @@ def split_task(index: pd.DataFrame, task: TaskSpec | str, spec: SplitSpec, *,
     task = TaskSpec(task) if isinstance(task, str) else task
     name = task.name
     if name not in index.columns:
-        raise ValueError(f"task {name!r}: no such label column; the index has columns {list(index.columns)}. "
-                         "Fix the name in probes.tasks")
+        raise ValueError(unknown_task_message(name, list(index.columns)))
     labels = index[name]
     missing = missing_labels(labels)
     task_type = infer_task_type(labels[~missing]) if task.type == "auto" else task.type

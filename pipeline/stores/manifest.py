@@ -20,6 +20,10 @@ class NoCommittedVersionError(FileNotFoundError):
     pass
 
 
+class VersionNotFoundError(FileNotFoundError, ValueError):
+    """A pinned version the feature set does not hold (never committed, or retired by retention)."""
+
+
 @dataclass(frozen=True)
 class Segment:
     """One written block as a version sees it."""

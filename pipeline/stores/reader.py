@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from .. import storage
 from . import layout
 from .live import LiveIndex, read_tables
-from .manifest import NoCommittedVersionError, list_versions, read_version
+from .manifest import NoCommittedVersionError, VersionNotFoundError, list_versions, read_version
 from .writer import ERRORS_SCHEMA, schema_from_json
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class FeatureStore:
         if version is None:
             version = versions[-1]
         elif version not in versions:
-            raise ValueError(f"version {version} not found; committed versions: {versions}")
+            raise VersionNotFoundError(f"version {version} not found; committed versions: {versions}")
         self.version = version
         self.info = read_version(self.fs, self.base, version, meta=self.meta)
         self.manifest = self.info.to_json()
