@@ -67,6 +67,14 @@ def test_error_budget_is_one_line(tmp_path):
     assert " INFO " not in proc.stderr  # -q, wherever it stands
 
 
+def test_a_bad_layer_is_refused_before_ray_starts(tmp_path):
+    images = write_shapes(tmp_path / "shapes", n=12, size=32, seed=0) / "images"
+    proc = strata("extract", "source.kind=folder", f"source.uri={images}", f"store.root={tmp_path / 'stores'}",
+                  *TINY, "encoder.layers=[layer9]", "run.local_max_images=0")
+    assert_fails(proc, 2, "layer9", "layer1")
+    assert "Ray instance" not in proc.stderr and not (tmp_path / "stores").exists()
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

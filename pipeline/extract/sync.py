@@ -40,9 +40,10 @@ def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = Fa
     t0 = time.perf_counter()
     validate_extract(cfg)
     storage.register_secrets(cfg.to_dict())
-    # The driver's encoder build (mostly importing torch and timm) overlaps the listing and Ray's start-up,
-    # which mostly waits on new processes. Ray must start on this thread: its processes die with the
-    # thread that spawned them.
+    # The driver's encoder build (mostly importing torch and timm; its cached card where the spec was built
+    # before) overlaps the listing. Ray starts once the encoder is known good: a bad layer or pooling is
+    # refused before any cluster starts. Ray must start on this thread: its processes die with the thread
+    # that spawned them.
     with ThreadPoolExecutor(1, thread_name_prefix="strata-encoder") as pool:
         building = pool.submit(prepare_encoder, cfg)
         try:
@@ -50,13 +51,12 @@ def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = Fa
         except Exception:
             building.result()  # a bad encoder config is reported before a bad source
             raise
-        failed = building.done() and building.exception() is not None
-        if start_ray_early and _images(units) > cfg.run.local_max_images and not failed:
-            _ensure_ray(cfg.run.ray_address)
         encoder = building.result()
     target = build_target(cfg, encoder.provenance())
     writer = FeatureStoreWriter(target)
     check_source(cfg, target, latest_version(writer.fs, writer.base))
+    if start_ray_early and _images(units) > cfg.run.local_max_images:
+        _ensure_ray(cfg.run.ray_address)
     writer.prepare(n_rows=0, layer_dims=encoder.layer_dims, provenance=encoder.provenance(),
                    labels=build_source(cfg.source).label_schema(units))
     job_id = uuid.uuid4().hex
