@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from . import cli_store
 from .failures import JobFailed, classify, stop_ray, tracebacks_hidden
+from .storage.redaction import scrub
 
 log = logging.getLogger("strata")
 VERBOSE_FLAGS, QUIET_FLAGS = ("-v", "--verbose"), ("-q", "--quiet")
@@ -352,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         except (Exception, KeyboardInterrupt) as e:
             failure = classify(e)
-            if level > 0:
-                traceback.print_exc()
+            if level > 0:  # scrubbed like every log line: a URL's password must not reach the terminal
+                print(scrub("".join(traceback.format_exception(e))), end="", file=sys.stderr)
             stop_ray()
             hint = "" if failure.expected or level > 0 else " (-v shows the traceback)"
             print(f"strata {args.command}: error: {failure.message}{hint}", file=sys.stderr)

@@ -5,6 +5,7 @@ that declaration is the schema that refuses bad input, the `--help` listing and 
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,17 @@ def validate_extract(cfg: ExtractConfig) -> None:
     bad_pooling = sorted(set(cfg.encoder.layer_pooling.values()) - set(POOLINGS))
     if bad_pooling:
         raise ConfigError(f"encoder.layer_pooling: {bad_pooling[0]!r} is not a valid choice; valid: {list(POOLINGS)}")
+    name = cfg.store.featureset
+    if name is not None and (not re.fullmatch(r"[A-Za-z0-9_.=-]+", name) or not name.strip(".")):
+        raise ConfigError(f"store.featureset {name!r} is not a folder name: use letters, digits and . _ - = "
+                          f"(no '/', not '.' or '..'); it is a folder under store.root")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.encoder.device):
+        raise ConfigError(f"encoder.device {cfg.encoder.device!r} unknown; valid: auto, cpu, cuda, cuda:<index>, mps")
+    if any(g < 1 for g in cfg.encoder.multiscale_grid):
+        raise ConfigError(f"encoder.multiscale_grid sizes must be >= 1, got {list(cfg.encoder.multiscale_grid)}")
+    for key in ("shard_rows", "chunk_rows"):
+        if getattr(cfg.store, key) < 1:
+            raise ConfigError(f"store.{key} must be >= 1, got {getattr(cfg.store, key)}")
     if cfg.store.shard_rows % cfg.store.chunk_rows:
         raise ConfigError(
             f"store.shard_rows ({cfg.store.shard_rows}) must be a multiple of store.chunk_rows "
@@ -209,6 +221,3 @@ def validate_extract(cfg: ExtractConfig) -> None:
                           f"whole number of GPUs, got {gpus}")
     if cfg.encoder.batch_size < 1 or cfg.run.num_encoders < 1:
         raise ConfigError("encoder.batch_size and run.num_encoders must be >= 1")
-    for name in ("shard_rows", "chunk_rows"):
-        if getattr(cfg.store, name) < 1:
-            raise ConfigError(f"store.{name} must be >= 1, got {getattr(cfg.store, name)}")

@@ -90,6 +90,14 @@ def test_unreachable_s3_is_one_line(tmp_path):
     assert "strata-test-secret" not in proc.stderr
 
 
+def test_a_url_password_stays_out_of_the_verbose_traceback(tmp_path):
+    proc = strata("-v", "extract", "source.kind=manifest",
+                  f"source.uri=http://user:hunter2pass@127.0.0.1:{_closed_port()}/m.csv",
+                  f"store.root={tmp_path / 'stores'}", *TINY, timeout=120)
+    assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr
+    assert "hunter2pass" not in proc.stderr + proc.stdout and "http://***@127.0.0.1" in proc.stderr
+
+
 def test_version_names_strata_and_its_stack_without_importing_torch():
     proc = strata("--version")
     assert proc.returncode == 0, proc.stderr

@@ -144,6 +144,32 @@ def test_another_source_naming_the_same_feature_set_is_refused(tmp_path):
     assert len(FeatureStore(first.store_uri)) == 4
 
 
+def test_a_label_named_like_an_index_column_is_refused_and_a_corrected_rerun_starts_afresh(tmp_path):
+    """A manifest column 'status' would have overwritten the index's own; the refused first run leaves no
+    metadata that binds the corrected one."""
+    import pyarrow as pa
+
+    from pipeline.extract import run_extract
+    from pipeline.stores import FeatureStoreWriter, StoreTarget
+
+    write_shapes(tmp_path / "src", n=6, size=32, seed=5)
+    manifest = tmp_path / "src" / "manifest.csv"
+    lines = manifest.read_text().splitlines()
+    (tmp_path / "src" / "m.csv").write_text("\n".join([lines[0] + ",status", *(r + ",bar" for r in lines[1:])]) + "\n")
+    with pytest.raises(ValueError, match=r"label column\(s\) \['status'\] collide with index columns"):
+        run_extract(_manifest_cfg(tmp_path / "src" / "m.csv", tmp_path / "stores", "store.featureset=fs"))
+    assert not (tmp_path / "stores" / "fs").exists()
+    # a first run that died after writing the feature set's metadata, with other labels and features
+    first = FeatureStoreWriter(StoreTarget(root=str(tmp_path / "stores"), featureset="fs", shard_rows=32,
+                                           chunk_rows=16))
+    first.prepare(n_rows=0, layer_dims={"layer1": 3}, provenance={"encoder": "other"},
+                  labels=pa.schema([("img", pa.string())]))
+    good = run_extract(_manifest_cfg(tmp_path / "src" / "m.csv", tmp_path / "stores", "store.featureset=fs",
+                                     "source.options={label_columns: [shape]}"))
+    store = FeatureStore(good.store_uri)
+    assert len(store) == 6 and store.label_columns == ["shape"] and set(store.index()["status"]) == {"ok"}
+
+
 def test_unknown_source_option_is_refused_with_the_valid_ones(tmp_path):
     from pipeline.config import ConfigError, validate_extract
 

@@ -286,3 +286,16 @@ def test_source_kinds(folder: Path):
     assert make_source("folder", str(folder)).list_images()[0].image_id == "cat/a.jpg"
     with pytest.raises(ValueError, match=r"valid: \['folder', 'glob', 'hf', 'manifest', 'parquet', 'webdataset'\]"):
         make_source("ftp", "x")
+
+
+@pytest.mark.s3
+def test_sources_on_s3_take_the_endpoint_from_strata_s3_endpoint_url(s3_env, s3_bucket, folder: Path, monkeypatch):
+    """The store and the sources open S3 the same way: STRATA_S3_ENDPOINT_URL alone points both at it."""
+    fs = fsspec.filesystem("s3", **s3_bucket.storage_options)
+    for p in folder.rglob("*.jpg"):
+        fs.put_file(str(p), f"{s3_bucket.name}/imgs/{p.relative_to(folder).as_posix()}")
+    monkeypatch.setenv("STRATA_S3_ENDPOINT_URL", os.environ["AWS_ENDPOINT_URL"])
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    records = make_source("folder", s3_bucket.url("imgs")).list_images()
+    assert sorted(r.image_id for r in records) == sorted(p.relative_to(folder).as_posix()
+                                                         for p in folder.rglob("*.jpg"))

@@ -70,6 +70,8 @@ def _source_key(kind: str, uri: str) -> tuple[str, str]:
 
 def list_units(spec: SourceSpec) -> list:
     """The source's work units (the driver holds units, never one record per image)."""
+    if not spec.uri.strip():  # an empty folder URI would list the working directory
+        raise ConfigError(f"source.uri is required: the {spec.kind} to list (any fsspec URI)")
     units = list(build_source(spec).list_units())
     if not units:
         raise ValueError(f"source {spec.kind}:{storage.redact_uri(spec.uri)} listed no images")

@@ -12,10 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec.core
 from fsspec import AbstractFileSystem
 
-from ..storage import fingerprint_from_info, redact_uri
+from ..storage import fingerprint_from_info, redact_uri, resolve
 from . import units as _units
 from .units import Page, WorkUnit, paginate
 
@@ -123,8 +122,9 @@ class Source(ABC):
 
 
 def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
-    """``fsspec.core.url_to_fs`` with optional options (S3 endpoint, credentials, ...)."""
-    return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+    """The filesystem of ``uri`` as the store's is opened: explicit options (S3 endpoint, credentials, ...),
+    the S3 endpoint from the environment (STRATA_S3_ENDPOINT_URL, ...) and the one retry policy."""
+    return resolve(uri, storage_options)
 
 
 def has_glob(path: str) -> bool:

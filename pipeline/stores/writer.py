@@ -74,9 +74,7 @@ def shard_plan_hash(records: Sequence[Mapping]) -> str:
 def label_schema(records: Sequence[Mapping]) -> pa.Schema:
     """Arrow types of the label columns, inferred once over the whole listing so every shard agrees."""
     names = sorted({k for r in records for k in r.get("labels", {})})
-    clash = sorted(set(names) & set(RESERVED_COLUMNS))
-    if clash:
-        raise ValueError(f"label column(s) {clash} collide with index columns {list(RESERVED_COLUMNS)}; rename them")
+    _refuse_reserved(names)
     fields = []
     for name in names:
         arr = pa.array([r.get("labels", {}).get(name) for r in records])
@@ -84,6 +82,24 @@ def label_schema(records: Sequence[Mapping]) -> pa.Schema:
             arr = arr.cast(pa.string())
         fields.append(pa.field(name, arr.type))
     return pa.schema(fields)
+
+
+def _refuse_reserved(names: Sequence[str]) -> None:
+    clash = sorted(set(names) & set(RESERVED_COLUMNS))
+    if clash:
+        raise ValueError(f"label column(s) {clash} collide with index columns {list(RESERVED_COLUMNS)}; rename them, "
+                         f"or name the source's own columns in source.options (id_column, uri_column, "
+                         f"label_columns)")
+
+
+def check_labels(labels: pa.Schema) -> None:
+    """Label columns a store can hold: not an index column's name, and of a supported type."""
+    _refuse_reserved(labels.names)
+    for f in labels:
+        if str(f.type) not in LABEL_TYPES:
+            raise ValueError(f"label column {f.name!r} has type {f.type}, which a store cannot hold; valid: "
+                             f"{sorted(LABEL_TYPES)}. Leave it out with source.options.label_columns, or name "
+                             f"it as the source's image or id column")
 
 
 def check_feature_range(layer: str, features: np.ndarray, dtype: str) -> None:
@@ -137,9 +153,19 @@ class FeatureStoreWriter:
             "library": _library_version(),
         }
         meta = json_round_trip(meta)
+        check_labels(labels)
         path = layout.featureset_json(self.base)
         if not storage.put_if_absent(self.fs, path, storage.json_bytes(meta)):
             old = storage.read_json(self.fs, path)
+            if old != meta and self._orphan():
+                log.info("feature set %s: replacing the metadata of a first run that wrote nothing",
+                         self.target.featureset)
+                storage.atomic_write_bytes(self.fs, path, storage.json_bytes(meta))
+                geometry = ("layer_dims", "dtype", "shard_rows", "chunk_rows")
+                stale = any(old.get(k) != meta.get(k) for k in geometry)
+                if stale and self.fs.exists(f"{self.base}/{layout.ZARR_DIR}"):  # empty arrays of another geometry
+                    self.fs.rm(f"{self.base}/{layout.ZARR_DIR}", recursive=True)
+                old = meta
             self._check_compatible(old, meta)
             dropped = sorted({f["name"] for f in meta["label_schema"]} - {f["name"] for f in old["label_schema"]})
             if dropped:
@@ -151,6 +177,13 @@ class FeatureStoreWriter:
             attrs = {k: meta[k] for k in ("featureset", "dtype", "layer_dims", "provenance", "library")}
             ensure_arrays(self.target, self.fs, self.base, n_rows=n_rows, layer_dims=layer_dims, attrs=attrs)
         return meta
+
+    def _orphan(self) -> bool:
+        """No committed version and no written block: the metadata of a first run that failed early (a bad
+        source option, say) binds nothing, and a corrected run may replace it."""
+        from .manifest import list_versions
+
+        return not list_versions(self.fs, self.base) and not self.fs.glob(f"{layout.shards_dir(self.base)}/*.json")
 
     def _check_compatible(self, old: Mapping, new: Mapping) -> None:
         if int(old.get("format_version", 1)) < layout.FORMAT_VERSION:
