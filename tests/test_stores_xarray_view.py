@@ -26,3 +26,13 @@ def test_to_xarray_round_trips_with_coordinates(tmp_path):
     assert (da.attrs["layer"], da.attrs["version"], da.name) == ("a", 1, "a")
     with pytest.raises(ValueError, match="layer 'zz' not in this feature set"):
         store.to_xarray("zz")
+
+
+def test_plain_xarray_opens_every_layer_of_the_zarr_group(tmp_path):
+    """Downstream readers without strata: xr.open_zarr on features.zarr, layers of different widths."""
+    store = write_toy_store(tmp_path)
+    ds = xr.open_zarr(f"{store.uri}/features.zarr", consolidated=False)
+    rows = store.index_table().column("row").to_numpy()
+    for layer in ("a", "b"):
+        assert ds[layer].dims == ("row", f"feature_{layer}")
+        np.testing.assert_array_equal(ds[layer].values[rows], store.layer(layer))

@@ -67,7 +67,8 @@ def _create(target, n_rows: int, layer_dims: Mapping[str, int], attrs: Mapping) 
         group.create_array(
             layer, shape=(n_rows, dim), dtype=target.dtype, chunks=(target.chunk_rows, dim),
             shards=(target.shard_rows, dim) if sharded else None, fill_value=np.nan,
-            dimension_names=("row", "feature"), overwrite=False,
+            dimension_names=("row", f"feature_{layer}"), overwrite=False,  # layers differ in width: for
+            # xr.open_zarr one shared "feature" dimension would conflict
         )
 
 
