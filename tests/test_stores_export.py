@@ -93,3 +93,17 @@ def test_export_refusals_are_one_line(store, tmp_path, capsys):
     assert main(["export", "--store", store.uri, "--layer", "a", "--format", "faiss", "--index-factory", "Nope9",
                  "--out", str(tmp_path)]) == 2
     assert "faiss cannot build index 'Nope9'" in capsys.readouterr().err
+    assert main(["export", "--store", store.uri, "--layer", "a", "--format", "faiss", "--index-factory", "IVF64,PQ2",
+                 "--out", str(tmp_path)]) == 2  # 64 lists need more training rows than the store has
+    assert "faiss cannot train index 'IVF64,PQ2' on" in capsys.readouterr().err
+
+
+def test_faiss_ids_keep_a_label_named_id_apart(tmp_path):
+    from storekit import write_store
+
+    rng = np.random.default_rng(0)
+    store = write_store(str(tmp_path / "s"), {"a": rng.normal(size=(20, 4))}, {"id": [f"x{i}" for i in range(20)]})
+    export_faiss(store, "a", str(tmp_path / "f"))
+    ids = pd.read_parquet(tmp_path / "f" / "ids.parquet")
+    assert list(ids["label_id"]) == [f"x{i}" for i in range(20)]
+    assert sorted(ids["id"]) == sorted(store.index()["row"])

@@ -78,12 +78,20 @@ def export_faiss(store, layer: str, out: str, *, metric: str = "cosine", factory
         raise ValueError(f"faiss cannot build index {factory!r}: {' '.join(str(e).split())[:200]}") from None
     prepare = _normalise if metric == "cosine" else _float32
     if not index.is_trained:
-        index.train(_training_sample(store, layer, prepare))
+        sample = _training_sample(store, layer, prepare)
+        try:
+            index.train(sample)
+        except RuntimeError as e:
+            raise ValueError(f"faiss cannot train index {factory!r} on {len(sample)} rows of {layer!r}: "
+                             f"{' '.join(str(e).split())[:200]}; use a smaller factory (fewer IVF lists, "
+                             f"fewer PQ bits) or Flat/HNSW32 for small sets") from None
     ids = []
     for index_rows, block in store.iter_layer(layer, dtype=np.float32):
         rows = index_rows.column("row").to_numpy().astype(np.int64)
         index.add_with_ids(prepare(block), rows)
         meta = _metadata(index_rows, store)
+        if "id" in meta.column_names:  # a label called id: the faiss id column owns that name
+            meta = meta.rename_columns(["label_id" if c == "id" else c for c in meta.column_names])
         ids.append(meta.rename_columns(["id" if c == "row" else c for c in meta.column_names]))
     fs, base = storage.resolve(out, storage_options)
     fs.makedirs(base, exist_ok=True)
