@@ -223,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = command("layers", "list every tappable layer of an encoder with shapes and pooled dims", _cmd_layers)
     s.add_argument("encoder")
     s.add_argument("--weights", default="random", help="weights to load for the trace (default: random)")
-    s.add_argument("--pooling", default="avg")
+    from .config import POOLINGS
+
+    s.add_argument("--pooling", default="avg", choices=POOLINGS)
 
     s = command("extract", "encode a dataset into a feature store (Ray Data)", _cmd_extract, _extract_keys_help)
     _config_args(s)

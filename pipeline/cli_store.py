@@ -51,7 +51,7 @@ def cmd_retain(args: argparse.Namespace) -> int:
     if r.compaction is not None and r.compaction.segments_rewritten:
         c = r.compaction
         print(f"{'would compact' if args.dry_run else 'compacted'} {len(c.segments_rewritten)} segment(s) "
-              f"({c.rows_moved} live rows){'' if args.dry_run else f' into version {c.version}'}")
+              f"({c.rows_moved} live rows) into version {r.kept_versions[-1] if args.dry_run else c.version}")
     print(f"kept versions {r.kept_versions}; {verb} versions {r.removed_versions}, {r.files_removed} files "
           f"({r.bytes_freed / 1e6:.2f} MB freed) of {len(r.removed_shards)} blocks")
     if r.kept_recent:

@@ -136,7 +136,7 @@ def test_verbosity_flags_anywhere():
     assert split_verbosity(["probe", "--", "-v"]) == (0, ["probe", "--", "-v"])
 
 
-@pytest.mark.parametrize("argv", [["inspect"], ["extract", "--bogus"]])
+@pytest.mark.parametrize("argv", [["inspect"], ["extract", "--bogus"], ["layers", "resnet18", "--pooling", "foo"]])
 def test_bad_command_line_exits_2(argv):
     proc = strata(*argv)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -45,14 +45,22 @@ def retain(uri: str, *, keep: int, storage_options: Mapping[str, Any] | None = N
     """Keep the newest ``keep`` versions (after compacting, unless ``compact_first`` is off)."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (the latest version is always kept), got {keep}")
+    if grace < 0:
+        raise ValueError(f"the grace period must be >= 0 hours (unreferenced files younger than it are left alone), "
+                         f"got {grace / 3600:g}")
     compaction = None
     if compact_first:
         compaction = compact(uri, min_deleted=min_deleted, storage_options=storage_options, dry_run=dry_run)
     fs, base = storage.resolve(uri, storage_options)
     meta = storage.read_json(fs, layout.featureset_json(base))
     versions = list_versions(fs, base)
+    pending = bool(dry_run and compaction is not None and compaction.segments_rewritten)
+    if pending:  # the real run commits the compaction first: one more version to count
+        versions = [*versions, versions[-1] + 1]
     kept, removed = versions[-keep:], versions[:-keep]
-    kept_docs = [read_version(fs, base, v, meta=meta) for v in kept]
+    # a pending compaction's version is stood in for by the latest one: its rewritten segments' old files
+    # count as kept, so a dry run may under-state the bytes freed, never the versions removed
+    kept_docs = [read_version(fs, base, min(v, versions[-2] if pending else v), meta=meta) for v in kept]
     removed_docs = [read_version(fs, base, v, meta=meta) for v in removed]
     live_files, live_blocks = _referenced(kept_docs, meta)
     dead_files, dead_blocks = _referenced(removed_docs, meta)
