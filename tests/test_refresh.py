@@ -135,6 +135,8 @@ def test_another_source_naming_the_same_feature_set_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"built from source manifest:.*train\.csv.*store\.featureset="):
         run_extract(_manifest_cfg(tmp_path / "src" / "test.csv", tmp_path / "stores"))
     assert FeatureStore(first.store_uri).versions() == [1] and len(FeatureStore(first.store_uri)) == 8
+    again = run_extract(_manifest_cfg(tmp_path / "src" / "train.csv", tmp_path / "stores"))
+    assert "version 1: nothing to encode, 8 images unchanged" in str(again)
 
     own = run_extract(_manifest_cfg(tmp_path / "src" / "test.csv", tmp_path / "stores", "store.featureset=test"))
     assert len(FeatureStore(own.store_uri)) == 4 and len(FeatureStore(first.store_uri)) == 8

@@ -34,8 +34,12 @@ class ExtractSummary:
     seconds: float
     bytes_written: int
     deleted: int = 0  # images the source no longer lists, dropped from the new version
+    unchanged: int = 0  # images of the version kept as they were
 
     def __str__(self) -> str:
+        if not self.images and not self.deleted:
+            return (f"store {storage.redact_uri(self.store_uri)} version {self.version}: nothing to encode, "
+                    f"{self.unchanged} images unchanged ({self.seconds:.1f} s)")
         rate = self.encoded / self.seconds if self.seconds else 0.0
         gone = f", {self.deleted} images gone from the source dropped" if self.deleted else ""
         return (f"store {storage.redact_uri(self.store_uri)} version {self.version}: {self.images} images, "

@@ -162,8 +162,9 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     """Encode the source into its feature set (a new one, or the existing one brought up to date)."""
     t0 = time.perf_counter()
     outcome = sync_store(cfg, operation="extract", start_ray_early=True)
+    c = outcome.counts
     if outcome.extract is not None:
-        return dataclasses.replace(outcome.extract, deleted=outcome.counts["deleted"])
+        return dataclasses.replace(outcome.extract, deleted=c["deleted"], unchanged=c["unchanged"])
     # nothing to encode: the listing matched the store, or only deletions and label edits were committed
     return ExtractSummary(outcome.store_uri, outcome.version, 0, 0, 0, 0, time.perf_counter() - t0, 0,
-                          outcome.counts["deleted"])
+                          c["deleted"], c["unchanged"])
