@@ -57,6 +57,12 @@ def _storage_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """Errors of reaching the storage at all: a "not found" they caused (fsspec's HTTP) is a storage failure."""
+    return tuple(e for e in _storage_errors() if e.__name__ not in ("PermissionError", "NoCredentialsError",
+                                                                    "ClientError"))
+
+
 def _job_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [JobFailed]
     sink = sys.modules.get("pipeline.extract.sink")  # imported (with Ray) only by a job that can raise it
@@ -99,6 +105,10 @@ def classify(exc: BaseException) -> Failure:
         ((ValueError, KeyError), USAGE),
     ]
     chain = list(_chain(exc))
+    if any(isinstance(e, FileNotFoundError) for e in chain):
+        reach = next((e for e in chain if isinstance(e, _connection_errors())), None)
+        if reach is not None and not any(isinstance(e, _job_errors() + (ConfigError,)) for e in chain):
+            return Failure(STORAGE, f"storage unreachable: {_message(chain[0])} ({_message(reach)})", True)
     for types_, code in kinds:
         for e in chain:
             if isinstance(e, types_):

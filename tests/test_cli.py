@@ -94,8 +94,9 @@ def test_a_url_password_stays_out_of_the_verbose_traceback(tmp_path):
     proc = strata("-v", "extract", "source.kind=manifest",
                   f"source.uri=http://user:hunter2pass@127.0.0.1:{_closed_port()}/m.csv",
                   f"store.root={tmp_path / 'stores'}", *TINY, timeout=120)
-    assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr
+    assert proc.returncode == STORAGE and "Traceback (most recent call last)" in proc.stderr  # refused: exit 4
     assert "hunter2pass" not in proc.stderr + proc.stdout and "http://***@127.0.0.1" in proc.stderr
+    assert "storage unreachable" in last_line(proc.stderr)
 
 
 def test_version_names_strata_and_its_stack_without_importing_torch():
