@@ -73,6 +73,9 @@ def test_a_bad_layer_is_refused_before_ray_starts(tmp_path):
                   *TINY, "encoder.layers=[layer9]", "run.local_max_images=0")
     assert_fails(proc, 2, "layer9", "layer1")
     assert "Ray instance" not in proc.stderr and not (tmp_path / "stores").exists()
+    missing = strata("extract", "source.kind=folder", f"source.uri={images}", f"store.root={tmp_path / 'stores'}",
+                     *TINY, f"encoder.weights={tmp_path / 'no.pth'}")
+    assert_fails(missing, NOT_FOUND, f"encoder.weights: {tmp_path / 'no.pth'} not found")
 
 
 def _closed_port() -> int:

@@ -74,7 +74,10 @@ def build_driver_encoder(cfg: ExtractConfig):
     try:
         return build_encoder(cfg.encoder, device="cpu", storage_options=dict(cfg.store.storage_options) or None,
                              decode=cfg.run.decode)
-    except (ValueError, FileNotFoundError) as e:
+    except FileNotFoundError as e:  # not found (exit 3), named as the key that points there
+        where = storage.redact_uri(str(e.filename or cfg.encoder.weights))
+        raise FileNotFoundError(f"encoder.weights: {where} not found ({e.strerror or e})") from e
+    except ValueError as e:
         raise ConfigError(str(e)) from e
 
 
