@@ -53,6 +53,7 @@ def test_retain_compacts_and_reclaims(tmp_path):
     assert len(after.info.segments) == 2 and min(s.block for s in after.info.segments) > 2
     for layer in LAYERS:
         assert not (base / "features.zarr" / layer / "c" / "0" / "0").exists()
+    assert not [d for d in (base / "features.zarr").rglob("*") if d.is_dir() and not any(d.iterdir())]
     assert not list(base.glob("index/shard-00000000-*")) and not list(base.glob("_manifest/shards/shard-00000001*"))
     size_after = sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
     assert size_before - size_after >= result.bytes_freed * 0.9
@@ -121,3 +122,7 @@ def test_retain_dry_run_and_cli(tmp_path, capsys):
     assert "kept versions [4]; removed versions [1, 2, 3]" in out
     assert main(["retain", t.uri, "--keep", "0"]) == 2
     assert main(["retain", t.uri, "--keep", "1", "--grace-hours", "-5"]) == 2
+    capsys.readouterr()
+    assert main(["retain", str(tmp_path / "nope"), "--keep", "1"]) == 3
+    assert capsys.readouterr().err.strip() == (f"strata retain: error: no strata feature set at {tmp_path / 'nope'} "
+                                               f"(missing _manifest/featureset.json)")

@@ -96,6 +96,12 @@ def test_export_refusals_are_one_line(store, tmp_path, capsys):
     assert main(["export", "--store", store.uri, "--layer", "a", "--format", "faiss", "--index-factory", "IVF64,PQ2",
                  "--out", str(tmp_path)]) == 2  # 64 lists need more training rows than the store has
     assert "faiss cannot train index 'IVF64,PQ2' on" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    for fmt in ("faiss", "embedding-reader"):
+        assert main(["export", "--store", store.uri, "--layer", "a", "--format", fmt,
+                     "--out", str(tmp_path / "a-file")]) == 2
+        assert "is a file; --out takes a folder" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == "x"
 
 
 def test_faiss_ids_keep_a_label_named_id_apart(tmp_path):

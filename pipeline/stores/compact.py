@@ -36,7 +36,11 @@ class CompactResult:
 def target_of(uri: str, storage_options: Mapping[str, Any] | None = None) -> StoreTarget:
     """The StoreTarget of an existing feature set (geometry from its featureset.json)."""
     fs, base = storage.resolve(uri, storage_options)
-    meta = storage.read_json(fs, f"{base}/_manifest/featureset.json")
+    try:
+        meta = storage.read_json(fs, f"{base}/_manifest/featureset.json")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no strata feature set at {storage.redact_uri(uri)} "
+                                f"(missing _manifest/featureset.json)") from None
     root, name = uri.rstrip("/").rsplit("/", 1)
     return StoreTarget(root=root, featureset=name, storage_options=dict(storage_options or {}), dtype=meta["dtype"],
                        shard_rows=meta["shard_rows"], chunk_rows=meta["chunk_rows"], formats=tuple(meta["formats"]))

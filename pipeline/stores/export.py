@@ -36,13 +36,22 @@ def _write_manifest(fs, base: str, store, layer: str, fmt: str, n: int, **extra)
     fs.pipe_file(f"{base}/export.json", json.dumps(info, indent=2).encode())
 
 
+def _out_folder(out: str, storage_options) -> tuple:
+    """(fs, path) of the export folder; an existing file there is refused before any work."""
+    fs, base = storage.resolve(out, storage_options)
+    if fs.isfile(base):
+        raise ValueError(f"export folder {storage.redact_uri(out)} is a file; --out takes a folder (created if "
+                         f"missing)")
+    return fs, base
+
+
 def export_embedding_reader(store, layer: str, out: str, *, storage_options=None) -> str:
     """`<out>/embeddings/emb_NNNNN.npy` (float32) + `<out>/metadata/metadata_NNNNN.parquet` (image_id, row,
     split, labels), one pair per store shard, aligned row for row: what embedding-reader's `parquet_npy`
     format (and autofaiss) read."""
     if layer not in store.layer_dims:
         raise ValueError(f"layer {layer!r} not in this feature set; layers: {store.layers}")
-    fs, base = storage.resolve(out, storage_options)
+    fs, base = _out_folder(out, storage_options)
     fs.makedirs(f"{base}/{EMBEDDINGS_DIR}", exist_ok=True)
     fs.makedirs(f"{base}/{METADATA_DIR}", exist_ok=True)
     n = 0
@@ -70,6 +79,7 @@ def export_faiss(store, layer: str, out: str, *, metric: str = "cosine", factory
         raise ValueError(f"layer {layer!r} not in this feature set; layers: {store.layers}")
     if metric not in FAISS_METRICS:
         raise ValueError(f"unknown metric {metric!r}; valid: {list(FAISS_METRICS)}")
+    fs, base = _out_folder(out, storage_options)
     dim = store.layer_dims[layer]
     faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
     try:
@@ -93,7 +103,6 @@ def export_faiss(store, layer: str, out: str, *, metric: str = "cosine", factory
         if "id" in meta.column_names:  # a label called id: the faiss id column owns that name
             meta = meta.rename_columns(["label_id" if c == "id" else c for c in meta.column_names])
         ids.append(meta.rename_columns(["id" if c == "row" else c for c in meta.column_names]))
-    fs, base = storage.resolve(out, storage_options)
     fs.makedirs(base, exist_ok=True)
     fs.pipe_file(f"{base}/{FAISS_INDEX}", faiss.serialize_index(index).tobytes())
     sink = io.BytesIO()

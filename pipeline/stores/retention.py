@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -84,6 +85,7 @@ def retain(uri: str, *, keep: int, storage_options: Mapping[str, Any] | None = N
                 fs.rm(path)
             except FileNotFoundError:
                 pass
+        _prune_empty_dirs(fs, base, [path for path, *_ in doomed])
     blocks = sorted({b for *_, b in doomed if b is not None} - live_blocks)
     result = RetentionResult(kept, removed, blocks, len(doomed), sum(size for _, _, size, _ in doomed),
                              compaction, recent, sorted(rel for _, rel, _, _ in doomed))
@@ -91,6 +93,25 @@ def retain(uri: str, *, keep: int, storage_options: Mapping[str, Any] | None = N
              storage.redact_uri(uri), kept, removed, result.files_removed, result.bytes_freed / 1e6, len(blocks),
              " (dry run)" if dry_run else "")
     return result
+
+
+def _prune_empty_dirs(fs, base: str, removed: list[str]) -> None:
+    """On a filesystem with real folders, the chunk folders (`c/<block>`) the removed files leave empty.
+
+    Object stores have no folders to leave behind; a folder a writer fills meanwhile is not empty and stays.
+    """
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol not in ("file", "local"):
+        return
+    stop = f"{base}/{layout.ZARR_DIR}"
+    parents = {p.rsplit("/", 1)[0] for p in removed if p.startswith(stop + "/")}
+    for folder in sorted(parents, key=len, reverse=True):
+        while folder.startswith(stop + "/") and not folder.endswith("/c") and folder.count("/") > stop.count("/") + 1:
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty (or gone): its parents are not empty either
+                break
+            folder = folder.rsplit("/", 1)[0]
 
 
 def _referenced(versions: list[Version], meta: Mapping) -> tuple[set[str], set[int]]:
