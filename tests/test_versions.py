@@ -100,6 +100,24 @@ def _plain_duckdb(base: str, version: int, layer: str) -> list[tuple]:
         order by i.image_id""").fetchall()
 
 
+def _plain_polars(doc: dict, base: str, layer: str, storage_options: dict | None = None):
+    """The README's polars recipe (polars reads the files itself; the version document is plain JSON)."""
+    import polars as pl
+
+    so = {"storage_options": storage_options} if storage_options else {}
+    live = (pl.scan_parquet([f"{base}/{p}" for p in doc["index_files"]], **so)
+              .filter((pl.col("status") == "ok") & ~pl.col("row").is_in(doc["deleted_rows"])))
+    vectors = pl.scan_parquet([f"{base}/{p}" for p in doc["parquet_files"][layer]], **so).select("row", "vector")
+    return live.join(vectors, on="row").sort("row").collect()
+
+
+def _polars_s3_options(fsspec_options: dict) -> dict:
+    """polars' own S3 settings for the test server (plain HTTP on 127.0.0.1)."""
+    client = fsspec_options["client_kwargs"]
+    return {"aws_access_key_id": fsspec_options["key"], "aws_secret_access_key": fsspec_options["secret"],
+            "aws_endpoint_url": client["endpoint_url"], "aws_region": client["region_name"], "aws_allow_http": "true"}
+
+
 @pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 def test_plain_tools_read_exactly_one_version(backend, tmp_path, request):
     if backend == "local":
@@ -124,6 +142,10 @@ def test_plain_tools_read_exactly_one_version(backend, tmp_path, request):
         vectors = np.stack(table.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
         np.testing.assert_array_equal(vectors, np.stack([want[i][1] for i in got_ids]))
         assert table.column("digit").to_pylist() == [want[i][0] for i in got_ids]
+        doc = json.loads(fs.cat_file(f"{base}/_manifest/versions/v{version:08d}.json"))
+        frame = _plain_polars(doc, t.uri.rstrip("/"), "late", _polars_s3_options(so) if so else None)
+        assert frame["image_id"].to_list() == got_ids and frame["digit"].to_list() == table.column("digit").to_pylist()
+        np.testing.assert_array_equal(frame["vector"].to_numpy().astype(np.float32), vectors)
         if backend == "local":
             rows = _plain_duckdb(base, version, "late")
             assert [r[0] for r in rows] == sorted(want)
