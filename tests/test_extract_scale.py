@@ -39,14 +39,34 @@ def test_dry_run_prints_the_plan_and_writes_nothing(images, tmp_path, capsys):
     assert main(["extract", "--dry-run", *line]) == 0
     out = capsys.readouterr().out
     assert "2 listed: 2 to work on (2 new), 0 gone, 0 unchanged" in out
-    assert "images     40 to list" in out and "layer1" in out and "KB" in out
+    assert "images     40 new, 0 changed, 0 deleted, 0 relabelled, 0 unchanged: 40 to encode" in out
+    assert "layer1" in out and "KB" in out
     assert not root.exists()  # nothing written: not even the feature set
     assert main(["extract", *line, "run.local_max_images=1000"]) == 0
     capsys.readouterr()
     write_shapes(tmp_path / "src" / "c", n=5, size=32, seed=3)
     assert main(["refresh", "--dry-run", *line]) == 0
     out = capsys.readouterr().out
-    assert "3 listed: 1 to work on (1 new), 0 gone, 2 unchanged" in out and "images     5 to list" in out
+    assert "3 listed: 1 to work on (1 new), 0 gone, 2 unchanged" in out
+    assert "images     5 new, 0 changed, 0 deleted, 0 relabelled, 40 unchanged: 5 to encode" in out
+
+
+def test_dry_run_counts_changed_images_of_a_manifest_without_fingerprints(images, tmp_path, capsys):
+    """A manifest gives no content fingerprint: the dry run asks the storage about each image, as the real
+    run's driver does, and says which changed rather than 'to list, diff and encode'."""
+    pngs = sorted((images / "a" / "images").glob("*.png"))[:6]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri,label\n" + "".join(f"{p},{'even' if k % 2 == 0 else 'odd'}\n"
+                                                  for k, p in enumerate(pngs)))
+    line = ["source.kind=manifest", f"source.uri={manifest}", f"store.root={tmp_path / 'stores'}", *TINY,
+            "run.local_max_images=1000"]
+    assert main(["extract", *line]) == 0
+    pngs[0].write_bytes(pngs[1].read_bytes() + b"\0")
+    manifest.write_text(manifest.read_text().replace("odd", "ODD", 1))
+    capsys.readouterr()
+    assert main(["refresh", "--dry-run", *line]) == 0
+    out = capsys.readouterr().out
+    assert "images     0 new, 1 changed, 0 deleted, 1 relabelled, 4 unchanged: 1 to encode" in out, out
 
 
 def test_progress_is_logged_in_images(ray_local, images, tmp_path, caplog):

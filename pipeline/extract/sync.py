@@ -100,6 +100,7 @@ class DryRun:
     shard_rows: int
     layer_bytes: dict  # layer -> estimated bytes of its features (Zarr and Parquet) for the known images
     bytes_per_image: int  # of every layer: what each image of the units of unknown size adds
+    diff: dict | None = None  # image counts, where the units to work on were cheap to list here
 
     def __str__(self) -> str:
         total = sum(self.layer_bytes.values())
@@ -107,7 +108,10 @@ class DryRun:
         lines = [f"dry run: {storage.redact_uri(self.store_uri)}",
                  f"  units      {self.units} listed: {self.work} to work on ({self.new} new), {self.removed} gone, "
                  f"{self.unchanged} unchanged",
-                 f"  images     {self.images}{unknown} to list, diff and encode where new or changed",
+                 f"  images     {self.images}{unknown} to list, diff and encode where new or changed" if self.diff
+                 is None else f"  images     {self.diff['added']} new, {self.diff['changed']} changed, "
+                 f"{self.diff['deleted']} deleted, {self.diff['relabelled']} relabelled, "
+                 f"{self.diff['unchanged']} unchanged: {self.diff['added'] + self.diff['changed']} to encode",
                  f"  shards     {self.blocks} blocks of {self.shard_rows} rows reserved "
                  f"({self.blocks * self.shard_rows} rows)",
                  f"  bytes      {_human(total)} at most, estimated" + (
@@ -128,13 +132,43 @@ def dry_run(cfg: ExtractConfig) -> DryRun:
     check_source(cfg, target, latest_version(writer.fs, writer.base))
     plan = plan_job(writer, units, job_id="dry-run", dry_run=True)
     images = sum(w.unit.n_images or 0 for w in plan.work)
+    diff = _image_diff(cfg, writer, plan)
     itemsize = 2 if cfg.store.dtype == "float16" else 4
     copies = len(cfg.store.formats)
     new = sum(1 for w in plan.work if not w.old)
     per_image = {layer: dim * itemsize * copies for layer, dim in encoder.layer_dims.items()}
+    encode = images if diff is None else diff["added"] + diff["changed"]
     return DryRun(target.uri, plan.listed, len(plan.work), new, len(plan.removed), plan.unchanged, images,
                   sum(1 for w in plan.work if w.unit.n_images is None), plan.reserved, target.shard_rows,
-                  {layer: images * n for layer, n in per_image.items()}, sum(per_image.values()))
+                  {layer: encode * n for layer, n in per_image.items()}, sum(per_image.values()), diff)
+
+
+def _image_diff(cfg: ExtractConfig, writer: FeatureStoreWriter, plan) -> dict | None:
+    """Image counts (added, changed, deleted, relabelled, unchanged) where listing the units to work on is as
+    cheap as the real run's driver plan; None where only the units' tasks would know."""
+    from ..sources.base import record_to_json
+    from ..stores.diff import diff_listing
+    from ..stores.units import unit_live_index
+    from .run import DRIVER_PLANNED_UNITS, DRIVER_STAT_IMAGES
+
+    work = plan.work
+    if len(work) > DRIVER_PLANNED_UNITS or any(w.unit.n_images is None for w in work) or \
+            sum(w.unit.n_images for w in work) > DRIVER_STAT_IMAGES:
+        return None
+    source = build_source(cfg.source)
+    out = {"added": 0, "changed": 0, "deleted": 0, "relabelled": 0, "unchanged": plan.unchanged_images}
+    for p in plan.removed:
+        out["deleted"] += p.counts.get("deleted", 0)
+    for w in work:
+        listed = [record_to_json(r) for r in source.expand(w.unit)]
+        if not w.old:
+            out["added"] += len(listed)
+            continue
+        d = diff_listing(listed, unit_live_index(writer, w.old))
+        for key, n in (("added", d.added), ("changed", d.changed), ("deleted", len(d.deletes)),
+                       ("relabelled", len(d.relabels)), ("unchanged", d.unchanged)):
+            out[key] += n
+    return out
 
 
 def _human(n: float) -> str:
