@@ -132,3 +132,27 @@ def test_a_score_that_ranks_layers_like_validation_is_used_and_named():
     assert "domain shift" not in " ".join(alone.reasons)
     assert backed.score_used == "nleep" and "not the last ones" in " ".join(backed.reasons)
     assert "0.035 gap to the last layer" in " ".join(backed.reasons) and "domain shift" in " ".join(backed.reasons)
+
+
+def test_the_source_logits_are_not_the_last_feature_layer():
+    """The demo's case: ImageNet logits probed after bn2 lag the best layer by 4 points; bn2 only by 2."""
+    acc = {"b1": .90, "b2": .96, "b4": .99, "b6": .985, "bn2": .97, "classifier": .949}
+    logme = {"logme": {"b1": 1.0, "b2": 2.0, "b4": 4.0, "b6": 3.5, "bn2": 3.0}}  # agrees: the gap's support
+    as_layer = recommend("digit", n_train=1_000, n_classes=10, layer_accuracy=acc, layer_scores=logme)
+    assert as_layer.action == PARTIAL and "domain shift" in " ".join(as_layer.reasons)  # a false alarm
+    r = recommend("digit", n_train=1_000, n_classes=10, layer_accuracy=acc, layer_scores=logme,
+                  logit_layers=["classifier"])
+    text = " ".join(r.reasons)
+    assert r.action == FROZEN and "domain shift" not in text and r.best_layer == "b4"
+    assert "layer 3 of 5 feature layers); the last feature layer 'bn2' scores 0.970" in text
+    best_on_logits = recommend("t", n_train=5_000, n_classes=10, logit_layers=["classifier"],
+                               layer_accuracy={"b1": .5, "b2": .6, "bn2": .7, "classifier": .75})
+    assert best_on_logits.best_layer == "classifier"
+    assert "the source classifier's output, after the last feature layer 'bn2'" in " ".join(best_on_logits.reasons)
+
+
+def test_too_few_layers_to_rank_scores_is_said_as_such():
+    r = recommend("t", n_train=5_000, n_classes=5, layer_accuracy={"a": .6, "b": .7},
+                  layer_scores={"logme": {"a": 1.0, "b": 2.0}})
+    assert r.score_used is None and "too few feature layers with transferability scores (under 3)" in " ".join(r.reasons)
+    assert "Kendall tau below" not in " ".join(r.reasons)

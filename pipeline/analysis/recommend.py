@@ -66,7 +66,8 @@ def recommend(task: str, *, n_train: int, layer_accuracy: Mapping[str, float], n
               samples_per_class: float | None = None, target_accuracy: float = 1.0,
               relative_leep: float | None = None, leep: float | None = None,
               test_accuracy: Mapping[str, float] | None = None,
-              layer_scores: Mapping[str, Mapping[str, float]] | None = None) -> Recommendation:
+              layer_scores: Mapping[str, Mapping[str, float]] | None = None,
+              logit_layers: Sequence[str] = ()) -> Recommendation:
     """One task's recommendation from its frozen-probe evidence.
 
     `layer_accuracy` maps layer -> validation accuracy of the layer's selected probe, ordered early to
@@ -75,7 +76,10 @@ def recommend(task: str, *, n_train: int, layer_accuracy: Mapping[str, float], n
     raw accuracy). `relative_leep` (0..1) is an optional domain-similarity proxy; `leep` is only
     quoted. `layer_scores` maps a transferability score's name to its value per layer: the one that
     ranks the layers most like validation accuracy (Kendall tau >= TRUSTED_SCORE_TAU) is used as a
-    second opinion on where the transferable layers are, and named in the reasons.
+    second opinion on where the transferable layers are, and named in the reasons. `logit_layers` are
+    the source classifier's outputs (ImageNet logits): they may hold the best probe, but the depth profile
+    (where the best layer sits, how far the last layer lags) is over the feature layers alone, the last of
+    them being the network's last feature layer; a best probe on the logits counts as late.
     """
     scores = {k: float(v) for k, v in layer_accuracy.items() if v is not None and v == v}
     if not scores:
@@ -84,10 +88,11 @@ def recommend(task: str, *, n_train: int, layer_accuracy: Mapping[str, float], n
     if samples_per_class is None:
         samples_per_class = n_train / n_classes if n_classes else float(n_train)
     best = max(layers, key=lambda name: scores[name])
-    last = layers[-1]
+    depth = [x for x in layers if x not in logit_layers] or layers
+    last = depth[-1]
     best_acc, last_acc = scores[best], scores[last]
     frac = best_acc / target_accuracy
-    _, where = _position(layers, best)
+    where = "late" if best not in depth else _position(depth, best)[1]
     gap = best_acc - last_acc
     reasons: list[str] = []
 
@@ -122,15 +127,20 @@ def recommend(task: str, *, n_train: int, layer_accuracy: Mapping[str, float], n
 
     # layer profile
     shifted = where != "late" and gap >= LAYER_GAP
-    used, score_best = _trusted_score(layer_scores, scores)
-    if len(layers) > 1:
-        reasons.append(f"best layer {best!r} is {where} (layer {layers.index(best) + 1} of {len(layers)}); "
-                       f"the last layer {last!r} scores {last_acc:.3f} ({gap:.3f} behind the best)"
+    from .score_table import MIN_LAYERS_FOR_RANKING as MIN_LAYERS
+
+    used, score_best = _trusted_score(layer_scores, {x: scores[x] for x in depth})
+    if best not in depth:
+        reasons.append(f"best layer {best!r} is the source classifier's output, after the last feature layer "
+                       f"{last!r} ({last_acc:.3f}, {gap:.3f} behind)")
+    elif len(depth) > 1:
+        reasons.append(f"best layer {best!r} is {where} (layer {depth.index(best) + 1} of {len(depth)} feature "
+                       f"layers); the last feature layer {last!r} scores {last_acc:.3f} ({gap:.3f} behind the best)"
                        + ("; late layers look specific to the source task, a sign of domain shift" if shifted
                           else ""))
     if used is not None:
         name, tau = used
-        _, score_where = _position(layers, score_best)
+        _, score_where = _position(depth, score_best)
         agrees = where != "late" and score_where != "late" and gap > 0
         tipped = agrees and not shifted and gap >= LAYER_GAP / 2
         shifted = shifted or tipped
@@ -139,6 +149,9 @@ def recommend(task: str, *, n_train: int, layer_accuracy: Mapping[str, float], n
                        + ("; it confirms that the transferable features are not the last ones" if agrees else "")
                        + (f", so the {gap:.3f} gap to the last layer (at least {LAYER_GAP / 2:.3f} with this "
                           "support) is read as a sign of domain shift" if tipped else ""))
+    elif layer_scores and len([x for x in depth if any(x in v for v in layer_scores.values())]) < MIN_LAYERS:
+        reasons.append(f"too few feature layers with transferability scores (under {MIN_LAYERS}) to tell which score ranks "
+                       "them like the probes; none is used")
     elif layer_scores:
         reasons.append(f"no transferability score ranks the layers like the probes here (Kendall tau below "
                        f"{TRUSTED_SCORE_TAU:.2f}); none is used")
@@ -196,7 +209,8 @@ def _decide(size: str, quality: str, shifted: bool, where: str, leep_low: bool) 
 
 def recommend_from_results(table: pd.DataFrame, layers: Sequence[str], *, target_accuracy: float = 1.0,
                            relative_leep: Mapping[str, float] | None = None, leep: Mapping[str, float] | None = None,
-                           scores: pd.DataFrame | None = None) -> list[Recommendation]:
+                           scores: pd.DataFrame | None = None, logit_layers: Sequence[str] = ()
+                           ) -> list[Recommendation]:
     """A recommendation per classification task of a probe results table (`ProbeResults.table`).
 
     Uses each layer's selected head (full data, not few-shot): its validation accuracy to choose and
@@ -224,7 +238,8 @@ def recommend_from_results(table: pd.DataFrame, layers: Sequence[str], *, target
         out.append(recommend(str(task), n_train=int(g["n_train"].max()), n_classes=int(g["n_classes"].max()),
                              layer_accuracy=ordered, test_accuracy=test.to_dict(), target_accuracy=target_accuracy,
                              relative_leep=None if relative_leep is None else relative_leep.get(task),
-                             leep=None if leep is None else leep.get(task), layer_scores=by_score))
+                             leep=None if leep is None else leep.get(task), layer_scores=by_score,
+                             logit_layers=logit_layers))
     return out
 
 

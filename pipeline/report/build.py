@@ -109,7 +109,8 @@ def analyse_store(store: FeatureStore, *, results: pd.DataFrame, splits_table: p
     splits = sections.task_splits(store, classification, splits_table, _split_spec(probe_config or {}))
     scores, agreement = sections.scores_section(store, splits, [x for x in probed if x in layers], chosen,
                                                 leep_by_task)
-    recs = analysis.recommend_from_results(results, probed, leep=leep_by_task or None, scores=scores)
+    recs = analysis.recommend_from_results(results, probed, leep=leep_by_task or None, scores=scores,
+                                           logit_layers=LOGIT_LAYERS)
     few_rows, sec.few_shot = sections.few_shot_figures(results, probed, best)
     sec.maps = sections.map_figures(store, tasks, best, sample=map_sample,
                                     numeric=[t for t in tasks if t not in classification])
