@@ -77,3 +77,17 @@ def test_in_process_failure_is_recorded_too():
     res = run_probe_grid(_table(), ProbeConfig.from_dict(CFG.to_dict() | {"tasks": ["shape"]}), use_ray=False)
     assert list(res.failures["layer"]) == ["broken"]
     assert (res.table["status"] == "ok").sum() == 2 * 4
+
+
+def test_cuda_without_a_gpu_is_refused_not_left_waiting(ray_local):
+    """A Ray task asking for a GPU on a cluster without one would wait forever: refused before any work."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = ProbeConfig.from_dict({"tasks": ["shape"], "device": "cuda", "heads": [{"kind": "knn", "ks": [5]}]})
+    with pytest.raises(ValueError, match=r"asks for 1 GPU per probe task, but the Ray cluster has 0; valid here: "
+                                         r"\['cpu', 'auto'\]"):
+        run_probe_grid(_table(), cfg, use_ray=True)
+    with pytest.raises(ValueError, match=r"this process sees no CUDA GPU; valid here: \['cpu', 'auto'\]"):
+        run_probe_grid(_table(), cfg, use_ray=False)

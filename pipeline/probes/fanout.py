@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.probes.config import ProbeConfig
+from pipeline.probes.config import DEVICES, ProbeConfig
 from pipeline.probes.data import FeatureTable, resolve_layers
 from pipeline.probes.grid import GroupOutput, failure, train_layer
 from pipeline.probes.progress import GridProgress
@@ -43,12 +43,19 @@ def run_probe_grid(table: FeatureTable, config: ProbeConfig, *, use_ray: bool = 
         log.info("task %r (%s): %d train / %d val / %d test rows, %d missing labels, split from %s", s.task,
                  s.task_type, len(s.rows["train"]), len(s.rows["val"]), len(s.rows["test"]), s.n_missing, s.source)
     groups = [(task, layer) for task in splits for layer in layers]
+    num_gpus = (1.0 if config.device == "cuda" else 0.0) if num_gpus_per_group is None else num_gpus_per_group
+    if use_ray:
+        _ensure_ray_gpus(num_gpus)
+    elif config.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"device 'cuda' asked for, but this process sees no CUDA GPU; valid here: "
+                             f"{[d for d in DEVICES if d != 'cuda']} ('auto' uses a GPU where there is one)")
     t0 = time.perf_counter()
     progress = GridProgress(len(groups))
     if use_ray:
-        outputs = _run_ray(table, config, splits, layers, num_cpus_per_group,
-                           (1.0 if config.device == "cuda" else 0.0) if num_gpus_per_group is None
-                           else num_gpus_per_group, progress)
+        outputs = _run_ray(table, config, splits, layers, num_cpus_per_group, num_gpus, progress)
     else:
         outputs = {}
         for layer in layers:  # one layer in memory at a time
@@ -71,13 +78,25 @@ def run_probe_grid(table: FeatureTable, config: ProbeConfig, *, use_ray: bool = 
                         splits=splits_frame(splits, config.few_shot, config.split.seed))
 
 
-def _run_ray(table: FeatureTable, config: ProbeConfig, splits: dict[str, TaskSplit], layers: list[str],
-             num_cpus: float, num_gpus: float, progress: GridProgress) -> dict[tuple[str, str], GroupOutput]:
-    import ray  # Ray stays out of the probe math: only the fan-out imports it
+def _ensure_ray_gpus(num_gpus: float) -> None:
+    """Ray started (or joined); a grid whose tasks each ask for a GPU is refused where the cluster has none:
+    such tasks would wait forever, silently."""
+    import ray
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
         log.info("started a local Ray instance")
+    have = ray.cluster_resources().get("GPU", 0)
+    if num_gpus > 0 and have < num_gpus:
+        raise ValueError(f"device 'cuda' asks for {num_gpus:g} GPU per probe task, but the Ray cluster has "
+                         f"{have:g}; valid here: {[d for d in DEVICES if d != 'cuda']} ('auto' uses a GPU where "
+                         f"there is one); on an autoscaling cluster, start a GPU node first")
+
+
+def _run_ray(table: FeatureTable, config: ProbeConfig, splits: dict[str, TaskSplit], layers: list[str],
+             num_cpus: float, num_gpus: float, progress: GridProgress) -> dict[tuple[str, str], GroupOutput]:
+    import ray  # Ray stays out of the probe math: only the fan-out imports it
+
     remote = ray.remote(train_layer).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
     split_ref, config_ref = ray.put(splits), ray.put(config)
     pending: dict[Any, str] = {}
