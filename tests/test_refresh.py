@@ -245,3 +245,19 @@ name: resnet18
 layers: [layer1, layer2]
 preprocessing: {resize_size: 32, crop_size: 32, interpolation: bilinear, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}
 """
+
+
+def test_error_budget_is_over_the_dataset_not_only_what_a_refresh_encodes(dataset, tmp_path):
+    """One corrupt image added to 80 good ones: 1 of 81 (1.2%), not '1 of 1 images failed (100%)' every night."""
+    from pipeline.extract.sink import ErrorBudgetExceeded
+
+    images, _ = dataset
+    line = ["source.kind=folder", f"source.uri={images}", f"store.root={tmp_path / 'stores'}", *TINY,
+            "run.local_max_images=1000"]
+    assert run_refresh(load_config(ExtractConfig, None, line)).version == 1
+    (images / "zz-corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ErrorBudgetExceeded, match=r"1 of 1 images failed \(1\.2% of the 81 images the job leaves\)"):
+        run_refresh(load_config(ExtractConfig, None, [*line, "run.max_error_fraction=0.01"]))
+    out = run_refresh(load_config(ExtractConfig, None, [*line, "run.max_error_fraction=0.05"]))
+    assert out.version == 2
+    assert "zz-corrupt.png" not in set(FeatureStore(out.store_uri).index().image_id)

@@ -65,7 +65,7 @@ def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = Fa
              plan.listed, len(plan.work), len(plan.removed), plan.unchanged)
     result: ExecuteResult | None = None
     if plan.work:
-        result = execute(cfg, plan.work, writer, encoder, job_id=job_id)
+        result = execute(cfg, plan.work, writer, encoder, job_id=job_id, kept_rows=plan.unchanged_images)
     unit_plans = result.plans if result else []
     tally = counts(unit_plans, plan)
     version, published = plan.parent.version if plan.parent else None, False
