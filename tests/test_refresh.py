@@ -261,3 +261,30 @@ def test_error_budget_is_over_the_dataset_not_only_what_a_refresh_encodes(datase
     out = run_refresh(load_config(ExtractConfig, None, [*line, "run.max_error_fraction=0.05"]))
     assert out.version == 2
     assert "zz-corrupt.png" not in set(FeatureStore(out.store_uri).index().image_id)
+
+
+def test_a_label_that_changes_kind_is_refused_naming_the_column(tmp_path):
+    """A numeric label column that now holds text: one line naming the column, its type and the ways out, before
+    any work (was pyarrow's "Could not convert '0' with type str"); integers read back as floats are fine."""
+    from pipeline.config import ConfigError
+
+    write_shapes(tmp_path / "src", n=12, size=32, seed=9)
+    manifest = tmp_path / "src" / "manifest.csv"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([lines[0] + ",score", *[f"{line},{k}" for k, line in enumerate(lines[1:])]]) + "\n")
+    cfg = _manifest_cfg(manifest, tmp_path / "stores")
+    assert run_refresh(cfg).version == 1
+    as_floats = [lines[0] + ",score", *[f"{line},{k}.0" for k, line in enumerate(lines[1:])]]
+    manifest.write_text("\n".join(as_floats) + "\n")
+    assert run_refresh(cfg).nothing_changed  # 3.0 is the 3 the store holds
+    manifest.write_text("\n".join([*as_floats[:-1], as_floats[-1].replace(",11.0", ",high")]) + "\n")
+    with pytest.raises((ValueError, ConfigError), match=r"label column 'score' holds int64 in feature set .*, and the "
+                                                        r"source now gives string values; a store keeps each label's"):
+        run_refresh(cfg)
+    manifest.write_text("\n".join([*as_floats[:-1], as_floats[-1].replace(",11.0", ",11.5")]) + "\n")
+    with pytest.raises(ValueError, match=r"label column 'score' holds int64 in this feature set, and the source now "
+                                         r"gives 11.5"):
+        run_refresh(cfg)
+    store = FeatureStore(str(next((tmp_path / "stores").iterdir())))
+    assert store.versions() == [1, 2]  # 2: the manifest's new listing state, its data as in 1; nothing after
+    assert sorted(store.index()["score"]) == list(range(12))

@@ -16,7 +16,7 @@ from .alloc import allocate
 from .diff import chunk_records, diff_listing
 from .live import LiveIndex, read_tables, segment_index
 from .manifest import Segment
-from .writer import FeatureStoreWriter
+from .writer import FeatureStoreWriter, label_array
 
 
 @dataclass(frozen=True)
@@ -157,5 +157,6 @@ def relabel_segment(writer: FeatureStoreWriter, segment: Segment, edits: Mapping
         labels = dict(labels)
         for name in label_names:
             cols[name][k] = labels.get(name)
-    revised = pa.table({name: pa.array(cols[name], table.schema.field(name).type) for name in table.column_names})
+    revised = pa.table({name: (label_array(table.schema.field(name), cols[name]) if name in label_names else
+                               pa.array(cols[name], table.schema.field(name).type)) for name in table.column_names})
     return writer.write_index_revision(segment, revised)

@@ -92,6 +92,50 @@ def _refuse_reserved(names: Sequence[str]) -> None:
                          f"label_columns)")
 
 
+def label_array(field: pa.Field, values: Sequence) -> pa.Array:
+    """A label column in the store's type for it; a value that type cannot hold is a ValueError naming both."""
+    try:
+        return _safe_array(values, field.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        bad = next((v for v in values if v is not None and not _fits(v, field.type)), None)
+        raise ValueError(f"label column {field.name!r} holds {field.type} in this feature set, and the source now "
+                         f"gives {bad!r}; a store keeps each label's type: fix the values, give the column a new "
+                         f"name, or write a new feature set (store.featureset=<name>)") from None
+
+
+def _safe_array(values: Sequence, type_: pa.DataType) -> pa.Array:
+    """pa.array(values, type_) truncates 11.5 to 11 in an int64 column: infer, then cast safely."""
+    arr = pa.array(values)
+    return arr if arr.type == type_ else arr.cast(type_, safe=True)
+
+
+def _fits(value, type_: pa.DataType) -> bool:
+    try:
+        _safe_array([value], type_)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return False
+
+
+_KIND = {"int64": "number", "int32": "number", "double": "number", "float": "number", "string": "text",
+         "large_string": "text", "bool": "bool"}
+
+
+def _check_label_types(old: Sequence[Mapping], new: Sequence[Mapping], featureset: str) -> None:
+    """Refuse, before any work, a label column whose values changed kind (text <-> numbers or booleans).
+
+    Integers and floats may trade places (a CSV round-trip through pandas turns 3 into 3.0): each value is
+    checked when written (label_array)."""
+    before = {f["name"]: f["type"] for f in old}
+    for f in new:
+        was, now = before.get(f["name"]), f["type"]
+        if was is None or now == "null" or _KIND.get(now, now) == _KIND.get(was, was):
+            continue
+        raise ValueError(f"label column {f['name']!r} holds {was} in feature set {featureset}, and the source now "
+                         f"gives {now} values; a store keeps each label's type: fix the values, give the column a "
+                         f"new name, or write a new feature set (store.featureset=<name>)")
+
+
 def check_labels(labels: pa.Schema) -> None:
     """Label columns a store can hold: not an index column's name, and of a supported type."""
     _refuse_reserved(labels.names)
@@ -167,6 +211,7 @@ class FeatureStoreWriter:
                     self.fs.rm(f"{self.base}/{layout.ZARR_DIR}", recursive=True)
                 old = meta
             self._check_compatible(old, meta)
+            _check_label_types(old["label_schema"], meta["label_schema"], self.target.featureset)
             dropped = sorted({f["name"] for f in meta["label_schema"]} - {f["name"] for f in old["label_schema"]})
             if dropped:
                 log.warning("label column(s) %s are not in feature set %s (its labels: %s); they are not stored",
@@ -345,7 +390,7 @@ class FeatureStoreWriter:
             "split": pa.array([r.get("split") for r in recs], pa.string()),
         }
         for f in self.label_schema:
-            cols[f.name] = pa.array([r.get("labels", {}).get(f.name) for r in recs], f.type)
+            cols[f.name] = label_array(f, [r.get("labels", {}).get(f.name) for r in recs])
         return pa.table(cols)
 
     def _put_parquet(self, path: str, table: pa.Table) -> None:
