@@ -113,3 +113,25 @@ def test_faiss_ids_keep_a_label_named_id_apart(tmp_path):
     ids = pd.read_parquet(tmp_path / "f" / "ids.parquet")
     assert list(ids["label_id"]) == [f"x{i}" for i in range(20)]
     assert sorted(ids["id"]) == sorted(store.index()["row"])
+
+
+def test_exporting_again_into_the_same_folder_replaces_the_earlier_export(store, tmp_path):
+    """embedding-reader reads every numbered file in the folder: an earlier, bigger export's shards must go."""
+    import shutil
+
+    from embedding_reader import EmbeddingReader
+
+    out = tmp_path / "er"
+    args = ["export", "--store", store.uri, "--layer", "a", "--format", "embedding-reader", "--out", str(out)]
+    assert main(args) == 0
+    for sub, name in (("embeddings", "emb_{}.npy"), ("metadata", "metadata_{}.parquet")):  # an earlier, longer export
+        shutil.copy(out / sub / name.format("00000"), out / sub / name.format("00099"))
+    assert main(args) == 0
+    reader = EmbeddingReader(embeddings_folder=str(out / "embeddings"), metadata_folder=str(out / "metadata"),
+                             meta_columns=["image_id"], file_format="parquet_npy")
+    assert reader.count == len(store) == json.loads((out / "export.json").read_text())["rows"]
+    foreign = tmp_path / "foreign"
+    (foreign / "embeddings").mkdir(parents=True)
+    (foreign / "embeddings" / "mine.npy").write_bytes(b"x")
+    assert main([*args[:-1], str(foreign)]) == 2
+    assert (foreign / "embeddings" / "mine.npy").exists()

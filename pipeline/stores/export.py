@@ -45,6 +45,24 @@ def _out_folder(out: str, storage_options) -> tuple:
     return fs, base
 
 
+def _clear_earlier_export(fs, base: str, out: str) -> None:
+    """Remove an earlier embedding-reader export in this folder: its numbered files would be read beside the new
+    ones (more shards, other rows). Folders strata did not write are refused, not emptied."""
+    parts = [f"{base}/{d}" for d in (EMBEDDINGS_DIR, METADATA_DIR) if fs.exists(f"{base}/{d}")]
+    if not parts:
+        return
+    manifest = f"{base}/export.json"
+    earlier = json.loads(fs.cat_file(manifest)) if fs.exists(manifest) else {}
+    if earlier.get("format") != "embedding-reader":
+        raise ValueError(f"export folder {storage.redact_uri(out)} holds embeddings/ or metadata/ that no strata "
+                         f"export wrote; choose an empty or new folder for --out")
+    log.info("replacing the earlier export in %s (%s of %s, version %s)", storage.redact_uri(out),
+             earlier.get("layer"), earlier.get("store"), earlier.get("version"))
+    fs.rm(manifest)
+    for path in parts:
+        fs.rm(path, recursive=True)
+
+
 def export_embedding_reader(store, layer: str, out: str, *, storage_options=None) -> str:
     """`<out>/embeddings/emb_NNNNN.npy` (float32) + `<out>/metadata/metadata_NNNNN.parquet` (image_id, row,
     split, labels), one pair per store shard, aligned row for row: what embedding-reader's `parquet_npy`
@@ -52,6 +70,7 @@ def export_embedding_reader(store, layer: str, out: str, *, storage_options=None
     if layer not in store.layer_dims:
         raise ValueError(f"layer {layer!r} not in this feature set; layers: {store.layers}")
     fs, base = _out_folder(out, storage_options)
+    _clear_earlier_export(fs, base, out)
     fs.makedirs(f"{base}/{EMBEDDINGS_DIR}", exist_ok=True)
     fs.makedirs(f"{base}/{METADATA_DIR}", exist_ok=True)
     n = 0
@@ -73,6 +92,7 @@ def export_faiss(store, layer: str, out: str, *, metric: str = "cosine", factory
     """`<out>/index.faiss` whose ids are the store's row numbers, and `<out>/ids.parquet` mapping each id to
     its image_id (and labels). `cosine` L2-normalises rows and searches by inner product; `factory` is a
     faiss.index_factory string (trained on up to FAISS_TRAIN_ROWS rows when it needs training)."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines read like import failures
     import faiss
 
     if layer not in store.layer_dims:
