@@ -345,3 +345,18 @@ def test_auth_errors_do_not_carry_the_secret(s3_bucket) -> None:
     text = "".join(traceback.format_exception(info.value))
     assert "wrong-secret-value-123" not in text
     assert "wrong-secret-value-123" not in repr(storage.redact(fs.storage_options))
+
+
+def test_unknown_s3_options_are_refused_by_name_before_any_request():
+    """s3fs hands unknown names on to aiobotocore, which fails at the first request with a bare TypeError."""
+    from pipeline import storage as st
+
+    with pytest.raises(ValueError, match=r"unknown S3 option\(s\) \['bogus_opt'\] in storage_options; valid: .*'anon'"):
+        st.resolve("s3://bucket/x", {"bogus_opt": 1})
+    with pytest.raises(ValueError, match=r"\['bogus'\] in storage_options.client_kwargs; valid: .*'endpoint_url'"):
+        st.resolve("s3://bucket/x", {"client_kwargs": {"bogus": 1}})
+    with pytest.raises(ValueError, match=r"\['bogus'\] in storage_options.config_kwargs; valid: .*'read_timeout'"):
+        st.resolve("s3://bucket/x", {"config_kwargs": {"bogus": 1}})
+    fs, path = st.resolve("s3://bucket/x", {"key": "k", "secret": "s", "client_kwargs": {"region_name": "eu-west-1"},
+                                             "config_kwargs": {"read_timeout": 5}, "use_listings_cache": False})
+    assert path == "bucket/x"

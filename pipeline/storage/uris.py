@@ -59,6 +59,8 @@ def resolve(
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """Filesystem and in-filesystem path for ``uri`` (plain path, file://, s3://, memory://...)."""
     options = storage_options_for(uri, storage_options)
+    if protocol_of(uri) in S3_PROTOCOLS:
+        check_s3_options(options)
     try:
         return url_to_fs(uri, **options)
     except (ValueError, TypeError, ImportError) as exc:
@@ -67,6 +69,37 @@ def resolve(
             f"cannot open storage {redact_uri(uri)!r} with options {redact(options)}: "
             f"{type(exc).__name__}: {scrub(str(exc), secret_values(options))}"
         ) from None
+
+
+#: fsspec's own options, which every filesystem takes.
+_FSSPEC_OPTIONS = frozenset({"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths",
+                             "batch_size"})
+
+
+def check_s3_options(options: Mapping[str, Any]) -> None:
+    """Refuse option names s3fs would pass on unchecked, to fail only at the first request (an internal-looking
+    TypeError): its own, fsspec's and aiobotocore's session options; client_kwargs and config_kwargs too."""
+    import inspect
+
+    import botocore.config
+    import botocore.session
+    import s3fs
+    from aiobotocore.session import AioSession
+
+    def names(fn) -> set[str]:
+        return {p.name for p in inspect.signature(fn).parameters.values()
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
+
+    levels = [("storage_options", options, names(s3fs.S3FileSystem.__init__) | names(AioSession.__init__)
+               | _FSSPEC_OPTIONS),
+              ("storage_options.client_kwargs", options.get("client_kwargs") or {},
+               names(botocore.session.Session.create_client) - {"service_name"}),
+              ("storage_options.config_kwargs", options.get("config_kwargs") or {},
+               set(botocore.config.Config.OPTION_DEFAULTS))]
+    for where, given, valid in levels:
+        unknown = sorted(set(given) - valid)
+        if unknown:
+            raise ValueError(f"unknown S3 option(s) {unknown} in {where}; valid: {sorted(valid)}")
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
