@@ -36,6 +36,16 @@ def test_map_style_round_trips_the_layer_and_encodes_classes(store):
     assert [ds.classes[k] if k >= 0 else None for k in labels] == list(raw)  # img 7 has no shape: -1
 
 
+def test_a_blank_label_is_missing_as_in_the_probes(tmp_path):
+    store = write_toy_store(tmp_path, blank_shapes=(3, 4))
+    ds = torch_dataset(store, "a", label="shape")
+    assert ds.classes == ["s0", "s1", "s2"]  # not ' ' as a class of its own
+    labels = dict(zip(ds.image_ids, (int(ds[i]["label"]) for i in range(len(ds)))))
+    assert labels["img/0003.png"] == labels["img/0004.png"] == labels["img/0007.png"] == -1
+    others = {i: k for i, k in labels.items() if i not in ("img/0003.png", "img/0004.png", "img/0007.png")}
+    assert all(ds.classes[k] == f"s{int(i[4:8]) % 3}" for i, k in others.items())
+
+
 def test_numeric_labels(store):
     ds = torch_dataset(store, "b", label="weight")
     weights = torch.stack([ds[i]["label"] for i in range(len(ds))]).numpy()

@@ -15,11 +15,12 @@ def failed(i: int) -> bool:
     return i % 13 == 5
 
 
-def write_toy_store(root, *, formats=("zarr", "parquet"), seed=0) -> FeatureStore:
+def write_toy_store(root, *, formats=("zarr", "parquet"), seed=0, blank_shapes=()) -> FeatureStore:
+    """``blank_shapes``: images whose shape label is a blank string (a CSV's empty cell), not a null."""
     rng = np.random.default_rng(seed)
     records = [{"image_id": f"img/{i:04d}.png", "uri": f"file:///data/{i:04d}.png", "fingerprint": str(i),
                 "split": None,
-                "labels": {"shape": None if i == 7 else f"s{i % 3}", "count": i % 5,
+                "labels": {"shape": None if i == 7 else " " if i in blank_shapes else f"s{i % 3}", "count": i % 5,
                            "weight": None if i == 9 else float(i) / 10}}
                for i in range(N)]
     target = StoreTarget(root=str(root), featureset="toy", shard_rows=SHARD_ROWS, chunk_rows=16, formats=formats)

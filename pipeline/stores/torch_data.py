@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import torch
 import torch.utils.data
 
+from ..labels import missing_labels
 from .reader import FeatureStore
 
 #: rows read per request by the iterable dataset (one Zarr chunk of the default store layout)
@@ -26,13 +27,17 @@ def encode_labels(store, column: str) -> tuple[np.ndarray, list | None]:
     """(label per row aligned with the store's index, class names or None for a numeric column).
 
     Integer, boolean and string columns are classes, indexed in sorted order (like torchvision's
-    ImageFolder); a missing label is -1. Float columns stay float (regression), missing as NaN.
+    ImageFolder); a missing label (null, or a blank string, as the probes read it) is -1. Float columns
+    stay float (regression), missing as NaN.
     """
     if column not in store.label_columns:
         raise ValueError(f"unknown label column {column!r}; label columns: {store.label_columns}")
     values = store.index_table().column(column).combine_chunks()
     if pa.types.is_floating(values.type):
         return values.to_numpy(zero_copy_only=False).astype(np.float32), None
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        blank = pa.array(missing_labels(values.to_pylist()))
+        values = pc.if_else(blank, pa.scalar(None, values.type), values)
     present = pc.drop_null(values)
     classes = sorted(pc.unique(present).to_pylist())
     lookup = pc.index_in(values, value_set=pa.array(classes, type=values.type))
