@@ -169,3 +169,12 @@ def test_encode_batches_streams_what_encode_gives():
         want = enc.encode(batch)
         assert all(torch.equal(got[k], want[k]) for k in enc.layers)
     assert list(enc.encode_batches([])) == []
+
+
+def test_layers_listing_refuses_a_pooling_as_an_extract_would():
+    """`strata layers --pooling cls` on a CNN: every layer refused with extract's reason, not '32 (avg)'."""
+    listed = {i.name: i for i in describe_layers("resnet18", pooling="cls")}
+    assert listed["layer2"].dim == 0 and "refused: pooling 'cls' needs a transformer layer" in listed["layer2"].note
+    assert listed["fc"].dim == 0 and "already a vector" in listed["fc"].note
+    multiscale = {i.name: i for i in describe_layers("resnet18", pooling="multiscale")}
+    assert multiscale["layer2"].dim == 128 * 5 and multiscale["layer2"].pooling == "multiscale"

@@ -218,10 +218,11 @@ def describe_layers(name: str, *, weights: str = "random", pooling: str = "avg",
         except LayoutError as e:
             infos.append(LayerInfo(layer, tuple(shape[1:]), "?", pooling, 0, "", str(e)))
             continue
-        pool = pooling
-        if kind.kind == "vector" or (pool in ("cls", "prefix_mean") and kind.prefix_tokens < 1) or (
-                pool == "multiscale" and kind.kind == "tokens" and kind.token_grid is None):
-            pool = "avg"
-        infos.append(LayerInfo(layer, tuple(shape[1:]), kind.kind, pool,
-                               P.pooled_dim(pool, kind, grid=tuple(multiscale_grid)), kind.layout, kind.source))
+        try:  # as an extract would: a pooling this layer cannot take is shown refused, with the reason
+            P.check(pooling, kind, layer=layer, grid=tuple(multiscale_grid), max_spatial_dim=2**62)
+        except ValueError as e:
+            infos.append(LayerInfo(layer, tuple(shape[1:]), kind.kind, pooling, 0, kind.layout, f"refused: {e}"))
+            continue
+        infos.append(LayerInfo(layer, tuple(shape[1:]), kind.kind, pooling,
+                               P.pooled_dim(pooling, kind, grid=tuple(multiscale_grid)), kind.layout, kind.source))
     return infos
