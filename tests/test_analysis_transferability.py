@@ -150,3 +150,15 @@ def test_scores_refuse_a_single_class():
     X, _ = _data(30, 5)
     with pytest.raises(ValueError, match="at least two classes"):
         logme(X, np.zeros(30))
+
+
+def test_knn_accuracy_is_invariant_to_a_relabelling_of_the_classes():
+    """Vote ties go to the tied class with the nearer neighbours (as the kNN probe head), not the first name."""
+    X, y = _data(400, 8, c=6, seed=3, signal=0.4)
+    names = np.array([f"class{i}" for i in range(6)])
+    rng = np.random.default_rng(0)
+    scores = set()
+    for _ in range(6):
+        perm = names[rng.permutation(6)]  # one to one: only the names (and so their order) change
+        scores.add(knn_accuracy(X[:300], perm[y[:300]], X[300:], perm[y[300:]], k=4))
+    assert len(scores) == 1, scores

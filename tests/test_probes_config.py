@@ -65,3 +65,32 @@ def test_probe_values_are_strict(data, needle):
     with pytest.raises(ConfigError) as e:
         ProbeConfig.from_dict(data)
     assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("d, needle", [
+    ({"tasks": ["a"], "layers": []}, "probes.layers is empty"),
+    ({"tasks": ["a"], "layers": ["blocks.2", "blocks.2"]}, "probes.layers lists 'blocks.2' twice"),
+    ({"tasks": ["a", {"name": "a", "type": "classification"}]}, "probes.tasks lists 'a' twice"),
+    ({"tasks": ["a"], "few_shot": [1, 1, None]}, "probes.few_shot lists 1 twice"),
+    ({"tasks": ["a"], "few_shot": [None, 5, None]}, "probes.few_shot lists null twice"),
+    ({"tasks": ["a"], "heads": [{"kind": "knn", "ks": [3, 3]}]}, "head 'knn': ks lists 3 twice"),
+    ({"tasks": ["a"], "heads": [{"kind": "linear", "weight_decays": [1e-3, 0.001]}]},
+     "head 'linear': weight_decays lists 0.001 twice"),
+    ({"tasks": ["a"], "heads": [{"kind": "mlp", "lrs": [0.1, 0.1]}]}, "head 'mlp': lrs lists 0.1 twice"),
+])
+def test_empty_layers_and_duplicates_in_a_grid_axis_are_refused(d, needle):
+    with pytest.raises(ConfigError) as e:
+        ProbeConfig.from_dict(d)
+    assert needle in str(e.value)
+    assert ProbeConfig.from_dict({"tasks": ["a"], "layers": None}).layers is None  # null: every layer
+    assert ProbeConfig.from_dict({"tasks": ["a"], "heads": [{"kind": "mlp", "hidden_sizes": [64, 64]}]})  # not an axis
+
+
+def test_a_probes_prefixed_override_hints_at_the_unprefixed_form(tmp_path):
+    from clirun import assert_fails, strata
+
+    line = assert_fails(strata("probe", "--store", str(tmp_path / "store"), "probes.tasks=[nope]"), 2,
+                        "unknown key(s) ['probes']")
+    assert "without the 'probes.' prefix" in line and "tasks=[...]" in line
+    assert_fails(strata("probe", "--store", str(tmp_path / "store"), "tasks=[digit]", "layers=[]"), 2,
+                 "probes.layers is empty")

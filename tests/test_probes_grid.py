@@ -102,3 +102,27 @@ def test_tasks_of_a_layer_on_the_same_rows_share_one_basis(monkeypatch):
     assert set(out) == {"label", "upper"} and len(calls) == 1
     a, b = (pd.DataFrame(out[t].rows) for t in ("label", "upper"))
     np.testing.assert_allclose(a["val_score"], b["val_score"])  # the same problem, relabelled
+
+
+def test_knn_ks_above_the_training_rows_are_recorded_as_capped_and_kept_once(caplog):
+    index, x = _split_and_features()
+    cfg = ProbeConfig.from_dict({"tasks": ["label"], "device": "cpu", "few_shot": [2],
+                                 "heads": [{"kind": "knn", "ks": [1, 5, 10, 50]}]})
+    split = split_task(index, "label", cfg.split)
+    candidates._KNN_CAPS_LOGGED.clear()
+    with caplog.at_level("INFO", logger="pipeline.probes.candidates"):
+        out = train_group(x, split, "l", cfg)
+        train_group(x, split, "l2", cfg)  # another layer: the capping is logged once
+    df = pd.DataFrame(out.rows)
+    assert (df["n_train"] == 6).all()  # 2 per class, 3 classes
+    ks = [json.loads(h)["k"] for h in df["hparams"]]
+    assert ks == [1, 5, 6]  # 10 and 50 are both a vote over the 6 rows: one head, recorded as k=6
+    assert (df["batch_heads"] == 3).all() and df["selected"].sum() == 1
+    capped = [r for r in caplog.records if "capped" in r.getMessage()]
+    assert len(capped) == 1 and capped[0].levelname == "INFO" and "[10, 50]" in capped[0].getMessage()
+
+    only_big = ProbeConfig.from_dict({"tasks": ["label"], "device": "cpu", "few_shot": [2],
+                                      "heads": [{"kind": "knn", "ks": [10, 50]}]})
+    out = train_group(x, split, "l", only_big)
+    (head,) = out.heads
+    assert head.meta["hparams"]["k"] == 6 and json.loads(out.rows[0]["hparams"])["k"] == 6

@@ -109,3 +109,12 @@ def test_cli_splits_flag_reuses_an_earlier_runs_split(tmp_path, capsys):
                                   check_splits(edited).sort_values("image_id", ignore_index=True), check_dtype=False)
     assert main(args + ["--splits", str(tmp_path / "nope.parquet")]) == 3  # NOT_FOUND
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_split_file_takes_the_split_column_aliases():
+    df = pd.DataFrame({"image_id": ["a", "b", "c", "d", "e"], "task": "t",
+                       "split": ["training", "Validation", "dev ", "testing", "valid"]})
+    assert list(check_splits(df)["split"]) == ["train", "val", "val", "test", "val"]
+    with pytest.raises(ValueError, match=r"split values \['holdout'\] unknown; valid: \['train', 'val', 'test'\] "
+                                         r"\(or .*'validation'"):
+        check_splits(df.assign(split=["train", "val", "test", "holdout", "val"]))

@@ -155,3 +155,21 @@ def test_regression_task_is_inferred_for_float_labels():
     assert s.task_type == "regression" and s.n_missing == 1 and s.classes == ()
     idx["as_float_class"] = idx["label"].str[1:].astype(float)  # 0.0, 1.0, ...: classes, not regression
     assert split_task(idx, "as_float_class", SplitSpec()).task_type == "classification"
+
+
+def test_a_given_split_missing_a_class_or_with_a_single_image_class_is_warned_about(caplog):
+    from pipeline.probes.split_table import check_splits
+
+    idx = _index(n=120, n_classes=3)
+    idx.loc[0, "label"] = "single"
+    split = np.where(np.arange(120) < 80, "train", np.where(np.arange(120) < 100, "val", "test"))
+    val_c2 = (split == "val") & (idx["label"] == "c2").to_numpy()
+    split[val_c2] = "train"  # validation has no c2 row; its row count still exceeds the classes
+    given = check_splits(pd.DataFrame({"image_id": idx["image_id"], "task": "label", "split": split}))
+    with caplog.at_level("WARNING", logger="pipeline.probes.splits"):
+        s = split_task(idx, "label", SplitSpec(), given=given)  # accepted: a warning, not an error
+    assert s.source == "file" and len(s.rows["val"]) >= s.n_classes
+    msgs = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("task 'label'" in m and "val split" in m and "'c2'" in m and "'single'" in m for m in msgs), msgs
+    assert any("single labelled image" in m and "['single']" in m for m in msgs), msgs
+    assert not any("train split" in m for m in msgs)

@@ -188,8 +188,14 @@ def leep_from_posteriors(theta: np.ndarray, codes: np.ndarray, n_classes: int) -
 
 def knn_accuracy(train: np.ndarray, train_labels: Sequence[Any], held_out: np.ndarray,
                  held_out_labels: Sequence[Any], *, k: int = KNN_K, chunk: int = 2048) -> float:
-    """Accuracy on held-out rows of a cosine k-nearest-neighbour majority vote over the training rows."""
+    """Accuracy on held-out rows of a cosine k-nearest-neighbour majority vote over the training rows.
+
+    A tie in votes goes to the tied class whose neighbours have the larger summed similarity (of
+    sigmoid(cosine), as the kNN probe head does), not to a class by its name, so that relabelling
+    the classes one to one leaves the score unchanged.
+    """
     classes, tr = np.unique(np.asarray(train_labels, dtype=object).astype(str), return_inverse=True)
+    tr = tr.ravel()
     te = np.asarray(held_out_labels, dtype=object).astype(str)
     bank = _unit(np.asarray(train, dtype=np.float32))
     q = _unit(np.asarray(held_out, dtype=np.float32))
@@ -198,9 +204,14 @@ def knn_accuracy(train: np.ndarray, train_labels: Sequence[Any], held_out: np.nd
     for lo in range(0, len(q), chunk):
         sim = q[lo:lo + chunk] @ bank.T
         top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        rows = np.repeat(np.arange(len(top)), k)
         votes = np.zeros((len(top), len(classes)))
-        np.add.at(votes, (np.repeat(np.arange(len(top)), k), tr[top].ravel()), 1.0)
-        correct += int(np.sum(classes[votes.argmax(1)] == te[lo:lo + chunk]))  # a tie: the first class
+        np.add.at(votes, (rows, tr[top].ravel()), 1.0)
+        near = np.zeros((len(top), len(classes)))
+        np.add.at(near, (rows, tr[top].ravel()), 1.0 / (1.0 + np.exp(-np.take_along_axis(sim, top, 1).ravel())))
+        tied = votes == votes.max(1, keepdims=True)
+        pred = np.where(tied, near, -np.inf).argmax(1)  # the most votes; among those, the nearest neighbours
+        correct += int(np.sum(classes[pred] == te[lo:lo + chunk]))
     return correct / max(len(q), 1)
 
 

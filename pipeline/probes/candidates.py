@@ -10,6 +10,7 @@ scikit-learn's LogisticRegressionCV over ascending Cs.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,8 +24,11 @@ from pipeline.probes.config import (AutoHeadSpec, HeadSpec, KNNHeadSpec, LinearH
 from pipeline.probes.heads import KNNProbe, LinearProbe, MLPProbe, ProbeHead, PrototypeProbe, choose_head
 from pipeline.probes.lbfgs import LinearFit, SolverSettings, fit_logistic_grid, fit_ridge_grid, row_basis
 
+log = logging.getLogger(__name__)
+
 POLISH_BATCH = 3  # heads refitted together per round: one batch costs about what one head does on narrow layers
 POLISH_SKIP_REL = 1e-2  # a head provably within 1% (relative) of its optimal weights is not refitted
+_KNN_CAPS_LOGGED: set[tuple[tuple[int, ...], int]] = set()  # (ks, training rows) whose capping was logged
 _DEFAULT_SPECS = {"linear": LinearHeadSpec(), "mlp": MLPHeadSpec(), "prototype": PrototypeHeadSpec()}
 
 
@@ -227,17 +231,29 @@ def _adam_candidates(specs, data: GroupData, fit: Fit) -> list[Candidate]:
 
 
 def _knn_candidates(spec: KNNHeadSpec, requested: str, why: str | None, data: GroupData) -> list[Candidate]:
+    """One head per effective k: a k above the training rows votes over all of them, so it is recorded as
+    that many (the saved head too), and ks that come to the same effective k give one head (the first)."""
     z, y, regression, n_out = data.z, data.y, data.regression, data.n_out
     t0 = time.perf_counter()
-    base = data.make(KNNProbe(z["train"].shape[1], n_out, k=spec.ks[0], cosine=spec.cosine, regression=regression))
+    n_train = len(z["train"])
+    ks: list[int] = []
+    for k in spec.ks:
+        if min(k, n_train) not in ks:
+            ks.append(min(k, n_train))
+    capped = [k for k in spec.ks if k > n_train]
+    if capped and (tuple(spec.ks), n_train) not in _KNN_CAPS_LOGGED:  # once, not per layer and task
+        _KNN_CAPS_LOGGED.add((tuple(spec.ks), n_train))
+        log.info("knn head: ks %s exceed the %d training rows and are capped at k=%d (a vote over every row); "
+                 "heads kept: k=%s", capped, n_train, n_train, ks)
+    base = data.make(KNNProbe(z["train"].shape[1], n_out, k=ks[0], cosine=spec.cosine, regression=regression))
     base.set_bank(z["train"], y["train"])
-    scores = base.scores_for_ks(z["val"], list(spec.ks))
-    share = (time.perf_counter() - t0) / len(spec.ks)
+    scores = base.scores_for_ks(z["val"], ks)
+    share = (time.perf_counter() - t0) / len(ks)
     out = []
-    for k, s in zip(spec.ks, scores):
+    for k, s in zip(ks, scores):
         head = data.make(KNNProbe(z["train"].shape[1], n_out, k=k, cosine=spec.cosine, regression=regression))
         head.bank, head.bank_targets = base.bank, base.bank_targets
         pred = (s.squeeze(-1) * head.target_std + head.target_mean) if regression else s.argmax(-1)
         out.append(Candidate("knn", requested, {"k": k, "cosine": spec.cosine}, spec, head, pred.cpu().numpy(),
-                             share, batch_heads=len(spec.ks), auto_reason=why))
+                             share, batch_heads=len(ks), auto_reason=why))
     return out

@@ -192,9 +192,25 @@ class ProbeConfig:
         return dataclasses.asdict(self)
 
 
+def _refuse_duplicates(values, where: str) -> None:
+    """A grid axis lists each value once: a repeated value would train (and select) the same heads twice."""
+    seen: list = []
+    for v in values:
+        if v in seen:
+            show = lambda x: "null" if x is None else repr(x)  # noqa: E731 - as written in YAML
+            raise ValueError(f"{where} lists {show(v)} twice ([{', '.join(map(show, values))}]); give each value "
+                             "once")
+        seen.append(v)
+
+
 def _validate(c: ProbeConfig) -> None:
     if not c.tasks:
         raise ValueError("probes.tasks is empty: name at least one label column")
+    _refuse_duplicates([t.name for t in c.tasks], "probes.tasks")
+    if c.layers is not None:
+        if not c.layers:
+            raise ValueError("probes.layers is empty: name at least one layer, or null for every layer of the store")
+        _refuse_duplicates(c.layers, "probes.layers")
     for t in c.tasks:
         if t.type not in TASK_TYPES:
             raise ValueError(f"task {t.name!r}: type {t.type!r} unknown; valid: {list(TASK_TYPES)}")
@@ -217,6 +233,7 @@ def _validate(c: ProbeConfig) -> None:
     for k in c.few_shot:
         if k is not None and k < 1:
             raise ValueError(f"probes.few_shot: k={k} must be >= 1 (or null for all training data)")
+    _refuse_duplicates(c.few_shot, "probes.few_shot")
     for name in ("epochs", "batch_size"):
         if getattr(c, name) < 1:
             raise ValueError(f"probes.{name} must be >= 1, got {getattr(c, name)}")
@@ -242,6 +259,7 @@ def _validate_head(h: HeadSpec) -> None:
             raise ValueError(f"{where}: {name} is empty; give at least one value")
         if any(v < 0 or (name == "lrs" and v == 0) for v in vals):
             raise ValueError(f"{where}: {name}={list(vals)} must be positive (weight decay may be 0)")
+        _refuse_duplicates(vals, f"{where}: {name}")
     if isinstance(h, LinearHeadSpec):
         if h.solver not in LINEAR_SOLVERS:
             raise ValueError(f"{where}: solver {h.solver!r} unknown; valid: {list(LINEAR_SOLVERS)}")
@@ -259,8 +277,10 @@ def _validate_head(h: HeadSpec) -> None:
             raise ValueError(f"{where}: metric {h.metric!r} unknown; valid: {list(PROTOTYPE_METRICS)}")
         if h.lr <= 0:
             raise ValueError(f"{where}: lr={h.lr} must be positive")
-    if isinstance(h, KNNHeadSpec) and (not h.ks or any(k < 1 for k in h.ks)):
-        raise ValueError(f"{where}: ks={list(h.ks)} must be positive ints, e.g. [1, 10, 20]")
+    if isinstance(h, KNNHeadSpec):
+        if not h.ks or any(k < 1 for k in h.ks):
+            raise ValueError(f"{where}: ks={list(h.ks)} must be positive ints, e.g. [1, 10, 20]")
+        _refuse_duplicates(h.ks, f"{where}: ks")
     if isinstance(h, AutoHeadSpec) and not 0 < h.prototype_below <= h.linear_below:
         raise ValueError(f"{where}: need 0 < prototype_below <= linear_below")
 
@@ -269,7 +289,11 @@ def _check_keys(d: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(d) - set(valid))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {valid}")
+        hint = ""
+        if where == "probes" and "probes" in unknown:  # `probes.tasks=[x]` on the command line: a nested 'probes'
+            hint = ("; probe overrides are written without the 'probes.' prefix, e.g. tasks=[...] or split.seed=1 "
+                    "(the probe settings are already the top level)")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {valid}{hint}")
     return d
 
 

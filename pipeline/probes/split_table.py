@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 
 SPLIT_COLUMNS = ("image_id", "task", "split", "few_shot_k")
 SPLIT_VALUES = ("train", "val", "test")
+SPLIT_ALIASES = {  # the names a split column of the index, or a splits file, may use for each split
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val",
+    "test": "test", "testing": "test",
+}
 
 
 def splits_frame(splits: Mapping[str, "TaskSplit"], few_shot: Sequence[int | None], seed: int) -> pd.DataFrame:
@@ -81,10 +86,12 @@ def check_splits(df: pd.DataFrame, *, where: str = "splits table") -> pd.DataFra
     df["few_shot_k"] = pd.array(pd.to_numeric(df["few_shot_k"]), dtype="Int64")
     df["image_id"] = df["image_id"].astype(str)
     df["task"] = df["task"].astype(str)
-    df["split"] = df["split"].astype(str).str.strip().str.lower()
-    bad = sorted(set(df["split"]) - set(SPLIT_VALUES))
+    raw = df["split"].astype(str)
+    df["split"] = raw.str.strip().str.lower().map(SPLIT_ALIASES)
+    bad = sorted(set(raw[df["split"].isna()]))
     if bad:
-        raise ValueError(f"{where}: split values {bad[:5]} unknown; valid: {list(SPLIT_VALUES)}")
+        raise ValueError(f"{where}: split values {bad[:5]} unknown; valid: {list(SPLIT_VALUES)} (or "
+                         f"{sorted(set(SPLIT_ALIASES) - set(SPLIT_VALUES))})")
     fs_rows = df["few_shot_k"].notna()
     if (df.loc[fs_rows, "split"] != "train").any():
         raise ValueError(f"{where}: few-shot rows (few_shot_k set) must have split 'train'")

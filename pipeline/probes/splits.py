@@ -11,16 +11,12 @@ import pandas as pd
 
 from pipeline.labels import missing_labels, unknown_task_message
 from pipeline.probes.config import SplitSpec, TaskSpec
+from pipeline.probes.split_table import SPLIT_ALIASES as _ALIASES
 from pipeline.probes.split_table import split_from_table
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-_ALIASES = {
-    "train": "train", "training": "train",
-    "val": "val", "valid": "val", "validation": "val", "dev": "val",
-    "test": "test", "testing": "test",
-}
 
 
 @dataclass(frozen=True)
@@ -235,13 +231,35 @@ def _check_sizes(s: TaskSplit, spec: SplitSpec) -> None:
                 raise ValueError(f"task {s.task!r}: the {name} split has {n} rows; at least 2 are needed: {fix}")
         elif n < s.n_classes:
             raise ValueError(f"task {s.task!r}: the {name} split has {n} labelled rows but there are {s.n_classes} "
-                             f"classes; each split needs at least one row per class: {fix}, or merge rare classes")
+                             f"classes; a split needs at least as many rows as classes: {fix}, or merge rare classes")
     if s.task_type == "classification":
         absent = sorted(set(range(s.n_classes)) - set(s.targets[s.rows["train"]].tolist()))
         if absent:
             names = [s.classes[c] for c in absent][:10]
             raise ValueError(f"task {s.task!r}: classes {names} have no training rows: add training examples of "
                              "them or drop those labels")
+        _warn_thin_classes(s, needed)
+
+
+def _warn_thin_classes(s: TaskSplit, splits: tuple[str, ...]) -> None:
+    """Warn (not refuse: a class of one image cannot be in every split) about classes a split has no row of,
+    and about classes with a single labelled image."""
+    for name in splits:
+        absent = sorted(set(range(s.n_classes)) - set(s.targets[s.rows[name]].tolist()))
+        if absent:
+            log.warning("task %r: the %s split (%s) has no row of %d of the %d classes, e.g. %s; its %s metrics say "
+                        "nothing about them", s.task, name, s.source, len(absent), s.n_classes,
+                        [s.classes[c] for c in absent[:5]], "selection" if name == "val" else name)
+    for k, rows in sorted(s.given_few_shot.items()):
+        absent = sorted(set(range(s.n_classes)) - set(s.targets[rows].tolist()))
+        if absent:
+            log.warning("task %r: the few-shot k=%d training subset (%s) has no row of %d of the %d classes, e.g. %s",
+                        s.task, k, s.source, len(absent), s.n_classes, [s.classes[c] for c in absent[:5]])
+    counts = np.bincount(s.targets[s.targets >= 0], minlength=s.n_classes)
+    single = np.flatnonzero(counts == 1)
+    if len(single):
+        log.warning("task %r: %d classes have a single labelled image, e.g. %s; such a class is in one split "
+                    "only", s.task, len(single), [s.classes[c] for c in single[:5]])
 
 
 def _hash_order(ids: np.ndarray, seed: int) -> np.ndarray:
