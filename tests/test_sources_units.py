@@ -80,7 +80,9 @@ def test_manifest_units(shapes, small_pages, kind, caplog):
 def test_manifest_duplicates_are_refused(tmp_path, shapes):
     lines = (shapes / "manifest.csv").read_text().splitlines()
     (shapes / "dup.csv").write_text("\n".join([*lines, lines[5]]) + "\n")
-    with pytest.raises(ValueError, match="duplicate image ids"):
+    dup = lines[5].split(",")[1]
+    with pytest.raises(ValueError, match=rf"1 image id\(s\) listed more than once, e.g. \['{dup}'\]; ids must be "
+                                         rf"unique: name a unique column in source.options.id_column"):
         list(ManifestSource(str(shapes / "dup.csv")).list_units())
 
 

@@ -103,7 +103,7 @@ class ManifestSource(Source):
                            storage_options=self.storage_options)
         records = self.records(table, fingerprints=True)
         logger.info("listed %d images from manifest %s", len(records), self.manifest_uri)
-        return sorted_unique(records, hint="; pass id_column= naming a unique column")
+        return sorted_unique(records, hint="; name a unique column in source.options.id_column")
 
     def list_units(self) -> Iterator[WorkUnit]:
         """Content-defined pages of the manifest's rows, streamed: the driver keeps units (and an 8-byte hash

@@ -74,7 +74,7 @@ def list_manifest_units(source: ManifestSource) -> Iterator[WorkUnit]:
     for page in paginate(rows_of(), _units.PAGE_IMAGES):
         pages.append((page, start))
         start += page.count
-    _refuse_duplicates(source, seen)
+    _refuse_duplicates(source, seen, fmt)
     known = source.fingerprint_column is not None
     types = {f.name: str(f.type) for f in schema} if schema is not None else {}
     offsets = _line_offsets(source, fmt, [s for _, s in pages] + [start]) if fmt in ("csv", "tsv") else None
@@ -152,10 +152,18 @@ def _ends_with_newline(fs, path: str, size: int) -> bool:
         return f.read(1) == b"\n"
 
 
-def _refuse_duplicates(source: ManifestSource, seen: list[np.ndarray]) -> None:
+def _refuse_duplicates(source: ManifestSource, seen: list[np.ndarray], fmt: str) -> None:
+    """The listing keeps only id hashes; on a clash the manifest is read again to name a few duplicates."""
     hashes = np.sort(np.concatenate(seen)) if seen else np.zeros(0, np.uint64)
-    if len(hashes) and (hashes[1:] == hashes[:-1]).any():
-        raise ValueError(f"{source.manifest_uri}: duplicate image ids (pass id_column= naming a unique column)")
+    if not len(hashes) or not (hashes[1:] == hashes[:-1]).any():
+        return
+    clashes = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    wanted = set(clashes[:5].tolist())
+    names = sorted({r.image_id for table in _batches(source, fmt) for r in source.records(table, fingerprints=False)
+                    if _h64(r.image_id) in wanted})
+    raise ValueError(f"{source.manifest_uri}: {len(clashes)} image id(s) listed more than once, e.g. {names}; ids must "
+                     f"be unique: name a unique column in source.options.id_column (default: the image_id column, "
+                     f"else the URI)")
 
 
 def _h64(text: str) -> int:

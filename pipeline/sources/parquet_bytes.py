@@ -64,7 +64,7 @@ class ParquetBytesSource(SharedFileSource):
     """
 
     uri_or_glob: str
-    duplicate_hint = "; pass id_column= naming a unique column"
+    duplicate_hint = "; name a unique column in source.options.id_column"
     _: KW_ONLY
     image_column: str | None = "image"
     id_column: str | None = None
