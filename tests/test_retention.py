@@ -59,6 +59,10 @@ def test_retain_compacts_and_reclaims(tmp_path):
     assert size_before - size_after >= result.bytes_freed * 0.9
     with pytest.raises(ValueError, match="version 1 not found"):
         FeatureStore(t.uri, version=1)
+    for wrong in ("4", True, 4.0):  # "4" read 'version 4 not found; committed versions: [4]'; True opened v1
+        with pytest.raises(TypeError, match=r"version must be a committed version number \(int\), got"):
+            FeatureStore(t.uri, version=wrong)
+    assert FeatureStore(t.uri, version=np.int64(4)).version == 4
 
 
 def test_kept_versions_stay_byte_identical(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +42,9 @@ class FeatureStore:
         versions = list_versions(self.fs, self.base)
         if not versions:
             raise NoCommittedVersionError(f"feature set {storage.redact_uri(uri)} has no committed version yet")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, numbers.Integral)):
+            raise TypeError(f"version must be a committed version number (int), got {version!r}; committed "
+                            f"versions: {versions}")
         if version is None:
             version = versions[-1]
         elif version not in versions:
