@@ -117,6 +117,7 @@ def test_retain_dry_run_and_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "would compact 3 segment(s) (9 live rows) into version 4" in out
     assert "kept versions [4]; would remove versions [1, 2, 3]" in out  # what the real run below does
+    would = out.split("would remove versions [1, 2, 3], ")[1].split(" blocks")[0]
     assert _files(base) == files and FeatureStore(t.uri).versions() == [1, 2, 3]
     assert main(["versions", t.uri]) == 0
     assert capsys.readouterr().out.count("\n") == 3
@@ -124,6 +125,7 @@ def test_retain_dry_run_and_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "compacted 3 segment(s) (9 live rows) into version 4" in out and "MB freed" in out
     assert "kept versions [4]; removed versions [1, 2, 3]" in out
+    assert out.split("removed versions [1, 2, 3], ")[1].split(" blocks")[0] == would  # files, MB and blocks
     assert main(["retain", t.uri, "--keep", "0"]) == 2
     assert main(["retain", t.uri, "--keep", "1", "--grace-hours", "-5"]) == 2
     capsys.readouterr()

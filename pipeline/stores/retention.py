@@ -7,6 +7,7 @@ are deleted after the same grace. Kept versions, pinned or not, stay byte-identi
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -59,9 +60,13 @@ def retain(uri: str, *, keep: int, storage_options: Mapping[str, Any] | None = N
     if pending:  # the real run commits the compaction first: one more version to count
         versions = [*versions, versions[-1] + 1]
     kept, removed = versions[-keep:], versions[:-keep]
-    # a pending compaction's version is stood in for by the latest one: its rewritten segments' old files
-    # count as kept, so a dry run may under-state the bytes freed, never the versions removed
+    # a pending compaction's version is stood in for by the latest one less the segments it rewrites (their
+    # new blocks do not exist yet, so the bytes it writes are not counted against those freed)
     kept_docs = [read_version(fs, base, min(v, versions[-2] if pending else v), meta=meta) for v in kept]
+    if pending:
+        rewritten = set(compaction.segments_rewritten)
+        kept_docs[-1] = dataclasses.replace(kept_docs[-1], segments=[seg for seg in kept_docs[-1].segments
+                                                                     if seg.block not in rewritten])
     removed_docs = [read_version(fs, base, v, meta=meta) for v in removed]
     live_files, live_blocks = _referenced(kept_docs, meta)
     dead_files, dead_blocks = _referenced(removed_docs, meta)
