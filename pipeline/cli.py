@@ -108,9 +108,23 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
-    page = build_report(args.store, args.out, map_sample=args.map_sample)
-    print(f"report: {page} (numbers: {page.parent / 'report.json'})")
+    page = build_report(args.store, args.out, map_sample=args.map_sample, results=args.results)
+    page = str(page)
+    print(f"report: {page} (numbers: {page.rsplit('/', 1)[0]}/report.json)")
     return 0
+
+
+def _map_sample(text: str) -> int:
+    """--map-sample: an integer >= 3 (a 2-D map needs three points), checked before any work."""
+    from .report.build import MIN_MAP_SAMPLE
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {MIN_MAP_SAMPLE}, got {text!r}") from None
+    if n < MIN_MAP_SAMPLE:
+        raise argparse.ArgumentTypeError(f"must be >= {MIN_MAP_SAMPLE} (images per map), got {n}")
+    return n
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
@@ -290,8 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = command("report", "write the transferability report (static HTML + JSON)", _cmd_report)
     s.add_argument("--store", action="append", required=True, help="feature set URI (repeat to compare encoders)")
-    s.add_argument("--out", required=True, help="output folder for index.html and report.json")
-    s.add_argument("--map-sample", type=int, default=1000, help="images per map (a seeded sample; the page says how many)")
+    s.add_argument("--out", required=True,
+                   help="output folder for index.html and report.json (any fsspec URI: local, s3://...)")
+    s.add_argument("--map-sample", type=_map_sample, default=1000,
+                   help="images per map, at least 3 (a seeded sample; the page says how many)")
+    s.add_argument("--results", action="append", default=None, metavar="URI",
+                   help="probe results folder to report (strata probe output), one per --store in the same order; "
+                        "default: the store's newest results (of its latest version, else of an earlier one), "
+                        "else a default probe grid run by the report")
 
     s = command("neighbors", "nearest images by cosine similarity in one layer", cli_store.cmd_neighbors)
     s.add_argument("--store", required=True)

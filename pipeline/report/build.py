@@ -10,14 +10,16 @@ import datetime as dt
 import io
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .. import analysis
+from .. import analysis, storage
 from ..analysis.score_table import SCORE_LABELS, rank_agreement
 from ..labels import missing_labels
 from ..probes.config import ProbeConfig, SplitSpec
@@ -35,19 +37,112 @@ DEFAULT_FEW_SHOT = (1, 5, 10, 20, None)
 THUMBNAILS = 600
 
 
-def latest_probe_results(store: FeatureStore) -> tuple[pd.DataFrame, pd.DataFrame | None, dict] | None:
-    """The newest probe results written for this store version, its splits table and config, if any."""
-    pattern = f"{store.base}/probes/v{store.version}-*/results.parquet"
-    paths = sorted(store.fs.glob(pattern), key=lambda p: store.fs.info(p).get("mtime", 0) or 0)
-    if not paths:
-        return None
-    folder = paths[-1].rsplit("/", 1)[0]
-    results = pd.read_parquet(io.BytesIO(store.fs.cat_file(paths[-1])))
+@dataclass
+class ProbeSource:
+    """The probe results a feature set's part of the report is drawn from, and where they came from."""
+
+    results: pd.DataFrame
+    splits: pd.DataFrame | None
+    config: dict
+    uri: str | None             # the results folder (credentials redacted); None when the report ran them and
+                                # they could not be located
+    version: int | None         # the store version they were computed on (None: not recorded)
+    origin: str                 # "store" (found under <store>/probes), "given" (--results) or "default" (run here)
+
+    def describe(self, latest: int | None) -> dict[str, Any]:
+        """What report.json and the page say about these results (latest: the store version reported)."""
+        predates = self.version is not None and latest is not None and self.version < latest
+        if self.origin == "default":
+            text = f"default probes run by the report (linear, prototype and kNN heads) on store version {self.version}"
+            if self.uri:
+                text += f", saved to {self.uri}"
+        else:
+            on = f"store version {self.version}" if self.version is not None else "an unrecorded store version"
+            how = "given with --results" if self.origin == "given" else "the newest under the store's probes/"
+            text = f"probe results {self.uri} ({how}), computed on {on}"
+            if predates:
+                text += (f"; the store is now at version {latest}: these probes predate the refresh (re-run "
+                         "`strata probe` to probe the current version)")
+        return {"source": self.origin if self.origin != "default" else "default probes run by the report",
+                "uri": self.uri, "store_version": self.version, "report_store_version": latest,
+                "predates_refresh": predates, "text": text}
+
+
+_VERSION_DIR = re.compile(r"^v(\d+)-")
+
+
+def _mtime(info: Mapping[str, Any]) -> float:
+    """A file's modification time from fsspec info (local mtime, S3 LastModified), 0 when unknown."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if isinstance(v, dt.datetime):
+            return v.timestamp()
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            try:
+                return dt.datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return 0.0
+
+
+def _folder_version(folder: str) -> int | None:
+    m = _VERSION_DIR.match(folder.rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
+def _read_results(fs, folder: str, uri: str, origin: str) -> ProbeSource:
+    results = pd.read_parquet(io.BytesIO(fs.cat_file(f"{folder}/results.parquet")))
     splits = None
-    if store.fs.exists(f"{folder}/splits.parquet"):
-        splits = check_splits(pd.read_parquet(io.BytesIO(store.fs.cat_file(f"{folder}/splits.parquet"))))
-    config = json.loads(store.fs.cat_file(f"{folder}/config.json")) if store.fs.exists(f"{folder}/config.json") else {}
-    return results, splits, config
+    if fs.exists(f"{folder}/splits.parquet"):
+        splits = check_splits(pd.read_parquet(io.BytesIO(fs.cat_file(f"{folder}/splits.parquet"))))
+    config = json.loads(fs.cat_file(f"{folder}/config.json")) if fs.exists(f"{folder}/config.json") else {}
+    recorded = (config.get("store") or {}).get("version") if isinstance(config, dict) else None
+    version = int(recorded) if isinstance(recorded, (int, np.integer)) else _folder_version(folder)
+    return ProbeSource(results, splits, config, storage.redact_uri(uri), version, origin)
+
+
+def find_probe_results(store: FeatureStore) -> ProbeSource | None:
+    """The newest probe results of the store's version; else the newest of the latest earlier version that has
+    some (a warning says they predate the refresh); None when the store has none."""
+    paths = store.fs.glob(f"{store.base}/probes/v*-*/results.parquet")
+    by_version: dict[int, list[str]] = {}
+    for path in paths:
+        v = _folder_version(path.rsplit("/", 1)[0])
+        if v is not None and v <= store.version:
+            by_version.setdefault(v, []).append(path)
+    if not by_version:
+        return None
+    version = store.version if store.version in by_version else max(by_version)
+    newest = max(by_version[version], key=lambda p: (_mtime(store.fs.info(p)), p))
+    folder = newest.rsplit("/", 1)[0]
+    found = _read_results(store.fs, folder, f"{store.uri}/probes/{folder.rsplit('/', 1)[-1]}", "store")
+    if version != store.version:
+        log.warning("report: %s has no probe results for its latest version %d; using those of version %d (%s): "
+                    "the probes predate the refresh", storage.redact_uri(store.uri), store.version, version,
+                    found.uri)
+    return found
+
+
+def latest_probe_results(store: FeatureStore) -> tuple[pd.DataFrame, pd.DataFrame | None, dict] | None:
+    """(results, splits table, config) of find_probe_results, or None."""
+    found = find_probe_results(store)
+    return None if found is None else (found.results, found.splits, found.config)
+
+
+def read_probe_results(uri: str, storage_options: Mapping[str, Any] | None = None) -> ProbeSource:
+    """A probe results folder (`strata probe` output: results.parquet, splits.parquet, config.json) at any URI."""
+    fs, folder = storage.resolve(uri, storage_options)
+    folder = folder.rstrip("/")
+    if not fs.exists(f"{folder}/results.parquet"):
+        if fs.isfile(folder) and folder.endswith(".parquet"):
+            raise ValueError(f"--results {storage.redact_uri(uri)} is a file: name the probe results folder "
+                             "that holds results.parquet")
+        raise FileNotFoundError(f"no probe results at {storage.redact_uri(uri)} (no results.parquet there)")
+    return _read_results(fs, folder, uri.rstrip("/"), "given")
 
 
 def default_probe_config(store: FeatureStore) -> ProbeConfig:
@@ -111,16 +206,19 @@ def analyse_store(store: FeatureStore, *, results: pd.DataFrame, splits_table: p
                                                 leep_by_task)
     recs = analysis.recommend_from_results(results, probed, leep=leep_by_task or None, scores=scores,
                                            logit_layers=LOGIT_LAYERS)
-    few_rows, sec.few_shot = sections.few_shot_figures(results, probed, best)
+    few_rows, sec.few_shot, sec.few_shot_notes = sections.few_shot_figures(results, probed, best)
     sec.maps = sections.map_figures(store, tasks, best, sample=map_sample,
                                     numeric=[t for t in tasks if t not in classification])
     data = {
         "summary": store.summary(),
         "matrix": {"tasks": tasks, "layers": probed,
                    "val_accuracy": _pivot(chosen, tasks, probed, "val_accuracy"),
-                   "test_accuracy": _pivot(chosen, tasks, probed, "test_accuracy")},
+                   "test_accuracy": _pivot(chosen, tasks, probed, "test_accuracy"),
+                   "val_score": _pivot(chosen, tasks, probed, "val_score")},
         "matrix_rows": sections.records(chosen.drop(columns=["hparams"])),
         "best_layer": best,
+        "selection_metric": sections.selection_metrics(chosen),
+        "few_shot_notes": list(sec.few_shot_notes),
         "cka": {"layers": cka.layers, "matrix": cka.matrix.tolist()},
         "geometry": geometry,
         "clusters": clusters,
@@ -144,24 +242,66 @@ def _pivot(chosen: pd.DataFrame, tasks: list[str], layers: list[str], column: st
                                                                               ).to_numpy(float).tolist()
 
 
+MIN_MAP_SAMPLE = 3  # a 2-D map (t-SNE / UMAP) needs at least 3 points
+
+
+def check_map_sample(map_sample: int) -> None:
+    if isinstance(map_sample, bool) or not isinstance(map_sample, (int, np.integer)) or map_sample < MIN_MAP_SAMPLE:
+        raise ValueError(f"--map-sample must be an integer >= {MIN_MAP_SAMPLE} (images per map), got {map_sample!r}")
+
+
+def check_out(out_dir: str | Path, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """(filesystem, folder) of the report's output folder, any fsspec URI; a file there (or, on local disk, a
+    file where one of its parent folders should be) is refused with a ValueError."""
+    uri = str(out_dir)
+    fs, path = storage.resolve(uri, storage_options)
+    path = path.rstrip("/") or path
+    shown = storage.redact_uri(uri)
+    if fs.isfile(path):
+        raise ValueError(f"--out {shown} is a file: name a folder for index.html and report.json")
+    if storage.is_local(fs):
+        for parent in Path(path).parents:
+            if parent.is_file():
+                raise ValueError(f"--out {shown}: {parent} is a file, not a folder")
+    return fs, path
+
+
 def build_report(store_uris: Sequence[str], out_dir: str | Path, *, storage_options: Mapping[str, Any] | None = None,
-                 map_sample: int = 1000, thumbnail_limit: int = THUMBNAILS) -> Path:
-    """Write `index.html` (self-contained) and `report.json` to out_dir; returns the HTML path."""
+                 map_sample: int = 1000, thumbnail_limit: int = THUMBNAILS,
+                 results: Sequence[str] | None = None) -> Path | str:
+    """Write `index.html` (self-contained) and `report.json` to out_dir, any fsspec URI (local folder, s3://...);
+    returns the page: a Path on local disk, else its URI (credentials redacted).
+
+    `results`: probe results folders, one per store in the same order (`strata probe` output); without, each
+    store's newest results for its latest version, else for an earlier version (a warning names it), else a
+    default probe grid run here. The page and report.json say which results were used.
+    """
     from ..probes.job import run_probes
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_map_sample(map_sample)
+    store_uris = list(store_uris)
+    given = list(results or [])
+    if given and len(given) != len(store_uris):
+        raise ValueError(f"--results given {len(given)} time(s) for {len(store_uris)} --store: give one results "
+                         "folder per store, in the same order")
+    out_fs, out_path = check_out(out_dir, storage_options)
+    sources: list[ProbeSource | None] = [read_probe_results(u, storage_options) for u in given]
+    sources = sources or [None] * len(store_uris)
     featuresets, secs = [], {}
     stores = [FeatureStore(u, storage_options=storage_options) for u in store_uris]
-    for store in stores:
-        found = latest_probe_results(store)
+    for store, found in zip(stores, sources):
+        if found is not None:
+            _check_given(found, store)
+        else:
+            found = find_probe_results(store)
         if found is None:
-            log.info("no probe results for %s yet: running the default probes", store.uri)
+            log.info("no probe results for %s yet: running the default probes", storage.redact_uri(store.uri))
             run = run_probes(store.uri, default_probe_config(store), storage_options=storage_options)
-            found = (run.results.table, run.results.splits, run.results.config or {})
-        results, splits_table, config = found
-        data, sec = analyse_store(store, results=results, splits_table=splits_table, probe_config=config,
+            found = ProbeSource(run.results.table, run.results.splits, run.results.config or {},
+                                storage.redact_uri(run.out_uri), run.store_version, "default")
+        data, sec = analyse_store(store, results=found.results, splits_table=found.splits, probe_config=found.config,
                                   map_sample=map_sample)
+        data["probe_results"] = found.describe(store.version)
         featuresets.append(data)
         secs[data["summary"]["featureset"]] = sec
     thumbs = _thumbs(stores, secs, thumbnail_limit, storage_options)
@@ -178,10 +318,31 @@ def build_report(store_uris: Sequence[str], out_dir: str | Path, *, storage_opti
                                                             title=f"CKA: {a.provenance['encoder']} (rows) vs "
                                                                   f"{b.provenance['encoder']} (columns)",
                                                             vmin=0, vmax=1))])
-    (out / "report.json").write_text(json.dumps(html.finite(report), indent=2, default=_json_default))
-    page = out / "index.html"
-    page.write_text(html.render(report, secs, thumbs), encoding="utf-8")
-    return page
+    files = {"report.json": json.dumps(html.finite(report), indent=2, default=_json_default).encode(),
+             "index.html": html.render(report, secs, thumbs).encode("utf-8")}
+    out_fs.makedirs(out_path, exist_ok=True)
+    for name, data in files.items():  # the page last: a reader who sees it finds its numbers too
+        storage.atomic_write_bytes(out_fs, f"{out_path}/{name}", data)
+    if storage.is_local(out_fs):
+        return Path(out_path) / "index.html"
+    log.info("report written to %s", storage.redact_uri(str(out_dir)))
+    return f"{storage.redact_uri(str(out_dir).rstrip('/'))}/index.html"
+
+
+def _check_given(found: ProbeSource, store: FeatureStore) -> None:
+    """Results given with --results must be of this feature set and not of a later version than it has."""
+    recorded = (found.config.get("store") or {}) if isinstance(found.config, dict) else {}
+    name = recorded.get("featureset")
+    if name and name != store.meta["featureset"]:
+        raise ValueError(f"--results {found.uri} were computed on feature set {name!r}, not on "
+                         f"{store.meta['featureset']!r} ({storage.redact_uri(store.uri)})")
+    if found.version is not None and found.version > store.version:
+        raise ValueError(f"--results {found.uri} were computed on version {found.version} of "
+                         f"{store.meta['featureset']!r}, which has versions up to {store.version}")
+    if found.version is not None and found.version < store.version:
+        log.warning("report: the given results %s were computed on version %d of %s, now at version %d: the "
+                    "probes predate the refresh", found.uri, found.version, storage.redact_uri(store.uri),
+                    store.version)
 
 
 def _thumbs(stores, secs: dict[str, Section], limit: int, storage_options) -> dict[str, str]:
@@ -217,6 +378,9 @@ def compare(featuresets: list[dict], shared: float = 1.0) -> dict[str, Any]:
             row = {"featureset": fs["summary"]["featureset"], "encoder": fs["summary"]["encoder"], "task": task,
                    "best_layer": layer, "val_accuracy": fs["matrix"]["val_accuracy"][i][j],
                    "test_accuracy": fs["matrix"]["test_accuracy"][i][j]}
+            if fs["matrix"].get("val_score") is not None:
+                row["selection_metric"] = (fs.get("selection_metric") or {}).get(task, "accuracy")
+                row["val_score"] = fs["matrix"]["val_score"][i][j]
             mine = scores[scores["task"] == task] if len(scores) else scores
             if len(mine):
                 last = mine.iloc[-1]  # layers are in early-to-late order

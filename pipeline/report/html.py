@@ -31,6 +31,7 @@ class Section:
 
     figures: list[tuple[str, str]] = field(default_factory=list)  # (caption, svg)
     few_shot: list[tuple[str, str]] = field(default_factory=list)
+    few_shot_notes: list[str] = field(default_factory=list)  # tasks with nothing to draw, one line each
     maps: list[MapFigure] = field(default_factory=list)
 
 
@@ -164,22 +165,41 @@ def render(report: dict, sections: dict[str, Section], thumbs: dict[str, str]) -
     return "\n".join(parts)
 
 
+def _selection_note(fs: dict) -> str:
+    """Which validation metric chose the heads and layers (probes.selection_metric), when not plain accuracy."""
+    by = fs.get("selection_metric") or {}
+    other = {t: m for t, m in by.items() if m not in ("accuracy", "r2")}
+    if not other:
+        return ""
+    names = sorted(set(other.values()))
+    tasks = ", ".join(sorted(other))
+    return (f"<p class='muted'>Heads and best layers are chosen on validation {esc(' / '.join(names))} (the probes' "
+            f"selection_metric; tasks: {esc(tasks)}), the val_score column; accuracy figures are shown as "
+            "measured.</p>")
+
+
 def _featureset(fs: dict, sec: Section) -> str:
     name = fs["summary"]["featureset"]
-    p = [f"<h2 id='{esc(name)}'>{esc(name)}</h2>",
-         "<h3>Recommendation per task</h3>"
-         + table(fs["recommendations"], ["task", "action", "best_layer", "score_used", "reasons"]),
-         "<div class='figs'>" + "".join(_figure(c, s) for c, s in sec.figures) + "</div>",
-         "<h3>Probe accuracy per task and layer (head selected on validation)</h3>" + table(fs["matrix_rows"])]
+    used = fs.get("probe_results") or {}
+    p = [f"<h2 id='{esc(name)}'>{esc(name)}</h2>"]
+    if used:
+        p.append(f"<p class='probe-results'>Probe results used: {esc(used.get('text', ''))}</p>")
+    p += ["<h3>Recommendation per task</h3>"
+          + table(fs["recommendations"], ["task", "action", "best_layer", "score_used", "reasons"]),
+          "<div class='figs'>" + "".join(_figure(c, s) for c, s in sec.figures) + "</div>",
+          "<h3>Probe accuracy per task and layer (head selected on validation)</h3>" + _selection_note(fs)
+          + table(fs["matrix_rows"])]
     p.append("<h3>Few-shot curves</h3>")
     if sec.few_shot:
-        p.append("<p class='muted'>Test accuracy of the validation-selected head against training examples per "
-                 "class (k); 'all' is the full training split. Per layer, and per head kind at the task's best "
-                 "layer: where prototypes, linear and MLP heads cross shows which head suits how much data.</p>")
+        p.append("<p class='muted'>Test accuracy (validation where a caption says so) of the validation-selected "
+                 "head against training examples per class (k); 'all' is the full training split. Per layer, and "
+                 "per head kind at the task's best layer: where prototypes, linear and MLP heads cross shows which "
+                 "head suits how much data.</p>")
         p.append("<div class='figs'>" + "".join(_figure(c, s) for c, s in sec.few_shot) + "</div>")
-    else:
+    elif not sec.few_shot_notes:
         p.append("<p class='muted'>The probe results have no few-shot runs: set probes.few_shot (e.g. "
                  "[1, 5, 10, 20, null]) to see accuracy against data size.</p>")
+    p += [f"<p class='muted few-shot-note'>{esc(note)}</p>" for note in sec.few_shot_notes]
     p.append("<h3>Transferability scores per task and layer</h3>"
              "<p class='muted'>Computed on each task's training rows (standardised), without training a probe. "
              "Below: each score's rank agreement with the probes' accuracy across layers (Kendall tau on "

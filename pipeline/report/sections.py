@@ -38,28 +38,54 @@ def feature_layers(store: FeatureStore) -> list[str]:
     return [layer for layer in layer_order(store) if layer not in LOGIT_LAYERS]
 
 
+CHOSEN_COLUMNS = ["task", "layer", "head", "hparams", "metric", "selection_metric", "val_score", "val_accuracy",
+                  "test_accuracy"]
+
+
 def chosen_heads(results: pd.DataFrame, layers: Sequence[str]) -> pd.DataFrame:
-    """Per (task, layer), full data: the head selected on validation, with its val and test accuracy (or r2)."""
+    """Per (task, layer), full data: the head selected on validation, with its val and test accuracy (or r2).
+
+    `selection_metric` and `val_score` are the probes' own choice (probes.selection_metric, e.g.
+    balanced_accuracy; r2 for regression): heads and layers are ranked by `val_score`; results without that
+    column (older ones) rank by validation accuracy, as they were selected.
+    """
     ok = results[(results["status"] == "ok") & results["selected"].astype(bool) & results["few_shot"].isna()]
     ok = ok[ok["layer"].isin(layers)]
     rows = []
     for (task, layer), g in ok.groupby(["task", "layer"], sort=False):
-        r = g.iloc[0]
-        metric = "r2" if r["task_type"] == "regression" else "accuracy"
+        regression = g["task_type"].iloc[0] == "regression"
+        metric = "r2" if regression else "accuracy"
+        score = g["val_score"].astype(float) if "val_score" in g else pd.Series(np.nan, index=g.index)
+        if score.isna().all():
+            score = g[f"val_{metric}"].astype(float)
+        r = g.loc[score.fillna(-np.inf).idxmax()]
+        chosen_by = r.get("selection_metric") if "selection_metric" in g else None
+        if not isinstance(chosen_by, str) or not chosen_by:
+            chosen_by = metric
         rows.append({"task": task, "layer": layer, "head": r["head"], "hparams": r["hparams"], "metric": metric,
+                     "selection_metric": chosen_by, "val_score": float(score.loc[r.name]),
                      "val_accuracy": float(r[f"val_{metric}"]), "test_accuracy": float(r[f"test_{metric}"])})
-    df = pd.DataFrame(rows, columns=["task", "layer", "head", "hparams", "metric", "val_accuracy", "test_accuracy"])
+    df = pd.DataFrame(rows, columns=CHOSEN_COLUMNS)
     df["order"] = df["layer"].map({name: i for i, name in enumerate(layers)})
     return df.sort_values(["task", "order"]).drop(columns="order").reset_index(drop=True)
 
 
 def best_layers(chosen: pd.DataFrame) -> dict[str, str]:
-    """task -> the layer whose selected head has the best validation score (first in layer order on ties)."""
+    """task -> the layer whose selected head has the best validation score, by the probes' selection metric
+    (`val_score`; validation accuracy when absent), first in layer order on ties."""
+    column = "val_score" if "val_score" in chosen else "val_accuracy"
     out = {}
     for task, g in chosen.groupby("task", sort=True):
-        v = g["val_accuracy"].astype(float).fillna(-np.inf).to_numpy()
-        out[task] = str(g["layer"].iloc[int(np.argmax(v))])
+        v = g[column].astype(float)
+        if v.isna().all():
+            v = g["val_accuracy"].astype(float)
+        out[task] = str(g["layer"].iloc[int(np.argmax(v.fillna(-np.inf).to_numpy()))])
     return out
+
+
+def selection_metrics(chosen: pd.DataFrame) -> dict[str, str]:
+    """task -> the validation metric its heads and layers were chosen by."""
+    return {str(t): str(g["selection_metric"].iloc[0]) for t, g in chosen.groupby("task", sort=True)}
 
 
 def task_splits(store: FeatureStore, tasks: Sequence[str], splits_table: pd.DataFrame | None,
@@ -76,37 +102,55 @@ def task_splits(store: FeatureStore, tasks: Sequence[str], splits_table: pd.Data
     return out
 
 
-def few_shot_figures(results: pd.DataFrame, layers: Sequence[str], best: dict[str, str]) -> tuple[list, list]:
-    """(rows for report.json, (caption, svg) figures): test accuracy of the validation-selected head vs k."""
+NO_TEST = "the probes had no test split (split.test = 0)"
+
+
+def few_shot_figures(results: pd.DataFrame, layers: Sequence[str], best: dict[str, str]
+                     ) -> tuple[list, list, list[str]]:
+    """(rows for report.json, (caption, svg) figures, notes): test accuracy of the validation-selected head vs k.
+
+    A task whose probes had no test split is drawn on validation values (the caption says so: they are the
+    values the heads were selected on); a task with nothing to draw gets a note, never an empty chart.
+    """
     ok = results[(results["status"] == "ok") & results["layer"].isin(layers)]
     if not ok["few_shot"].notna().any():
-        return [], []
+        return [], [], []
     ks = sorted(int(k) for k in ok["few_shot"].dropna().unique())
     x = [str(k) for k in ks] + (["all"] if ok["few_shot"].isna().any() else [])
     key = ok["few_shot"].astype("Float64").fillna(np.inf)
-    rows, figs = [], []
+    rows, figs, notes = [], [], []
     for task, g in ok.groupby("task", sort=True):
-        metric = "test_r2" if (g["task_type"] == "regression").any() else "test_accuracy"
+        what = "r2" if (g["task_type"] == "regression").any() else "accuracy"
+        picked = g[g["selected"].astype(bool) | g["selected_in_kind"].astype(bool)]
+        on_test = pd.to_numeric(picked.get(f"test_{what}", pd.Series(dtype=float)), errors="coerce").notna().any()
+        metric = f"{'test' if on_test else 'val'}_{what}"
         kx = key[g.index]
         per_layer = {}
         for layer in [name for name in layers if name in set(g["layer"])]:
             sel = g[(g["layer"] == layer) & g["selected"].astype(bool)]
             per_layer[layer] = [_at(sel, kx, k, metric) for k in ks + [np.inf]][:len(x)]
+        if not any(np.isfinite(v) for vals in per_layer.values() for v in vals):
+            why = f"no validation scores either; {NO_TEST}" if not on_test else "every value is missing"
+            notes.append(f"{task}: no few-shot curve to draw ({why}).")
+            continue
+        for layer, vals in per_layer.items():
             rows += [{"task": task, "layer": layer, "head": "selected", "k": k, metric: v}
-                     for k, v in zip(x, per_layer[layer])]
-        what, per = ("r2", "k training rows") if metric == "test_r2" else ("accuracy", "k per class")
-        figs.append((f"{task}: {what} against k, per layer", svg.line_chart(
+                     for k, v in zip(x, vals)]
+        per = "k training rows" if what == "r2" else "k per class"
+        shown = what if on_test else f"validation {what}"
+        why = "" if on_test else f" Validation values: {NO_TEST}; they are the values the heads were selected on."
+        figs.append((f"{task}: {shown} against k, per layer.{why}", svg.line_chart(
             x, per_layer, title=f"few-shot: {task}", ylabel=metric.replace("_", " "), xlabel=per)))
         at_best = g[(g["layer"] == best.get(task)) & g["selected_in_kind"].astype(bool)]
         per_kind = {kind: [_at(h, kx, k, metric) for k in ks + [np.inf]][:len(x)]
                     for kind, h in at_best.groupby("head", sort=True)}
-        if len(per_kind) > 1:
+        if len(per_kind) > 1 and any(np.isfinite(v) for vals in per_kind.values() for v in vals):
             rows += [{"task": task, "layer": best[task], "head": kind, "k": k, metric: v}
                      for kind, vals in per_kind.items() for k, v in zip(x, vals)]
-            figs.append((f"{task}: {what} against k per head kind, layer {best[task]}", svg.line_chart(
+            figs.append((f"{task}: {shown} against k per head kind, layer {best[task]}.{why}", svg.line_chart(
                 x, per_kind, title=f"few-shot by head: {task} @ {best[task]}", ylabel=metric.replace("_", " "),
                 xlabel=per)))
-    return rows, figs
+    return rows, figs, notes
 
 
 def _at(g: pd.DataFrame, key: pd.Series, k: float, metric: str) -> float:
@@ -194,14 +238,20 @@ def _numeric_colours(values, bins: int = NUMERIC_BINS) -> tuple[np.ndarray, list
 
 def section_figures(sec: Section, chosen: pd.DataFrame, tasks: Sequence[str], layers: Sequence[str],
                     cka: Any) -> None:
-    m = chosen.pivot(index="task", columns="layer", values="test_accuracy").reindex(index=tasks, columns=layers)
+    on_test = chosen["test_accuracy"].astype(float).notna().any()
+    column = "test_accuracy" if on_test else "val_accuracy"
+    split = "test" if on_test else "validation"
+    why = "" if on_test else f" Validation values: {NO_TEST}."
+    m = chosen.pivot(index="task", columns="layer", values=column).reindex(index=tasks, columns=layers)
     r2 = sorted(set(chosen.loc[chosen["metric"] == "r2", "task"]))
     also = f" (r2 for the regression tasks: {', '.join(r2)})" if r2 else ""
-    sec.figures.append((f"Test accuracy of the head selected on validation, per task and layer{also}.", svg.heatmap(
-        m.to_numpy(float), tasks, layers, title=f"probe test {'score' if r2 else 'accuracy'} (task x layer)", vmin=0.0, vmax=1.0)))
+    sec.figures.append((f"{split.capitalize()} accuracy of the head selected on validation, per task and layer{also}."
+                        f"{why}", svg.heatmap(
+        m.to_numpy(float), tasks, layers, title=f"probe {'test' if on_test else 'val'} "
+                                                f"{'score' if r2 else 'accuracy'} (task x layer)", vmin=0.0, vmax=1.0)))
     sec.figures.append(("The same as curves, early to late layers.", svg.line_chart(
         layers, {t: m.loc[t].to_numpy(float) for t in tasks}, title=f"probe {'score' if r2 else 'accuracy'} per layer",
-        ylabel="test accuracy" + (" / r2" if r2 else ""), xlabel="layer (early -> late)")))
+        ylabel=f"{'test' if on_test else 'val'} accuracy" + (" / r2" if r2 else ""), xlabel="layer (early -> late)")))
     sec.figures.append(("Linear CKA between layers (1 = the same representation up to rotation and scale).",
                         svg.heatmap(cka.matrix, cka.layers, cka.layers, title="linear CKA between layers",
                                     vmin=0, vmax=1)))
