@@ -178,3 +178,8 @@ def test_layers_listing_refuses_a_pooling_as_an_extract_would():
     assert listed["fc"].dim == 0 and "already a vector" in listed["fc"].note
     multiscale = {i.name: i for i in describe_layers("resnet18", pooling="multiscale")}
     assert multiscale["layer2"].dim == 128 * 5 and multiscale["layer2"].pooling == "multiscale"
+
+
+def test_layers_listing_names_missing_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"weights: .*nope.pth not found"):
+        describe_layers("resnet18", weights=str(tmp_path / "nope.pth"))

@@ -164,6 +164,15 @@ def test_error_budget_stops_the_job_and_keeps_committed_shards(ray_local, images
     assert not (featureset / "_manifest" / "versions").exists()  # nothing was published
 
 
+def test_a_missing_source_is_named_by_its_key(tmp_path):
+    from pipeline.config import SourceSpec
+    from pipeline.extract.plan import list_units
+
+    for kind in ("manifest", "folder"):
+        with pytest.raises(FileNotFoundError, match=r"source.uri: .*nope.csv not found"):
+            list_units(SourceSpec(kind=kind, uri=str(tmp_path / "nope.csv")))
+
+
 def test_bad_config_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="unknown layer 'layer9'"):
         run_extract(_config(str(tmp_path), str(tmp_path / "s"), "encoder.layers=[layer9]"))

@@ -360,3 +360,12 @@ def test_unknown_s3_options_are_refused_by_name_before_any_request():
     fs, path = st.resolve("s3://bucket/x", {"key": "k", "secret": "s", "client_kwargs": {"region_name": "eu-west-1"},
                                              "config_kwargs": {"read_timeout": 5}, "use_listings_cache": False})
     assert path == "bucket/x"
+
+
+def test_an_endpoint_variable_without_a_scheme_is_named(monkeypatch):
+    from pipeline import storage as st
+
+    monkeypatch.setenv("STRATA_S3_ENDPOINT_URL", "127.0.0.1:8333")
+    with pytest.raises(ValueError, match=r"STRATA_S3_ENDPOINT_URL='127.0.0.1:8333' is not a URL: give its scheme, "
+                                         r"e.g. http://127.0.0.1:8333"):
+        st.resolve("s3://bucket/x")

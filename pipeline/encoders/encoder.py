@@ -207,7 +207,10 @@ def describe_layers(name: str, *, weights: str = "random", pooling: str = "avg",
 
     A layer whose layout cannot be read from the model is listed with the reason and no dimension.
     """
-    built = build_model(resolve_entry(name), weights)
+    try:
+        built = build_model(resolve_entry(name), weights)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"weights: {e.filename or weights} not found ({e.strerror or e})") from e
     crop = built.preprocessing.crop_size
     reader = LayoutReader(built.model, torch.zeros(1, 3, crop, crop), prefix_tokens=built.prefix_tokens)
     infos = []

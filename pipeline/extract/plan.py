@@ -72,7 +72,11 @@ def list_units(spec: SourceSpec) -> list:
     """The source's work units (the driver holds units, never one record per image)."""
     if not spec.uri.strip():  # an empty folder URI would list the working directory
         raise ConfigError(f"source.uri is required: the {spec.kind} to list (any fsspec URI)")
-    units = list(build_source(spec).list_units())
+    try:
+        units = list(build_source(spec).list_units())
+    except FileNotFoundError as e:  # not found (exit 3), named as the key that points there
+        where = storage.redact_uri(str(e.filename or spec.uri))
+        raise FileNotFoundError(f"source.uri: {where} not found ({e.strerror or e})") from e
     if not units:
         raise ValueError(f"source {spec.kind}:{storage.redact_uri(spec.uri)} listed no images")
     return units

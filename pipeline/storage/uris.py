@@ -47,7 +47,10 @@ def storage_options_for(
     options["config_kwargs"] = {**client_retry_config(), **dict(options.get("config_kwargs") or {})}
     client_kwargs = dict(options.get("client_kwargs") or {})
     if "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
-        endpoint = next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+        var = next((v for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+        endpoint = os.environ[var] if var else None
+        if endpoint and "://" not in endpoint:
+            raise ValueError(f"{var}={endpoint!r} is not a URL: give its scheme, e.g. http://{endpoint}")
         if endpoint:
             client_kwargs["endpoint_url"] = endpoint
             options["client_kwargs"] = client_kwargs
