@@ -156,3 +156,17 @@ def test_too_few_layers_to_rank_scores_is_said_as_such():
                   layer_scores={"logme": {"a": 1.0, "b": 2.0}})
     assert r.score_used is None and "too few feature layers with transferability scores (under 3)" in " ".join(r.reasons)
     assert "Kendall tau below" not in " ".join(r.reasons)
+
+
+def test_probes_selected_on_another_metric_choose_the_layer_by_it():
+    """Probes selected on balanced accuracy: the report's best layer and the recommendation's agree."""
+    rows = [{"task": "rare", "task_type": "classification", "layer": layer, "few_shot": np.nan, "head": "linear",
+             "selected": True, "status": "ok", "n_train": 2_000, "n_classes": 4, "val_accuracy": acc,
+             "test_accuracy": acc, "selection_metric": "balanced_accuracy", "val_score": bal}
+            for layer, acc, bal in [("l1", .70, .40), ("l2", .90, .55), ("l3", .88, .72)]]
+    (rec,) = recommend_from_results(pd.DataFrame(rows), ["l1", "l2", "l3"])
+    assert rec.best_layer == "l3"  # l2 by accuracy
+    assert "validation accuracy 0.880 on layer 'l3' (chosen by validation balanced_accuracy 0.720)" in " ".join(
+        rec.reasons)
+    (plain,) = recommend_from_results(pd.DataFrame(rows).assign(selection_metric="accuracy"), ["l1", "l2", "l3"])
+    assert plain.best_layer == "l2"

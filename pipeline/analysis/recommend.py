@@ -67,7 +67,8 @@ def recommend(task: str, *, n_train: int, layer_accuracy: Mapping[str, float], n
               relative_leep: float | None = None, leep: float | None = None,
               test_accuracy: Mapping[str, float] | None = None,
               layer_scores: Mapping[str, Mapping[str, float]] | None = None,
-              logit_layers: Sequence[str] = ()) -> Recommendation:
+              logit_layers: Sequence[str] = (), selection: Mapping[str, float] | None = None,
+              selection_metric: str = "accuracy") -> Recommendation:
     """One task's recommendation from its frozen-probe evidence.
 
     `layer_accuracy` maps layer -> validation accuracy of the layer's selected probe, ordered early to
@@ -79,7 +80,9 @@ def recommend(task: str, *, n_train: int, layer_accuracy: Mapping[str, float], n
     second opinion on where the transferable layers are, and named in the reasons. `logit_layers` are
     the source classifier's outputs (ImageNet logits): they may hold the best probe, but the depth profile
     (where the best layer sits, how far the last layer lags) is over the feature layers alone, the last of
-    them being the network's last feature layer; a best probe on the logits counts as late.
+    them being the network's last feature layer; a best probe on the logits counts as late. `selection`
+    (layer -> validation `selection_metric`, e.g. balanced accuracy) picks the best layer where the probes
+    were selected on another metric than accuracy; the judgements stay in accuracy.
     """
     scores = {k: float(v) for k, v in layer_accuracy.items() if v is not None and v == v}
     if not scores:
@@ -87,7 +90,9 @@ def recommend(task: str, *, n_train: int, layer_accuracy: Mapping[str, float], n
     layers = list(scores)
     if samples_per_class is None:
         samples_per_class = n_train / n_classes if n_classes else float(n_train)
-    best = max(layers, key=lambda name: scores[name])
+    chosen = {k: float(v) for k, v in (selection or {}).items() if k in scores and v is not None and v == v}
+    best = max(layers, key=lambda name: chosen[name]) if len(chosen) == len(layers) else \
+        max(layers, key=lambda name: scores[name])
     depth = [x for x in layers if x not in logit_layers] or layers
     last = depth[-1]
     best_acc, last_acc = scores[best], scores[last]
@@ -122,7 +127,9 @@ def recommend(task: str, *, n_train: int, layer_accuracy: Mapping[str, float], n
                        f"adapting"}
     test = (test_accuracy or {}).get(best)
     quoted = "" if test is None or test != test else f" (test accuracy {test:.3f}, reported once)"
-    reasons.append(f"best frozen probe: validation accuracy {best_acc:.3f} on layer {best!r}{quoted}{of_target}; "
+    by = f" (chosen by validation {selection_metric} {chosen[best]:.3f})" if chosen and best in chosen and \
+        selection_metric != "accuracy" else ""
+    reasons.append(f"best frozen probe: validation accuracy {best_acc:.3f} on layer {best!r}{by}{quoted}{of_target}; "
                    f"{verdict[quality]}")
 
     # layer profile
@@ -226,6 +233,9 @@ def recommend_from_results(table: pd.DataFrame, layers: Sequence[str], *, target
             continue
         g = g.set_index("layer")
         val, test = g["val_accuracy"].astype(float), g["test_accuracy"].astype(float)
+        metric = str(g["selection_metric"].dropna().iloc[0]) if "selection_metric" in g and \
+            g["selection_metric"].notna().any() else "accuracy"
+        selection = g["val_score"].astype(float).to_dict() if "val_score" in g and metric != "accuracy" else None
         ordered = {name: val[name] for name in layers if name in val.index}
         unknown = sorted(set(val.index) - set(layers))
         if unknown:
@@ -239,7 +249,7 @@ def recommend_from_results(table: pd.DataFrame, layers: Sequence[str], *, target
                              layer_accuracy=ordered, test_accuracy=test.to_dict(), target_accuracy=target_accuracy,
                              relative_leep=None if relative_leep is None else relative_leep.get(task),
                              leep=None if leep is None else leep.get(task), layer_scores=by_score,
-                             logit_layers=logit_layers))
+                             logit_layers=logit_layers, selection=selection, selection_metric=metric))
     return out
 
 
