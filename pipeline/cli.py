@@ -28,7 +28,8 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     print(f"{'layer':<{width}}  {'kind':<7} {'layout':<6} {'output shape':<18} {'pooled dim (' + args.pooling + ')':<18} "
           "layout read from")
     for i in infos:
-        dim = "refused" if not i.layout else str(i.dim) if i.pooling == args.pooling else f"{i.dim} ({i.pooling})"
+        dim = "refused" if not i.layout or not i.dim else str(i.dim) if i.pooling == args.pooling else \
+            f"{i.dim} ({i.pooling})"
         print(f"{i.name:<{width}}  {i.kind:<7} {i.layout or '?':<6} {str(i.shape):<18} {dim:<18} {i.note}")
     return 0
 
@@ -297,9 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", required=True, choices=["embedding-reader", "faiss"])
     s.add_argument("--out", required=True, help="output folder (any fsspec URI)")
     s.add_argument("--version", type=int, default=None, help="pin a store version (default: latest)")
-    s.add_argument("--metric", choices=["ip", "l2", "cosine"], default="cosine",
+    s.add_argument("--metric", choices=["ip", "l2", "cosine"], default=None,
                    help="faiss: inner product, L2, or cosine (inner product of L2-normalised rows; default)")
-    s.add_argument("--index-factory", default="Flat",
+    s.add_argument("--index-factory", default=None,
                    help="faiss: index_factory string, e.g. Flat, HNSW32, IVF256,PQ16")
 
     s = command("report", "write the transferability report (static HTML + JSON)", _cmd_report)

@@ -76,8 +76,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .stores import FeatureStore
     from .stores.export import EXPORTERS
 
+    if args.format != "faiss" and (args.metric or args.index_factory):
+        raise ValueError(f"--metric and --index-factory are faiss options; --format {args.format} writes the vectors "
+                         f"as they are")
     store = FeatureStore.open(args.store, version=args.version)
-    options = {"metric": args.metric, "factory": args.index_factory} if args.format == "faiss" else {}
+    options = {"metric": args.metric or "cosine", "factory": args.index_factory or "Flat"} \
+        if args.format == "faiss" else {}
     out = EXPORTERS[args.format](store, args.layer, args.out, **options)
     print(f"exported layer {args.layer} of version {store.version} ({len(store)} rows) as {args.format} to {out}")
     return 0

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from pipeline import failures
+from pipeline.stores.reader import ImageNotFoundError
 from pipeline.schema import ConfigError
 
 
@@ -31,7 +32,9 @@ def test_ray_wrapped_error_budget_speaks_with_its_own_first_line():
     (ConfigError("store.dtype: 'int8' is not a valid choice"), failures.USAGE,
      "store.dtype: 'int8' is not a valid choice"),
     (FileNotFoundError("no strata feature set at /x"), failures.NOT_FOUND, "no strata feature set at /x"),
-    (KeyError("2 image ids not in version 1"), failures.USAGE, "2 image ids not in version 1"),
+    (KeyError("unknown head 'x'"), failures.USAGE, "unknown head 'x'"),
+    (ImageNotFoundError("2 image ids not in version 1: ['a', 'b']"), failures.NOT_FOUND,
+     "2 image ids not in version 1: ['a', 'b']"),
     (failures.JobFailed("3 probe group(s) failed"), failures.JOB_FAILED, "3 probe group(s) failed"),
     (ConnectionRefusedError(111, "Connection refused"), failures.STORAGE, "storage unreachable: [Errno 111]"),
     (PermissionError(13, "Permission denied"), failures.STORAGE, "[Errno 13] Permission denied"),

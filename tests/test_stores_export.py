@@ -135,3 +135,10 @@ def test_exporting_again_into_the_same_folder_replaces_the_earlier_export(store,
     (foreign / "embeddings" / "mine.npy").write_bytes(b"x")
     assert main([*args[:-1], str(foreign)]) == 2
     assert (foreign / "embeddings" / "mine.npy").exists()
+
+
+def test_faiss_options_with_another_format_are_refused(store, tmp_path, capsys):
+    assert main(["export", "--store", store.uri, "--layer", "a", "--format", "embedding-reader", "--metric", "l2",
+                 "--out", str(tmp_path / "er")]) == 2
+    assert "--metric and --index-factory are faiss options" in capsys.readouterr().err
+    assert not (tmp_path / "er").exists()

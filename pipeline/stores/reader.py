@@ -18,6 +18,10 @@ from .writer import ERRORS_SCHEMA, schema_from_json
 
 log = logging.getLogger(__name__)
 
+
+class ImageNotFoundError(FileNotFoundError, KeyError):
+    """Image ids the opened version does not hold: a KeyError for callers, "not found" (exit 3) for the CLI."""
+
 __all__ = ["FeatureStore", "NoCommittedVersionError", "list_versions"]
 
 
@@ -189,7 +193,7 @@ class FeatureStore:
         where = {i: k for k, i in enumerate(index.column("image_id").to_pylist())}
         missing = [i for i in image_ids if i not in where]
         if missing:
-            raise KeyError(f"{len(missing)} image ids not in version {self.version}: {missing[:5]}")
+            raise ImageNotFoundError(f"{len(missing)} image ids not in version {self.version}: {missing[:5]}")
         rows = index.column("row").to_numpy()[[where[i] for i in image_ids]]
         if "zarr" in self.meta["formats"]:
             return self._zarr(layer).get_orthogonal_selection((rows, slice(None))).astype(dtype)
