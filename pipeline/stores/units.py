@@ -14,9 +14,10 @@ import pyarrow as pa
 
 from .alloc import allocate
 from .diff import chunk_records, diff_listing
+from .label_types import label_array
 from .live import LiveIndex, read_tables, segment_index
 from .manifest import Segment
-from .writer import FeatureStoreWriter, label_array
+from .writer import FeatureStoreWriter
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,13 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from . import layout
+from .label_types import (LABEL_TYPES, RESERVED_COLUMNS, check_label_types, check_labels, label_array,  # noqa: F401
+                          label_schema, schema_from_json, type_from_str)
 from .manifest import Segment
 from .zarr_arrays import ensure_arrays
 
 log = logging.getLogger(__name__)
 
-RESERVED_COLUMNS = ("image_id", "uri", "fingerprint", "row", "shard", "status", "split")
 #: Provenance keys that say where weights were found, not what they are: never a reason to refuse a store.
 NON_FEATURE_KEYS = frozenset({"weights_source"})
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -69,81 +70,6 @@ def shard_plan_hash(records: Sequence[Mapping]) -> str:
     """Identity of a block's input: everything its files are made from (ids, fingerprints, URIs, labels)."""
     return layout.stable_hash([(r["image_id"], r["fingerprint"], r.get("uri"), r.get("split"),
                                 sorted((r.get("labels") or {}).items())) for r in records])
-
-
-def label_schema(records: Sequence[Mapping]) -> pa.Schema:
-    """Arrow types of the label columns, inferred once over the whole listing so every shard agrees."""
-    names = sorted({k for r in records for k in r.get("labels", {})})
-    _refuse_reserved(names)
-    fields = []
-    for name in names:
-        arr = pa.array([r.get("labels", {}).get(name) for r in records])
-        if pa.types.is_null(arr.type):
-            arr = arr.cast(pa.string())
-        fields.append(pa.field(name, arr.type))
-    return pa.schema(fields)
-
-
-def _refuse_reserved(names: Sequence[str]) -> None:
-    clash = sorted(set(names) & set(RESERVED_COLUMNS))
-    if clash:
-        raise ValueError(f"label column(s) {clash} collide with index columns {list(RESERVED_COLUMNS)}; rename them, "
-                         f"or name the source's own columns in source.options (id_column, uri_column, "
-                         f"label_columns)")
-
-
-def label_array(field: pa.Field, values: Sequence) -> pa.Array:
-    """A label column in the store's type for it; a value that type cannot hold is a ValueError naming both."""
-    try:
-        return _safe_array(values, field.type)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        bad = next((v for v in values if v is not None and not _fits(v, field.type)), None)
-        raise ValueError(f"label column {field.name!r} holds {field.type} in this feature set, and the source now "
-                         f"gives {bad!r}; a store keeps each label's type: fix the values, give the column a new "
-                         f"name, or write a new feature set (store.featureset=<name>)") from None
-
-
-def _safe_array(values: Sequence, type_: pa.DataType) -> pa.Array:
-    """pa.array(values, type_) truncates 11.5 to 11 in an int64 column: infer, then cast safely."""
-    arr = pa.array(values)
-    return arr if arr.type == type_ else arr.cast(type_, safe=True)
-
-
-def _fits(value, type_: pa.DataType) -> bool:
-    try:
-        _safe_array([value], type_)
-        return True
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        return False
-
-
-_KIND = {"int64": "number", "int32": "number", "double": "number", "float": "number", "string": "text",
-         "large_string": "text", "bool": "bool"}
-
-
-def _check_label_types(old: Sequence[Mapping], new: Sequence[Mapping], featureset: str) -> None:
-    """Refuse, before any work, a label column whose values changed kind (text <-> numbers or booleans).
-
-    Integers and floats may trade places (a CSV round-trip through pandas turns 3 into 3.0): each value is
-    checked when written (label_array)."""
-    before = {f["name"]: f["type"] for f in old}
-    for f in new:
-        was, now = before.get(f["name"]), f["type"]
-        if was is None or now == "null" or _KIND.get(now, now) == _KIND.get(was, was):
-            continue
-        raise ValueError(f"label column {f['name']!r} holds {was} in feature set {featureset}, and the source now "
-                         f"gives {now} values; a store keeps each label's type: fix the values, give the column a "
-                         f"new name, or write a new feature set (store.featureset=<name>)")
-
-
-def check_labels(labels: pa.Schema) -> None:
-    """Label columns a store can hold: not an index column's name, and of a supported type."""
-    _refuse_reserved(labels.names)
-    for f in labels:
-        if str(f.type) not in LABEL_TYPES:
-            raise ValueError(f"label column {f.name!r} has type {f.type}, which a store cannot hold; valid: "
-                             f"{sorted(LABEL_TYPES)}. Leave it out with source.options.label_columns, or name "
-                             f"it as the source's image or id column")
 
 
 def check_feature_range(layer: str, features: np.ndarray, dtype: str) -> None:
@@ -211,7 +137,7 @@ class FeatureStoreWriter:
                     self.fs.rm(f"{self.base}/{layout.ZARR_DIR}", recursive=True)
                 old = meta
             self._check_compatible(old, meta)
-            _check_label_types(old["label_schema"], meta["label_schema"], self.target.featureset)
+            check_label_types(old["label_schema"], meta["label_schema"], self.target.featureset)
             dropped = sorted({f["name"] for f in meta["label_schema"]} - {f["name"] for f in old["label_schema"]})
             if dropped:
                 log.warning("label column(s) %s are not in feature set %s (its labels: %s); they are not stored",
@@ -407,23 +333,6 @@ def json_round_trip(obj):
 
 ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("stage", pa.string()),
                            ("reason", pa.string())])
-
-
-def schema_from_json(fields: Sequence[Mapping]) -> pa.Schema:
-    return pa.schema([pa.field(f["name"], type_from_str(f["type"])) for f in fields])
-
-
-LABEL_TYPES = {"string": pa.string(), "large_string": pa.large_string(), "int64": pa.int64(), "int32": pa.int32(),
-               "double": pa.float64(), "float": pa.float32(), "bool": pa.bool_()}
-
-
-def type_from_str(name: str, default: pa.DataType | None = None) -> pa.DataType:
-    """The Arrow type of a label column from its name (``str(type)``); other names raise, or give ``default``."""
-    if name in LABEL_TYPES:
-        return LABEL_TYPES[name]
-    if default is not None:
-        return default
-    raise ValueError(f"label type {name!r} is not supported; valid: {sorted(LABEL_TYPES)}")
 
 
 def _vectors(x: np.ndarray) -> pa.FixedSizeListArray:
