@@ -165,6 +165,25 @@ def test_a_stall_stops_a_driver_started_with_sigint_ignored(ray_local):
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_progress_actor_gone_for_good_stops_the_job_as_a_stall(ray_local):
+    """Its node died with it (a lost worker node): the job must not wait forever on counts it cannot read."""
+    @ray_local.remote(num_cpus=0)
+    class Gone:
+        def status(self):
+            raise RuntimeError("The actor died because its node has died")
+
+    stopped = False
+    with JobMonitor(Gone.remote(), total=8, unknown_units=0, interval=0.1, stall_timeout=1) as watch:
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            stopped = True
+    assert stopped and "the job's progress could not be read for" in watch.stalled
+    assert "its node has died" in watch.stalled and "run the same command again to resume" in watch.stalled
+
+
 def test_units_plan_deterministically(images, tmp_path):
     source = ImageFolderSource(str(images))
     assert list(source.list_units()) == list(source.list_units())

@@ -43,13 +43,22 @@ class JobMonitor:
 
     def _run(self) -> None:
         next_log = time.time() + self.interval
+        seen = time.time()  # the last status read: a progress actor gone for good is a stall too
         while not self._stop.wait(min(1.0, self.interval)):
             try:
                 status = ray.get(self.progress.status.remote(), timeout=30)
             except Exception as e:  # noqa: BLE001 - a monitor must never take the job down
                 log.debug("progress unavailable: %s", e)
+                if self.stall_timeout and time.time() - seen > self.stall_timeout:
+                    self.stalled = (f"the job's progress could not be read for {_duration(time.time() - seen)} "
+                                    f"(run.stall_timeout_s={self.stall_timeout:g}): {_first_line(e)}. "
+                                    f"Stopped: blocks written so far are kept, nothing was published; run the "
+                                    f"same command again to resume")
+                    log.error("%s", self.stalled)
+                    _thread.interrupt_main()
+                    return
                 continue
-            now = time.time()
+            now = seen = time.time()
             if now >= next_log:
                 log.info("%s", self.line(status, now))
                 next_log = now + self.interval
@@ -97,6 +106,13 @@ def _handle_sigint():
         return None
     signal.signal(signal.SIGINT, signal.default_int_handler)
     return current if current is not None else signal.SIG_DFL
+
+
+def _first_line(exc: BaseException) -> str:
+    """A Ray task error's own words are its cause's; its text is the remote traceback."""
+    cause = getattr(exc, "cause", None)
+    text = str(cause if isinstance(cause, BaseException) else exc)
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)[:200]
 
 
 def _duration(seconds: float) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .. import storage
 from ..config import ConfigError, ExtractConfig
@@ -263,7 +264,9 @@ def _encoder_runtime_env(cfg: ExtractConfig) -> dict:
 
 def _run_pipeline(cfg: ExtractConfig, work: list, target, *, layers, preprocessing, provenance: dict,
                   job_id: str, total: int) -> FeatureStoreDatasink:
-    progress = JobProgress.remote(cfg.run.max_error_fraction, total)
+    # on the driver's node: a worker node lost mid-job must not take the job's counts (and its stall clock) along
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    progress = JobProgress.options(scheduling_strategy=here).remote(cfg.run.max_error_fraction, total)
     resources = ray.cluster_resources()
     has_gpu = resources.get("GPU", 0) > 0
     gpus = cfg.run.gpus_per_encoder if cfg.run.gpus_per_encoder is not None else (1 if has_gpu else 0)
