@@ -57,6 +57,14 @@ def _storage_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _lost_workers() -> tuple[type[BaseException], ...]:
+    """Ray's errors of a node or worker lost mid-job: the cluster's failure, not strata's, and a re-run resumes."""
+    exceptions = getattr(sys.modules.get("ray"), "exceptions", None)
+    names = ("ActorDiedError", "ActorUnavailableError", "NodeDiedError", "WorkerCrashedError", "OwnerDiedError",
+             "ObjectLostError")
+    return tuple(getattr(exceptions, n) for n in names if exceptions is not None and hasattr(exceptions, n))
+
+
 def _connection_errors() -> tuple[type[BaseException], ...]:
     """Errors of reaching the storage at all: a "not found" they caused (fsspec's HTTP) is a storage failure."""
     return tuple(e for e in _storage_errors() if e.__name__ not in ("PermissionError", "NoCredentialsError",
@@ -105,6 +113,11 @@ def classify(exc: BaseException) -> Failure:
         ((ValueError, KeyError), USAGE),
     ]
     chain = list(_chain(exc))
+    lost = next((e for e in chain if isinstance(e, _lost_workers())), None)
+    if lost is not None and not any(isinstance(e, _job_errors() + (ConfigError,)) for e in chain):
+        return Failure(JOB_FAILED, f"the cluster lost a node or worker during the job ({type(lost).__name__}: "
+                                   f"{_message(lost)[:200]}); blocks written so far are kept, nothing was "
+                                   f"published: run the same command again to resume", True)
     if any(isinstance(e, FileNotFoundError) for e in chain):
         reach = next((e for e in chain if isinstance(e, _connection_errors())), None)
         if reach is not None and not any(isinstance(e, _job_errors() + (ConfigError,)) for e in chain):

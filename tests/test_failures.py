@@ -90,3 +90,15 @@ def test_logged_tracebacks_are_cut_to_their_first_line():
     assert lines[:3] == ["probe group failed [traceback hidden: -v shows it]",
                          "Full stack trace: [traceback hidden: -v shows it]", "plan: 3 shards"]
     assert lines[3] == "after" and "RuntimeError: x" in lines[-1]  # outside the block, records are as they were
+
+
+def test_a_lost_node_is_a_failed_job_to_resume_not_a_bug():
+    ray = pytest.importorskip("ray")
+    cause = ray.exceptions.ActorUnavailableError("The actor 29a0 is unavailable: RpcError: failed to connect", b"0" * 16)
+    try:
+        raise RuntimeError("ray::MapWorker(Map(EncodeShard)) failed") from cause
+    except RuntimeError as e:
+        f = failures.classify(e)
+    assert (f.code, f.expected) == (failures.JOB_FAILED, True)
+    assert f.message.startswith("the cluster lost a node or worker during the job (ActorUnavailableError: ")
+    assert f.message.endswith("run the same command again to resume")
