@@ -142,6 +142,17 @@ def test_a_stalled_job_names_what_is_in_flight_and_stops(ray_local, tmp_path):
     assert not list((tmp_path / "stores").glob("*/_manifest/versions/*.json"))
 
 
+def _interrupted_within(seconds: float) -> bool:
+    """Wait as a driver blocked in Ray Data would: True once the monitor interrupts this (main) thread."""
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        return True
+    return False
+
+
 def test_a_stall_stops_a_driver_started_with_sigint_ignored(ray_local):
     """`nohup strata extract … &` starts Python with SIGINT ignored, where interrupt_main does nothing."""
     @ray_local.remote(num_cpus=0)
@@ -151,14 +162,8 @@ def test_a_stall_stops_a_driver_started_with_sigint_ignored(ray_local):
 
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        stopped = False
         with JobMonitor(Stale.remote(), total=8, unknown_units=0, interval=0.1, stall_timeout=1) as watch:
-            deadline = time.monotonic() + 30
-            try:
-                while time.monotonic() < deadline:
-                    time.sleep(0.05)
-            except KeyboardInterrupt:
-                stopped = True
+            stopped = _interrupted_within(30)
         assert stopped and "no block written for" in watch.stalled
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # restored once the job is over
     finally:
@@ -172,14 +177,8 @@ def test_a_progress_actor_gone_for_good_stops_the_job_as_a_stall(ray_local):
         def status(self):
             raise RuntimeError("The actor died because its node has died")
 
-    stopped = False
     with JobMonitor(Gone.remote(), total=8, unknown_units=0, interval=0.1, stall_timeout=1) as watch:
-        deadline = time.monotonic() + 30
-        try:
-            while time.monotonic() < deadline:
-                time.sleep(0.05)
-        except KeyboardInterrupt:
-            stopped = True
+        stopped = _interrupted_within(30)
     assert stopped and "the job's progress could not be read for" in watch.stalled
     assert "its node has died" in watch.stalled and "run the same command again to resume" in watch.stalled
 
