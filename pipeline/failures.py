@@ -85,7 +85,14 @@ def _job_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _message(exc: BaseException) -> str:
+def not_found_as(key: str, exc: FileNotFoundError, fallback: str) -> FileNotFoundError:
+    """The same "not found" (exit 3), named as the setting that points there, its URI redacted."""
+    from .storage import redact_uri
+
+    return FileNotFoundError(f"{key}: {redact_uri(str(exc.filename or fallback))} not found ({exc.strerror or exc})")
+
+
+def first_line(exc: BaseException) -> str:
     """The first line of the exception's own words, credentials masked. A Ray task error's text is the
     remote traceback, so the error it wraps speaks instead (Ray Data appends its retry advice after a
     line break)."""
@@ -113,26 +120,27 @@ def classify(exc: BaseException) -> Failure:
         ((ValueError, KeyError), USAGE),
     ]
     chain = list(_chain(exc))
+    judged = any(isinstance(e, _job_errors() + (ConfigError,)) for e in chain)  # a job or config error speaks first
     lost = next((e for e in chain if isinstance(e, _lost_workers())), None)
-    if lost is not None and not any(isinstance(e, _job_errors() + (ConfigError,)) for e in chain):
+    if lost is not None and not judged:
         return Failure(JOB_FAILED, f"the cluster lost a node or worker during the job ({type(lost).__name__}: "
-                                   f"{_message(lost)[:200]}); blocks written so far are kept, nothing was "
+                                   f"{first_line(lost)[:200]}); blocks written so far are kept, nothing was "
                                    f"published: run the same command again to resume", True)
     if any(isinstance(e, FileNotFoundError) for e in chain):
         reach = next((e for e in chain if isinstance(e, _connection_errors())), None)
-        if reach is not None and not any(isinstance(e, _job_errors() + (ConfigError,)) for e in chain):
-            return Failure(STORAGE, f"storage unreachable: {_message(chain[0])} ({_message(reach)})", True)
+        if reach is not None and not judged:
+            return Failure(STORAGE, f"storage unreachable: {first_line(chain[0])} ({first_line(reach)})", True)
     for types_, code in kinds:
         for e in chain:
             if isinstance(e, types_):
-                message = _message(e)
+                message = first_line(e)
                 if code == STORAGE and not isinstance(e, PermissionError):
                     message = f"storage unreachable: {message}"
                 return Failure(code, message, True)
     for e in chain:
         if isinstance(e, OSError):
-            return Failure(STORAGE, f"{type(e).__name__}: {_message(e)}", True)
-    return Failure(INTERNAL, f"unexpected {type(exc).__name__}: {_message(exc)}", False)
+            return Failure(STORAGE, f"{type(e).__name__}: {first_line(e)}", True)
+    return Failure(INTERNAL, f"unexpected {type(exc).__name__}: {first_line(exc)}", False)
 
 
 _TRACEBACK_MARKS = ("Traceback (most recent call last)", '\n  File "')

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..failures import not_found_as
 from . import pooling as P
 from .preprocess import Preprocessing
 from .registry import BuiltModel, build_model, resolve_entry
@@ -210,7 +211,7 @@ def describe_layers(name: str, *, weights: str = "random", pooling: str = "avg",
     try:
         built = build_model(resolve_entry(name), weights)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"weights: {e.filename or weights} not found ({e.strerror or e})") from e
+        raise not_found_as("weights", e, weights) from e
     crop = built.preprocessing.crop_size
     reader = LayoutReader(built.model, torch.zeros(1, 3, crop, crop), prefix_tokens=built.prefix_tokens)
     infos = []

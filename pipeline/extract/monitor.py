@@ -14,6 +14,8 @@ import time
 
 import ray
 
+from ..failures import first_line
+
 log = logging.getLogger(__name__)
 
 
@@ -51,7 +53,7 @@ class JobMonitor:
                 log.debug("progress unavailable: %s", e)
                 if self.stall_timeout and time.time() - seen > self.stall_timeout:
                     self.stalled = (f"the job's progress could not be read for {_duration(time.time() - seen)} "
-                                    f"(run.stall_timeout_s={self.stall_timeout:g}): {_first_line(e)}. "
+                                    f"(run.stall_timeout_s={self.stall_timeout:g}): {first_line(e)[:200]}. "
                                     f"Stopped: blocks written so far are kept, nothing was published; run the "
                                     f"same command again to resume")
                     log.error("%s", self.stalled)
@@ -106,13 +108,6 @@ def _handle_sigint():
         return None
     signal.signal(signal.SIGINT, signal.default_int_handler)
     return current if current is not None else signal.SIG_DFL
-
-
-def _first_line(exc: BaseException) -> str:
-    """A Ray task error's own words are its cause's; its text is the remote traceback."""
-    cause = getattr(exc, "cause", None)
-    text = str(cause if isinstance(cause, BaseException) else exc)
-    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)[:200]
 
 
 def _duration(seconds: float) -> str:

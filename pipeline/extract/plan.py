@@ -10,6 +10,7 @@ import posixpath
 import re
 
 from ..config import ConfigError, ExtractConfig, SourceSpec
+from ..failures import not_found_as
 from .. import storage
 from ..sources import make_source
 from ..stores import StoreTarget, featureset_name
@@ -74,9 +75,8 @@ def list_units(spec: SourceSpec) -> list:
         raise ConfigError(f"source.uri is required: the {spec.kind} to list (any fsspec URI)")
     try:
         units = list(build_source(spec).list_units())
-    except FileNotFoundError as e:  # not found (exit 3), named as the key that points there
-        where = storage.redact_uri(str(e.filename or spec.uri))
-        raise FileNotFoundError(f"source.uri: {where} not found ({e.strerror or e})") from e
+    except FileNotFoundError as e:
+        raise not_found_as("source.uri", e, spec.uri) from e
     if not units:
         raise ValueError(f"source {spec.kind}:{storage.redact_uri(spec.uri)} listed no images")
     return units

@@ -14,6 +14,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from .. import storage
 from ..config import ConfigError, ExtractConfig
 from ..encoders.card import EncoderCard
+from ..failures import not_found_as
 from ..stores import FeatureStoreWriter, Segment
 from .plan import build_source
 from .monitor import JobMonitor, JobStalled
@@ -75,9 +76,8 @@ def build_driver_encoder(cfg: ExtractConfig):
     try:
         return build_encoder(cfg.encoder, device="cpu", storage_options=dict(cfg.store.storage_options) or None,
                              decode=cfg.run.decode)
-    except FileNotFoundError as e:  # not found (exit 3), named as the key that points there
-        where = storage.redact_uri(str(e.filename or cfg.encoder.weights))
-        raise FileNotFoundError(f"encoder.weights: {where} not found ({e.strerror or e})") from e
+    except FileNotFoundError as e:
+        raise not_found_as("encoder.weights", e, cfg.encoder.weights) from e
     except ValueError as e:
         raise ConfigError(str(e)) from e
 

@@ -71,24 +71,6 @@ class ProbeSource:
 _VERSION_DIR = re.compile(r"^v(\d+)-")
 
 
-def _mtime(info: Mapping[str, Any]) -> float:
-    """A file's modification time from fsspec info (local mtime, S3 LastModified), 0 when unknown."""
-    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        v = info.get(key)
-        if v is None:
-            continue
-        if isinstance(v, dt.datetime):
-            return v.timestamp()
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            try:
-                return dt.datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp()
-            except ValueError:
-                continue
-    return 0.0
-
-
 def _folder_version(folder: str) -> int | None:
     m = _VERSION_DIR.match(folder.rstrip("/").rsplit("/", 1)[-1])
     return int(m.group(1)) if m else None
@@ -117,7 +99,7 @@ def find_probe_results(store: FeatureStore) -> ProbeSource | None:
     if not by_version:
         return None
     version = store.version if store.version in by_version else max(by_version)
-    newest = max(by_version[version], key=lambda p: (_mtime(store.fs.info(p)), p))
+    newest = max(by_version[version], key=lambda p: (storage.modified_time(store.fs.info(p)), p))
     folder = newest.rsplit("/", 1)[0]
     found = _read_results(store.fs, folder, f"{store.uri}/probes/{folder.rsplit('/', 1)[-1]}", "store")
     if version != store.version:
@@ -125,12 +107,6 @@ def find_probe_results(store: FeatureStore) -> ProbeSource | None:
                     "the probes predate the refresh", storage.redact_uri(store.uri), store.version, version,
                     found.uri)
     return found
-
-
-def latest_probe_results(store: FeatureStore) -> tuple[pd.DataFrame, pd.DataFrame | None, dict] | None:
-    """(results, splits table, config) of find_probe_results, or None."""
-    found = find_probe_results(store)
-    return None if found is None else (found.results, found.splits, found.config)
 
 
 def read_probe_results(uri: str, storage_options: Mapping[str, Any] | None = None) -> ProbeSource:

@@ -73,13 +73,9 @@ def chosen_heads(results: pd.DataFrame, layers: Sequence[str]) -> pd.DataFrame:
 def best_layers(chosen: pd.DataFrame) -> dict[str, str]:
     """task -> the layer whose selected head has the best validation score, by the probes' selection metric
     (`val_score`; validation accuracy when absent), first in layer order on ties."""
-    column = "val_score" if "val_score" in chosen else "val_accuracy"
     out = {}
-    for task, g in chosen.groupby("task", sort=True):
-        v = g[column].astype(float)
-        if v.isna().all():
-            v = g["val_accuracy"].astype(float)
-        out[task] = str(g["layer"].iloc[int(np.argmax(v.fillna(-np.inf).to_numpy()))])
+    for task, g in chosen.groupby("task", sort=True):  # chosen_heads fills val_score, from accuracy where absent
+        out[task] = str(g["layer"].iloc[int(np.argmax(g["val_score"].astype(float).fillna(-np.inf).to_numpy()))])
     return out
 
 

@@ -21,6 +21,7 @@ from .uris import (
     cat_small,
     fingerprint_from_info,
     is_local,
+    modified_time,
     protocol_of,
     resolve,
     storage_options_for,
@@ -41,7 +42,7 @@ __all__ = [
     "ENDPOINT_ENV_VARS", "MASK", "PERMANENT_ERRORS", "S3_PROTOCOLS", "SECRET_ENV_VARS", "TMP_SUFFIX",
     "TRANSIENT_ERRORS", "RedactingFilter", "atomic_write_bytes", "cat_small", "client_retry_config", "fingerprint_from_info", "honours_conditional_create",
     "install_log_redaction",
-    "is_local", "is_secret_key", "is_temporary", "json_bytes", "protocol_of", "put_if_absent", "read_json",
+    "is_local", "is_secret_key", "is_temporary", "json_bytes", "modified_time", "protocol_of", "put_if_absent", "read_json",
     "redact", "redact_uri", "register_secrets", "resolve", "retrying", "scrub", "secret_values",
     "storage_options_for", "write_json_atomic", "zarr_store",
 ]

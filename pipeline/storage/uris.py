@@ -110,6 +110,25 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def modified_time(info: Mapping[str, Any]) -> float:
+    """A file's modification time (seconds) from fsspec info: local ``mtime``, S3 ``LastModified``, GCS
+    ``updated``...; 0.0 when there is none."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, dt.datetime):
+            return value.timestamp()
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            try:
+                return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return 0.0
+
+
 def fingerprint_from_info(info: Mapping[str, Any]) -> str | None:
     """``etag:<etag>`` (object stores) or ``size:<n>-mtime:<ns>`` (file systems), else None.
 

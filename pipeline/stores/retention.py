@@ -8,7 +8,6 @@ are deleted after the same grace. Kept versions, pinned or not, stay byte-identi
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import logging
 import os
 import re
@@ -78,7 +77,7 @@ def retain(uri: str, *, keep: int, storage_options: Mapping[str, Any] | None = N
         if rel in live_files or (block is not None and block in live_blocks and _block_scoped(rel)):
             continue
         known_dead = rel in dead_files or (block is not None and block in dead_blocks and _block_scoped(rel))
-        if known_dead or now - _mtime(info) > grace:
+        if known_dead or now - storage.modified_time(info) > grace:
             doomed.append((path, rel, int(info.get("size") or 0), block))
         else:
             recent += 1
@@ -105,8 +104,7 @@ def _prune_empty_dirs(fs, base: str, removed: list[str]) -> None:
 
     Object stores have no folders to leave behind; a folder a writer fills meanwhile is not empty and stays.
     """
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol not in ("file", "local"):
+    if not storage.is_local(fs):
         return
     stop = f"{base}/{layout.ZARR_DIR}"
     parents = {p.rsplit("/", 1)[0] for p in removed if p.startswith(stop + "/")}
@@ -156,14 +154,3 @@ def _walk(fs, base: str):
         if rel.startswith("probes/"):
             continue  # probe results live beside the feature set and have their own life
         yield path, info
-
-
-def _mtime(info: Mapping) -> float:
-    for key in ("mtime", "LastModified", "last_modified", "created"):
-        value = info.get(key)
-        if value is None:
-            continue
-        if isinstance(value, dt.datetime):
-            return value.timestamp()
-        return float(value)
-    return 0.0
