@@ -77,6 +77,7 @@ def test_probe_values_are_strict(data, needle):
     ({"tasks": ["a"], "heads": [{"kind": "linear", "weight_decays": [1e-3, 0.001]}]},
      "head 'linear': weight_decays lists 0.001 twice"),
     ({"tasks": ["a"], "heads": [{"kind": "mlp", "lrs": [0.1, 0.1]}]}, "head 'mlp': lrs lists 0.1 twice"),
+    ({"tasks": ["a"], "heads": ["linear", "knn", {"kind": "linear"}]}, "lists head 'linear' twice with the same"),
 ])
 def test_empty_layers_and_duplicates_in_a_grid_axis_are_refused(d, needle):
     with pytest.raises(ConfigError) as e:
@@ -84,6 +85,8 @@ def test_empty_layers_and_duplicates_in_a_grid_axis_are_refused(d, needle):
     assert needle in str(e.value)
     assert ProbeConfig.from_dict({"tasks": ["a"], "layers": None}).layers is None  # null: every layer
     assert ProbeConfig.from_dict({"tasks": ["a"], "heads": [{"kind": "mlp", "hidden_sizes": [64, 64]}]})  # not an axis
+    two = ProbeConfig.from_dict({"tasks": ["a"], "heads": ["linear", {"kind": "linear", "weight_decays": [0.1]}]})
+    assert len(two.heads) == 2  # one kind, two settings: both are candidates
 
 
 def test_a_probes_prefixed_override_hints_at_the_unprefixed_form(tmp_path):

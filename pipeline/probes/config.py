@@ -218,6 +218,10 @@ def _validate(c: ProbeConfig) -> None:
         raise ValueError(f"probes.heads is empty; valid kinds: {list(HEAD_SPECS)}")
     for h in c.heads:
         _validate_head(h)
+    for i, h in enumerate(c.heads):
+        if h in c.heads[:i]:
+            raise ValueError(f"probes.heads lists head {h.kind!r} twice with the same settings; give each head once "
+                             "(two heads of one kind must differ in a setting)")
     s = c.split
     fr = (s.train, s.val, s.test)
     if any(f < 0 for f in fr) or s.train <= 0 or s.val <= 0 or not math.isclose(sum(fr), 1.0, abs_tol=1e-6):
