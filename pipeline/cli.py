@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from . import cli_store
-from .failures import JobFailed, classify, stop_ray, tracebacks_hidden
+from .failures import STORAGE, JobFailed, classify, stop_ray, tracebacks_hidden
 from .storage.redaction import scrub
 
 log = logging.getLogger("strata")
@@ -53,6 +53,7 @@ def _run_job(args: argparse.Namespace, operation: str) -> int:
 
     cfg = load_config(ExtractConfig, args.config, args.overrides)
     validate_extract(cfg)
+    args.storage_uris = [f"source {cfg.source.uri}", f"store root {cfg.store.root}"]
     if args.dry_run:
         from .extract.sync import dry_run
 
@@ -359,6 +360,21 @@ def _configure_logging(level: int) -> None:
         logging.getLogger("ray").setLevel(logging.WARNING)
 
 
+def _storage_named(args: argparse.Namespace, message: str) -> str:
+    """The URIs the command works on, where the storage's own words (a refused signature, a denied bucket)
+    name none of them: with a source, a store and credentials for each, the user needs to know which."""
+    from .storage import redact_uri
+
+    uris = getattr(args, "storage_uris", None)
+    if uris is None:
+        stores = getattr(args, "store", None) or getattr(args, "uri", None)
+        uris = [f"store {u}" for u in ([stores] if isinstance(stores, str) else stores or [])]
+    uris = [redact_uri(u) for u in uris]
+    if not uris or any(u.rsplit(" ", 1)[1] in message for u in uris):
+        return ""
+    return f" [{', '.join(uris)}]"
+
+
 def main(argv: list[str] | None = None) -> int:
     level, argv = split_verbosity(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
@@ -380,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(scrub("".join(traceback.format_exception(e))), end="", file=sys.stderr)
             stop_ray()
             hint = "" if failure.expected or level > 0 else " (-v shows the traceback)"
+            if failure.code == STORAGE:
+                hint += _storage_named(args, failure.message)
             print(f"strata {args.command}: error: {failure.message}{hint}", file=sys.stderr)
             return failure.code
 

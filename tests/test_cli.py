@@ -93,6 +93,18 @@ def test_unreachable_s3_is_one_line(tmp_path):
     assert "strata-test-secret" not in proc.stderr
 
 
+@pytest.mark.s3
+def test_a_refused_signature_names_the_uris_the_command_works_on(s3_bucket, s3_server, tmp_path):
+    env = {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    proc = strata("versions", s3_bucket.url("fs"), env=env, timeout=120)
+    line = assert_fails(proc, STORAGE, "signature", f"[store {s3_bucket.url('fs')}]")
+    assert "not-the-secret" not in proc.stderr
+    proc = strata("extract", "source.kind=folder", f"source.uri={s3_bucket.url('images')}",
+                  f"store.root={tmp_path / 'stores'}", *TINY, env=env, timeout=120)
+    assert_fails(proc, STORAGE, f"[source {s3_bucket.url('images')}, store root {tmp_path / 'stores'}]")
+    assert line.count("[store") == 1
+
+
 def test_a_url_password_stays_out_of_the_verbose_traceback(tmp_path):
     proc = strata("-v", "extract", "source.kind=manifest",
                   f"source.uri=http://user:hunter2pass@127.0.0.1:{_closed_port()}/m.csv",
