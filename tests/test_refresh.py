@@ -146,6 +146,21 @@ def test_another_source_naming_the_same_feature_set_is_refused(tmp_path):
     assert len(FeatureStore(first.store_uri)) == 4
 
 
+def test_a_relative_source_is_recorded_absolute_so_a_job_elsewhere_finds_the_same_source(tmp_path, monkeypatch):
+    """The nightly cron runs from another directory than the person who built the store did."""
+    from pipeline.extract import run_extract
+
+    write_shapes(tmp_path / "src", n=6, size=32, seed=6)
+    monkeypatch.chdir(tmp_path)
+    first = run_extract(_manifest_cfg("src/manifest.csv", "stores"))
+    recorded = FeatureStore(str(tmp_path / first.store_uri)).info.config["source"]["uri"]
+    assert recorded == str(tmp_path / "src" / "manifest.csv")
+    (tmp_path / "cron").mkdir()
+    monkeypatch.chdir(tmp_path / "cron")
+    again = run_refresh(_manifest_cfg(tmp_path / "src" / "manifest.csv", tmp_path / "stores"))
+    assert again.nothing_changed and again.version == 1
+
+
 def test_a_label_named_like_an_index_column_is_refused_and_a_corrected_rerun_starts_afresh(tmp_path):
     """A manifest column 'status' would have overwritten the index's own; the refused first run leaves no
     metadata that binds the corrected one."""

@@ -3,6 +3,7 @@ that faiss.read_index opens, with ids that map back to image ids; both against F
 from __future__ import annotations
 
 import json
+import os
 
 import fsspec
 import numpy as np
@@ -26,11 +27,12 @@ def _by_id(store: FeatureStore, layer: str) -> dict[str, np.ndarray]:
     return dict(zip(store.index_table().column("image_id").to_pylist(), store.layer(layer)))
 
 
-def test_embedding_reader_reads_the_export(store, tmp_path):
+def test_embedding_reader_reads_the_export(store, tmp_path, monkeypatch):
     from embedding_reader import EmbeddingReader
 
     out = tmp_path / "er"
-    assert main(["export", "--store", store.uri, "--layer", "a", "--format", "embedding-reader",
+    monkeypatch.chdir(os.path.dirname(store.uri))  # the store named relative to here: recorded absolute
+    assert main(["export", "--store", os.path.basename(store.uri), "--layer", "a", "--format", "embedding-reader",
                  "--out", str(out)]) == 0
     reader = EmbeddingReader(embeddings_folder=str(out / "embeddings"), metadata_folder=str(out / "metadata"),
                              meta_columns=["image_id", "shape"], file_format="parquet_npy")
@@ -47,6 +49,7 @@ def test_embedding_reader_reads_the_export(store, tmp_path):
     assert [s if s == s else None for s in meta["shape"]] == [shapes[i] for i in meta["image_id"]]
     info = json.loads((out / "export.json").read_text())
     assert (info["format"], info["layer"], info["rows"], info["version"]) == ("embedding-reader", "a", len(store), 1)
+    assert info["store"] == os.path.abspath(store.uri)
 
 
 def _ids(path) -> dict[int, str]:

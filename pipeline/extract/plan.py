@@ -5,7 +5,6 @@ Plain Python: no Ray, no torch models.
 from __future__ import annotations
 
 import logging
-import os
 import posixpath
 import re
 
@@ -63,10 +62,7 @@ def check_source(cfg: ExtractConfig, target: StoreTarget, parent) -> None:
 
 
 def _source_key(kind: str, uri: str) -> tuple[str, str]:
-    uri = storage.redact_uri(uri).removeprefix("file://").rstrip("/")
-    if "://" not in uri:
-        uri = os.path.abspath(uri)
-    return kind, uri
+    return kind, storage.absolute_uri(storage.redact_uri(uri)).rstrip("/")
 
 
 def list_units(spec: SourceSpec) -> list:

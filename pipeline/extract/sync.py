@@ -73,7 +73,7 @@ def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = Fa
         log.info("nothing changed in %d units since version %s; no new version committed", plan.unchanged, version)
     else:
         outcome = finish_job(writer, plan, unit_plans, result.records if result else {}, operation=operation,
-                             dataset_fingerprint=dataset_fingerprint(units), config=cfg.to_dict(),
+                             dataset_fingerprint=dataset_fingerprint(units), config=_recorded_config(cfg),
                              stats=_stats(result))
         version, published = outcome.version, outcome.published
     summary = None
@@ -82,6 +82,15 @@ def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = Fa
                                  result.skipped_shards, time.perf_counter() - t0, result.bytes_written)
         log.info("%s", summary)
     return SyncResult(target.uri, version, published, tally, summary, time.perf_counter() - t0)
+
+
+def _recorded_config(cfg: ExtractConfig) -> dict:
+    """The config a version records, local paths absolute: a later job (another working directory, the
+    nightly cron) compares its source with this one, and a reader sees where the data came from."""
+    d = cfg.to_dict()
+    d["source"]["uri"] = storage.absolute_uri(d["source"]["uri"])
+    d["store"]["root"] = storage.absolute_uri(d["store"]["root"])
+    return d
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from .retries import PERMANENT_ERRORS, TRANSIENT_ERRORS, client_retry_config, re
 from .uris import (
     ENDPOINT_ENV_VARS,
     S3_PROTOCOLS,
+    absolute_uri,
     cat_small,
     fingerprint_from_info,
     is_local,

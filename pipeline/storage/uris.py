@@ -31,6 +31,15 @@ def protocol_of(uri: str) -> str:
     return protocol or "file"
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` as it names the same data from any working directory: a local path made absolute (``file://``
+    dropped), any other URI unchanged. What a record of where data came from should hold."""
+    if protocol_of(uri) not in ("file", "local"):
+        return uri
+    path = uri.split("://", 1)[-1] if "://" in uri else uri
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def storage_options_for(
     uri: str, storage_options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:

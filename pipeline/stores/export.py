@@ -31,7 +31,7 @@ def _metadata(index_rows: pa.Table, store) -> pa.Table:
 
 
 def _write_manifest(fs, base: str, store, layer: str, fmt: str, n: int, **extra) -> None:
-    info = {"format": fmt, "store": storage.redact_uri(store.uri), "version": store.version, "layer": layer,
+    info = {"format": fmt, "store": storage.redact_uri(storage.absolute_uri(store.uri)), "version": store.version, "layer": layer,
             "dim": store.layer_dims[layer], "rows": n, **extra}
     fs.pipe_file(f"{base}/export.json", json.dumps(info, indent=2).encode())
 
