@@ -203,7 +203,7 @@ class FeatureStore:
     def summary(self) -> dict:
         p = self.provenance
         return {
-            "uri": storage.redact_uri(self.uri),
+            "uri": storage.redact_uri(storage.absolute_uri(self.uri)),
             "featureset": self.meta["featureset"],
             "version": self.version,
             "versions": self.versions(),
