@@ -35,6 +35,20 @@ def _raylet_pid(node_manager_port: int) -> int | None:
     return None
 
 
+def _wait_for_alive_nodes(ray_head, n: int, timeout_s: float = 120) -> None:
+    """Until the GCS's health checks declare the killed node dead (about 30 s): a re-run submitted before that
+    can be placed on it. Both nodes share one IP here, so the re-run's driver may even attach to the dead raylet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        listed = subprocess.run([str(RAY), "list", "nodes", "--address", ray_head.dashboard, "--format", "json",
+                                 "--filter", "state=ALIVE"], env=ray_head.env, capture_output=True, text=True,
+                                timeout=60)
+        if listed.returncode == 0 and len(json.loads(listed.stdout)) == n:
+            return
+        assert time.monotonic() < deadline, f"{n} alive node(s) expected:\n{listed.stdout}{listed.stderr}"
+        time.sleep(2)
+
+
 @pytest.mark.slow
 @pytest.mark.s3
 @pytest.mark.timeout(900)
@@ -85,6 +99,7 @@ def test_two_nodes_lose_one_and_every_image_lands_once(ray_head, s3_server, s3_b
     out, _ = job.communicate(timeout=120)
     assert killed, f"the second node's raylet was never found to kill:\n{out[-4000:]}"
     if job.returncode != 0:  # a re-run, on the head alone, finishes what was left
+        _wait_for_alive_nodes(ray_head, 1)
         rerun = subprocess.run(cmd, env=ray_head.env, capture_output=True, text=True, timeout=600)
         assert rerun.returncode == 0, (out + rerun.stdout + rerun.stderr)[-6000:]
     fs.invalidate_cache()
