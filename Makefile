@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(PY) -m jobs.demo
 
 test: $(STAMP) chromium
-	$(PY) -m pytest -q -m "not gpu" --timeout 900
+	$(PY) -m pytest -q -m "not gpu" --timeout 900 --durations=25
 
 # Debian's Chromium for the report's browser test; skipped (with a reason) where it cannot be installed.
 chromium:
