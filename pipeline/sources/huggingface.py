@@ -15,7 +15,8 @@ from fsspec import AbstractFileSystem
 
 from pipeline.sources.arrow_files import ARROW_SUFFIX, arrow_schema, read_arrow
 from pipeline.sources.base import ImageRecord, has_glob, relative_id, url_to_fs
-from pipeline.sources.image_columns import detect_image_column, paths_complete
+from pipeline.sources import parquet_ids
+from pipeline.sources.image_columns import detect_image_column, image_paths, paths_complete
 from pipeline.sources.parquet_bytes import ParquetBytesSource
 from pipeline.sources.units import WorkUnit
 
@@ -90,8 +91,9 @@ class HuggingFaceSource(ParquetBytesSource):
         with fs.open(unit.params["path"], "rb") as f:
             table = read_arrow(f)
         column = detect_image_column(table.schema, self.image_column)
-        struct_path = self.id_column is None and column in table.column_names and paths_complete(
-            table.column(column).combine_chunks())
+        cells = table.column(column).combine_chunks() if column in table.column_names else None
+        struct_path = (self.id_column is None and cells is not None and paths_complete(cells)
+                       and parquet_ids.path_ids_unique(unit.params["path"], image_paths(cells)))
         params: Mapping[str, Any] = {**unit.params, "struct_path": struct_path}
         return self._table_records(table, fs.unstrip_protocol(unit.params["path"]), params)
 

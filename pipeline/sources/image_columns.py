@@ -12,8 +12,8 @@ import pyarrow as pa
 
 from pipeline.sources.base import MISSING, file_fingerprints
 
-__all__ = ["MISSING", "detect_image_column", "image_cells", "path_fingerprints", "paths_complete", "resolve_path",
-           "storage_options_for"]
+__all__ = ["MISSING", "detect_image_column", "image_cells", "image_paths", "path_fingerprints", "paths_complete",
+           "resolve_path", "storage_options_for"]
 
 
 
@@ -62,6 +62,11 @@ def paths_complete(array: pa.Array) -> bool:
         return (kind.get_field_index("path") >= 0 and array.null_count == 0
                 and array.field("path").null_count == 0)
     return (pa.types.is_string(kind) or pa.types.is_large_string(kind)) and array.null_count == 0
+
+
+def image_paths(array: pa.Array) -> pa.Array:
+    """The path of every row of a complete (``paths_complete``) image column."""
+    return array.field("path") if pa.types.is_struct(array.type) else array
 
 
 def resolve_path(path: str, root_uri: str) -> str:

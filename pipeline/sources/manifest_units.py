@@ -6,7 +6,6 @@ breaks, or a compressed one, is read whole by each task instead (slower, still c
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import pyarrow.parquet as pq
 
 from .base import page_rows, url_to_fs
 from . import units as _units
-from .units import WorkUnit, paginate
+from .units import WorkUnit, id_hash, paginate
 
 if TYPE_CHECKING:
     from .manifest import ManifestSource
@@ -66,7 +65,7 @@ def list_manifest_units(source: ManifestSource) -> Iterator[WorkUnit]:
         for table in _batches(source, fmt):
             schema = schema or table.schema
             records = source.records(table, fingerprints=False)
-            seen.append(np.array([_h64(r.image_id) for r in records], dtype=np.uint64))
+            seen.append(np.array([id_hash(r.image_id) for r in records], dtype=np.uint64))
             for content in page_rows(records):
                 yield content[0], (content[1] or None), content[2]
 
@@ -160,14 +159,10 @@ def _refuse_duplicates(source: ManifestSource, seen: list[np.ndarray], fmt: str)
     clashes = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
     wanted = set(clashes[:5].tolist())
     names = sorted({r.image_id for table in _batches(source, fmt) for r in source.records(table, fingerprints=False)
-                    if _h64(r.image_id) in wanted})
+                    if id_hash(r.image_id) in wanted})
     raise ValueError(f"{source.manifest_uri}: {len(clashes)} image id(s) listed more than once, e.g. {names}; ids must "
                      f"be unique: name a unique column in source.options.id_column (default: the image_id column, "
                      f"else the URI)")
-
-
-def _h64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 def _arrow_type(name: str) -> pa.DataType:

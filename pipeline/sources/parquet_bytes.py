@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
+from pipeline.sources import parquet_ids
 from pipeline.sources.arrow_files import ARROW_SUFFIX, take_arrow_rows
 from pipeline.sources.base import (
     SharedFileSource,
@@ -33,7 +34,7 @@ from pipeline.sources.image_columns import (
     resolve_path,
     storage_options_for,
 )
-from pipeline.sources.units import WorkUnit
+from pipeline.sources.units import WorkUnit, id_hash
 
 __all__ = ["ParquetBytesSource", "row_of"]
 
@@ -59,8 +60,8 @@ class ParquetBytesSource(SharedFileSource):
     ``image``). Rows with bytes carry them in ``data`` (uri ``<file uri>#<row>``, fingerprint the sha256 of
     the bytes); rows with only a path are read from that path, resolved under the dataset root when relative
     (uri the image file's, fingerprint from its metadata, fetched in the task). Ids come from ``id_column``,
-    else the image path when every row of the file has one, else ``<file path relative to the root, no
-    suffix>/<row>``. Work units are row groups.
+    else the image path when every row of the file has one and none repeats, else ``<file path relative to
+    the root, no suffix>/<row>`` (parquet_ids). Work units are row groups.
     """
 
     uri_or_glob: str
@@ -80,26 +81,32 @@ class ParquetBytesSource(SharedFileSource):
 
     def list_units(self) -> Iterator[WorkUnit]:
         """One unit per row group, from each file's footer and listing metadata: the driver never reads image
-        bytes (only, without an id column, the image paths, to choose how ids are made)."""
+        bytes, only the id column or the image paths, to choose ids that are unique (parquet_ids)."""
         fs, target = url_to_fs(self.uri_or_glob, self.storage_options)
         root, paths = _parquet_files(fs, target)
+        files, listed = [], []
         for path in paths:
             info = fs.info(path)
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                files.append(parquet_ids.file_ids(path, self.id_column, self._id_values(pf, path)))
+                groups = [(pf.metadata.row_group(g).num_rows, self._bytes_only(pf, g))
+                          for g in range(pf.num_row_groups)]
+            listed.append((path, info, groups))
+        kinds = parquet_ids.settle(files, lambda path, wanted: self._ids_named(fs, path, wanted))
+        for path, info, groups in listed:
             file_print = fingerprint_from_info(info) or f"size:{info.get('size')}"
             stem = relative_id(path, root)
             for suffix in _PARQUET_SUFFIXES:
                 stem = stem.removesuffix(suffix)
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
-                use_path = self.id_column is None and self._has_paths(pf)
-                row0 = 0
-                for g in range(pf.num_row_groups):
-                    n = pf.metadata.row_group(g).num_rows
-                    unit_print = f"{file_print}#rg={g}" if self._bytes_only(pf, g) else ""
-                    yield WorkUnit(f"{stem}#rg={g}", unit_print, n, size_bytes=info.get("size"),
-                                   params={"path": path, "rg": g, "row0": row0, "stem": stem, "struct_path": use_path,
-                                           "root": fs.unstrip_protocol(root), "split": self._file_split(stem)})
-                    row0 += n
+            row0 = 0
+            for g, (n, bytes_only) in enumerate(groups):
+                yield WorkUnit(f"{stem}#rg={g}", f"{file_print}#rg={g}" if bytes_only else "", n,
+                               size_bytes=info.get("size"),
+                               params={"path": path, "rg": g, "row0": row0, "stem": stem,
+                                       "struct_path": kinds[path] == parquet_ids.PATH,
+                                       "root": fs.unstrip_protocol(root), "split": self._file_split(stem)})
+                row0 += n
 
     def expand(self, unit: WorkUnit) -> list[ImageRecord]:
         """A row group's images, bytes included (fingerprints are their sha256)."""
@@ -158,18 +165,31 @@ class ParquetBytesSource(SharedFileSource):
                 return stats is not None and stats.has_null_count and stats.null_count == 0
         return False
 
-    def _has_paths(self, pf: pq.ParquetFile) -> bool:
-        """Whether every row names an image path, reading the path column only (never image bytes)."""
+    def _id_values(self, pf: pq.ParquetFile, path: str) -> pa.Array | None:
+        """The id column, else the image paths when every row has one (None otherwise): one column, never
+        image bytes."""
+        if self.id_column is not None:
+            if self.id_column not in pf.schema_arrow.names:
+                raise ValueError(f"{path}: no id column {self.id_column!r}; columns are {pf.schema_arrow.names}")
+            return pf.read(columns=[self.id_column]).column(0).combine_chunks()
         schema = pf.schema_arrow
         column = detect_image_column(schema, self.image_column)
         if column not in schema.names:
-            return False
+            return None
         kind = schema.field(column).type
         if pa.types.is_struct(kind) and kind.get_field_index("path") >= 0:
-            return paths_complete(pf.read(columns=[f"{column}.path"]).column(0).combine_chunks())
+            struct = pf.read(columns=[f"{column}.path"]).column(0).combine_chunks()  # struct<path>, nulls kept
+            return struct.field("path") if paths_complete(struct) else None
         if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-            return paths_complete(pf.read(columns=[column]).column(0).combine_chunks())
-        return False
+            paths = pf.read(columns=[column]).column(0).combine_chunks()
+            return paths if paths_complete(paths) else None
+        return None
+
+    def _ids_named(self, fs: AbstractFileSystem, path: str, wanted: set[int]) -> list[str]:
+        """The ids (or paths) of a file whose hashes are in ``wanted``: read again only to name a clash."""
+        with fs.open(path, "rb") as f:
+            values = self._id_values(pq.ParquetFile(f), path)
+        return sorted({str(v) for v in values.to_pylist() if id_hash(str(v)) in wanted})
 
     def read_many(self, records: Sequence[ImageRecord], *, threads: int = 8) -> list[bytes | Exception]:
         """Rows grouped by file and row group (or batch): each needed part of the image column is read once.
@@ -278,6 +298,7 @@ class ParquetBytesSource(SharedFileSource):
                 image_id=prefix + image_id, uri=uri, fingerprint=fingerprint,
                 labels={name: values[row] for name, values in labels.items()},
                 split=None if splits[row] is None else str(splits[row]), data=data))
+        parquet_ids.refuse_repeats(file_uri, [r.image_id for r in records])
         return sorted(records, key=lambda r: r.image_id)
 
     def _check_columns(self, path: str, table: pa.Table, column: str) -> None:

@@ -55,10 +55,14 @@ class Digest:
         return self._h.hexdigest()[:32]
 
 
+def id_hash(image_id: str) -> int:
+    """An id's 64-bit hash: page boundaries, and the 8 bytes a listing keeps per id to refuse repeats."""
+    return int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=8).digest(), "little")
+
+
 def is_boundary(image_id: str, page_images: int = PAGE_IMAGES) -> bool:
     """True when a page ends after ``image_id`` (about one id in ``page_images``)."""
-    digest = hashlib.blake2b(image_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % page_images == 0
+    return id_hash(image_id) % page_images == 0
 
 
 @dataclass
