@@ -162,3 +162,24 @@ def test_knn_accuracy_is_invariant_to_a_relabelling_of_the_classes():
         perm = names[rng.permutation(6)]  # one to one: only the names (and so their order) change
         scores.add(knn_accuracy(X[:300], perm[y[:300]], X[300:], perm[y[300:]], k=4))
     assert len(scores) == 1, scores
+
+
+def test_knn_accuracy_predicts_as_the_knn_probe_head_does_on_vote_ties():
+    """The score and the head implement one rule (most votes, then the nearer neighbours): every held-out row,
+    labelled with the head's prediction, scores 1.0. k=4 over 4 classes makes vote ties common. Rows that
+    the head's float16 bank could order differently (a neighbour within 2e-3 of the next) are left out."""
+    import torch
+
+    from pipeline.probes.heads import KNNProbe
+
+    X, y = _data(1500, 8, c=4, seed=5, signal=0.3)
+    X = X / np.linalg.norm(X, axis=1, keepdims=True)
+    bank, q, k = X[:400], X[400:], 4
+    sims = -np.sort(-(q @ bank.T), 1)[:, :k + 1]
+    q = q[(-np.diff(sims, axis=1)).min(1) > 2e-3]
+    head = KNNProbe(8, 4, k=k).set_bank(torch.from_numpy(bank).float(), torch.from_numpy(y[:400]))
+    pred = head.logits(torch.from_numpy(q).float()).argmax(1).numpy()
+    votes = np.sort(np.eye(4)[y[:400]][np.argsort(-(q @ bank.T), 1)[:, :k]].sum(1), 1)
+    assert (votes[:, -1] == votes[:, -2]).sum() >= 10, "too few vote ties to tell the rules apart"
+    assert knn_accuracy(bank, y[:400], q, pred, k=k) == 1.0
+    assert knn_accuracy(bank, y[:400], q, (pred + 1) % 4, k=k) == 0.0
