@@ -128,6 +128,8 @@ def ray_head() -> Iterator[RayHead]:
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
         env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
+                # the GCS declares a killed node dead after about 5 s, not 30 (tests/test_multinode.py)
+                "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5",
                 # the job's `python` must be this venv's, whatever PATH the test was started with
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS))))

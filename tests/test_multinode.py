@@ -36,7 +36,7 @@ def _raylet_pid(node_manager_port: int) -> int | None:
 
 
 def _wait_for_alive_nodes(ray_head, n: int, timeout_s: float = 120) -> None:
-    """Until the GCS's health checks declare the killed node dead (about 30 s): a re-run submitted before that
+    """Until the GCS's health checks declare the killed node dead (the fixture's head: about 5 s): a re-run before that
     can be placed on it. Both nodes share one IP here, so the re-run's driver may even attach to the dead raylet."""
     deadline = time.monotonic() + timeout_s
     while True:

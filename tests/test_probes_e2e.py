@@ -36,9 +36,8 @@ def _extract(digits, store_root, weights):
     return run_extract(cfg).store_uri
 
 
-PROBES = ProbeConfig.from_dict({"tasks": ["digit"], "heads": [{"kind": "linear", "lrs": [0.01, 0.1],
-                                                               "weight_decays": [1e-4, 1e-3, 1e-2]}],
-                                "split": {"train": 0.5, "val": 0.25, "test": 0.25, "seed": 0}, "epochs": 100})
+PROBES = ProbeConfig.from_dict({"tasks": ["digit"], "heads": ["linear"],
+                                "split": {"train": 0.5, "val": 0.25, "test": 0.25, "seed": 0}})
 
 
 def _best_test_accuracy(store_uri):
