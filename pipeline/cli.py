@@ -80,13 +80,31 @@ def _probe_config(path: str | None, overrides: Sequence[str]):
     return ProbeConfig.from_dict(apply_overrides(data, overrides))
 
 
+def _store_labels(store_uri: str, version: int | None) -> str:
+    """The valid tasks, in words, for a probe run that named none."""
+    from .stores import FeatureStore
+
+    try:
+        labels = FeatureStore(store_uri, version=version).label_columns
+    except Exception as exc:  # noqa: BLE001 - the hint must not hide the config error
+        return f"the store's label columns could not be read ({type(exc).__name__})"
+    if not labels:
+        return f"{store_uri} has no label columns to probe"
+    return f"{store_uri} has label columns {labels}: e.g. tasks=[{','.join(labels)}]"
+
+
 def _cmd_probe(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .probes.config import MissingTasks
     from .probes.job import run_probes
 
     overrides = list(args.overrides)
     if args.splits:  # reuse the splits of an earlier run (its splits.parquet)
         overrides += [f"split.file={args.splits}", "split.column=null"]
-    config = _probe_config(args.config, overrides)
+    try:
+        config = _probe_config(args.config, overrides)
+    except MissingTasks as missing:
+        raise ConfigError(f"{missing}; {_store_labels(args.store, args.version)}") from None
     run = run_probes(args.store, config, version=args.version, out_uri=args.out, use_ray=not args.no_ray)
     board = run.results.leaderboard()
     print(board.to_string(index=False) if len(board) else "no successful probe group")

@@ -55,6 +55,12 @@ def test_failing_probe_groups_exit_non_zero(tmp_path):
     assert "good" in proc.stdout and "results:" in proc.stdout  # the groups that worked are still reported
 
 
+def test_a_probe_run_without_tasks_names_the_store_labels(tmp_path):
+    store = write_store(str(tmp_path), {"l": np.zeros((4, 2))}, {"kind": list("abab"), "size": [1, 2, 1, 2]})
+    assert_fails(strata("probe", "--store", store.uri, "--no-ray"), 2, "'tasks' is required",
+                 "has label columns ['kind', 'size']: e.g. tasks=[kind,size]")
+
+
 def test_error_budget_is_one_line(tmp_path):
     images = write_shapes(tmp_path / "shapes", n=12, size=32, seed=0) / "images"
     bad = images / "bad"

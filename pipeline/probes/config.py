@@ -19,6 +19,10 @@ PROTOTYPE_METRICS = ("cosine", "euclidean")
 LINEAR_SOLVERS = ("lbfgs", "adam")
 
 
+class MissingTasks(ConfigError):
+    """No probes.tasks: the CLI, which knows the store, adds its label columns to the message."""
+
+
 @dataclass(frozen=True)
 class LinearHeadSpec:
     """Linear softmax (or least-squares) probe; one head per weight decay (x lr for Adam).
@@ -159,7 +163,7 @@ class ProbeConfig:
             raise ConfigError(f"probes: expected a mapping of probe settings, got {type(d).__name__}")
         d = _check_keys(dict(d), cls, "probes")
         if "tasks" not in d:
-            raise ConfigError("probes: 'tasks' is required (a list of label column names)")
+            raise MissingTasks("probes: 'tasks' is required (a list of label column names)")
         tasks = d["tasks"]
         if isinstance(tasks, (str, dict)):
             tasks = [tasks]
