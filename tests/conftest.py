@@ -21,6 +21,16 @@ def encoder_card_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
     patch.undo()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_ray_instances() -> Iterator[None]:
+    """Every Ray the tests start, in process or in a `strata` subprocess, is a new local one: with
+    RAY_ADDRESS unset, `ray.init()` joins a cluster that `ray start` left running on the machine."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RAY_ADDRESS", "local")
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3Server]:
     """One SeaweedFS S3 server on 127.0.0.1 for the whole session (mark tests ``s3``)."""
@@ -54,6 +64,6 @@ def s3_env(s3_server: SeaweedS3Server, monkeypatch: pytest.MonkeyPatch) -> Seawe
 def ray_local() -> Iterator[object]:
     """A small local Ray for one test module."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
