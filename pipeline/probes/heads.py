@@ -197,7 +197,7 @@ class KNNProbe(ProbeHead):
                     outs[i].append(tgt[:, :k].float().mean(1, keepdim=True))
                 else:
                     votes = F.one_hot(tgt[:, :k], self.n_out).float()
-                    # under one vote (k sigmoids < 1, over k), and as large as that allows: float32 keeps it
+                    # under one vote (at most k sigmoids, each < 1, over k + 1) and as large as that: float32 keeps it
                     tie = (torch.sigmoid(top_sim[:, :k]).unsqueeze(-1) * votes).sum(1) / (k + 1)
                     outs[i].append(votes.sum(1) + tie)
         return [torch.cat(o) for o in outs]

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from .base import page_rows, url_to_fs
 from . import units as _units
-from .units import WorkUnit, id_hash, paginate
+from .units import WorkUnit, id_hash, id_hashes, paginate
 
 if TYPE_CHECKING:
     from .manifest import ManifestSource
@@ -65,7 +65,7 @@ def list_manifest_units(source: ManifestSource) -> Iterator[WorkUnit]:
         for table in _batches(source, fmt):
             schema = schema or table.schema
             records = source.records(table, fingerprints=False)
-            seen.append(np.array([id_hash(r.image_id) for r in records], dtype=np.uint64))
+            seen.append(id_hashes(r.image_id for r in records))
             for content in page_rows(records):
                 yield content[0], (content[1] or None), content[2]
 

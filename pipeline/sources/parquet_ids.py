@@ -16,16 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline.sources.units import id_hash
+from pipeline.sources.units import id_hashes
 
 log = logging.getLogger(__name__)
 
 ROW, PATH, COLUMN = "row", "path", "column"
 _HINT = "name a unique column in source.options.id_column"
-
-
-def hashes(values: Sequence[str | None]) -> np.ndarray:
-    return np.array([id_hash(str(v)) for v in values], dtype=np.uint64)
 
 
 @dataclass
@@ -43,10 +39,10 @@ def file_ids(path: str, id_column: str | None, column: pa.Array | None) -> FileI
     if id_column is not None:
         if column.null_count:
             raise ValueError(f"{path}: {column.null_count} row(s) have no {id_column!r} (the id column); {_HINT}")
-        return FileIds(path, COLUMN, hashes(column.to_pylist()))
+        return FileIds(path, COLUMN, id_hashes(column.to_pylist()))
     if column is None:
         return FileIds(path, ROW, np.zeros(0, np.uint64))
-    return FileIds(path, PATH, hashes(column.to_pylist()))
+    return FileIds(path, PATH, id_hashes(column.to_pylist()))
 
 
 def settle(files: list[FileIds], names: Callable[[str, set[int]], list[str]]) -> dict[str, str]:

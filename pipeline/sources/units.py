@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 #: Target images per page of a row-wise listing (pages end where hash(id) says, at most 4x this long): about a
 #: block's worth, so that a job has many units for the cluster to spread.
 PAGE_IMAGES = 1024
@@ -58,6 +60,11 @@ class Digest:
 def id_hash(image_id: str) -> int:
     """An id's 64-bit hash: page boundaries, and the 8 bytes a listing keeps per id to refuse repeats."""
     return int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=8).digest(), "little")
+
+
+def id_hashes(ids: Iterable[object]) -> np.ndarray:
+    """:func:`id_hash` of each id (as text), as uint64: what a listing keeps to find repeats."""
+    return np.array([id_hash(str(i)) for i in ids], dtype=np.uint64)
 
 
 def is_boundary(image_id: str, page_images: int = PAGE_IMAGES) -> bool:
