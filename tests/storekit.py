@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
+import multiprocessing as mp
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -64,7 +65,10 @@ def job(t: StoreTarget, recs: Sequence[dict], *, operation: str = "extract", bad
         todo = [x for x in tasks if done.get(x.block, {}).get("plan_hash") != x.content]
         shards = [encoded(x, bad=bad, scale=scale) for x in todo]
         if processes and shards:
-            with cf.ProcessPoolExecutor(max_workers=processes) as pool:
+            # spawned, as Ray's workers are. With fork, the parent's next S3 read after this pool (a HEAD through
+            # zarr's event loop) got no answer and waited out the 120 s read timeout; the children's copies of the
+            # parent's pooled connections and event loop are the suspects, not yet pinned down
+            with cf.ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn")) as pool:
                 written = list(pool.map(_write, [t] * len(shards), shards))
         else:
             written = [writer.write_shard(s) for s in shards]
