@@ -12,164 +12,12 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from . import cli_store
-from .failures import STORAGE, JobFailed, classify, stop_ray, tracebacks_hidden
+from . import cli_jobs, cli_store
+from .failures import STORAGE, classify, stop_ray, tracebacks_hidden
 from .storage.redaction import scrub
 
 log = logging.getLogger("strata")
 VERBOSE_FLAGS, QUIET_FLAGS = ("-v", "--verbose"), ("-q", "--quiet")
-
-
-def _cmd_layers(args: argparse.Namespace) -> int:
-    from .encoders import describe_layers
-
-    infos = describe_layers(args.encoder, weights=args.weights, pooling=args.pooling)
-    width = max(len(i.name) for i in infos)
-    print(f"{'layer':<{width}}  {'kind':<7} {'layout':<6} {'output shape':<18} {'pooled dim (' + args.pooling + ')':<18} "
-          "layout read from")
-    for i in infos:
-        dim = "refused" if not i.layout or not i.dim else str(i.dim) if i.pooling == args.pooling else \
-            f"{i.dim} ({i.pooling})"
-        print(f"{i.name:<{width}}  {i.kind:<7} {i.layout or '?':<6} {str(i.shape):<18} {dim:<18} {i.note}")
-    return 0
-
-
-def _cmd_encoders(_args: argparse.Namespace) -> int:
-    from .encoders import ENCODERS
-
-    for e in ENCODERS.values():
-        print(f"{e.name:<20} weights={e.default_weights:<14} layers={','.join(e.default_layers)}  {e.description}")
-    print("timm:<model>         any timm model by name, weights 'pretrained' from the local cache or a checkpoint URI")
-    return 0
-
-
-def _cmd_extract(args: argparse.Namespace) -> int:
-    return _run_job(args, "extract")
-
-
-def _run_job(args: argparse.Namespace, operation: str) -> int:
-    """extract or refresh: the config checked before Ray is imported, then the plan (--dry-run) or the job."""
-    from .config import ExtractConfig, load_config, validate_extract
-
-    cfg = load_config(ExtractConfig, args.config, args.overrides)
-    validate_extract(cfg)
-    args.storage_uris = [f"source {cfg.source.uri}", f"store root {cfg.store.root}"]
-    if args.dry_run:
-        from .extract.sync import dry_run
-
-        print(dry_run(cfg))
-        return 0
-    if operation == "refresh":
-        from .extract.refresh import run_refresh as run
-    else:
-        from .extract import run_extract as run
-    print(run(cfg))
-    return 0
-
-
-def _probe_config(path: str | None, overrides: Sequence[str]):
-    from .config import apply_overrides, load_data
-    from .probes.config import ProbeConfig
-
-    data = load_data(path) if path else {}
-    data = data.get("probes", data)
-    if not isinstance(data, dict):
-        from .config import ConfigError
-
-        raise ConfigError(f"{path}: expected a mapping of probe settings under 'probes:'")
-    return ProbeConfig.from_dict(apply_overrides(data, overrides))
-
-
-def _store_labels(store_uri: str, version: int | None) -> str:
-    """The valid tasks, in words, for a probe run that named none."""
-    from .stores import FeatureStore
-
-    try:
-        labels = FeatureStore(store_uri, version=version).label_columns
-    except Exception as exc:  # noqa: BLE001 - the hint must not hide the config error
-        return f"the store's label columns could not be read ({type(exc).__name__})"
-    if not labels:
-        return f"{store_uri} has no label columns to probe"
-    return f"{store_uri} has label columns {labels}: e.g. tasks=[{','.join(labels)}]"
-
-
-def _cmd_probe(args: argparse.Namespace) -> int:
-    from .config import ConfigError
-    from .probes.config import MissingTasks
-    from .probes.job import run_probes
-
-    overrides = list(args.overrides)
-    if args.splits:  # reuse the splits of an earlier run (its splits.parquet)
-        overrides += [f"split.file={args.splits}", "split.column=null"]
-    try:
-        config = _probe_config(args.config, overrides)
-    except MissingTasks as missing:
-        raise ConfigError(f"{missing}; {_store_labels(args.store, args.version)}") from None
-    run = run_probes(args.store, config, version=args.version, out_uri=args.out, use_ray=not args.no_ray)
-    board = run.results.leaderboard()
-    print(board.to_string(index=False) if len(board) else "no successful probe group")
-    failed = run.results.failures
-    if len(failed):
-        print(f"{len(failed)} probe group(s) failed:")
-        for _, row in failed.iterrows():
-            print(f"  task={row['task']} layer={row['layer']}: {row['error']}")
-    print(f"results: {run.out_uri}/results.parquet")
-    if len(failed):
-        first = failed.iloc[0]
-        raise JobFailed(f"{len(failed)} probe group(s) failed, {len(board)} task result(s) kept; first: "
-                        f"task={first['task']} layer={first['layer']}: {first['error']}")
-    return 0
-
-
-def _cmd_refresh(args: argparse.Namespace) -> int:
-    return _run_job(args, "refresh")
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report
-
-    page = build_report(args.store, args.out, map_sample=args.map_sample, results=args.results)
-    page = str(page)
-    print(f"report: {page} (numbers: {page.rsplit('/', 1)[0]}/report.json)")
-    return 0
-
-
-def _map_sample(text: str) -> int:
-    """--map-sample: an integer >= 3 (a 2-D map needs three points), checked before any work."""
-    from .report.build import MIN_MAP_SAMPLE
-
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {MIN_MAP_SAMPLE}, got {text!r}") from None
-    if n < MIN_MAP_SAMPLE:
-        raise argparse.ArgumentTypeError(f"must be >= {MIN_MAP_SAMPLE} (images per map), got {n}")
-    return n
-
-
-def _cmd_demo_data(args: argparse.Namespace) -> int:
-    from .sources.demo import write_demo
-
-    out = write_demo(args.name, args.out, **({"seed": args.seed} if args.name == "shapes" else {}))
-    print(f"wrote the {args.name} demo dataset to {out} (manifest: {out}/manifest.csv)")
-    return 0
-
-
-def _cmd_config_show(args: argparse.Namespace) -> int:
-    import yaml
-
-    from .config import ExtractConfig, apply_overrides, from_dict, load_data, validate_extract
-    from .storage import redact
-
-    data = load_data(args.config) if args.config else {}
-    if args.probes or "probes" in data:
-        plain = _probe_config(args.config, args.overrides).to_dict()
-    else:
-        cfg = from_dict(ExtractConfig, apply_overrides(data, args.overrides))
-        validate_extract(cfg)
-        plain = cfg.to_dict()
-    print(yaml.safe_dump(redact(plain), sort_keys=False, default_flow_style=False).rstrip())
-    return 0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -254,17 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=func)
         return s
 
-    s = command("layers", "list every tappable layer of an encoder with shapes and pooled dims", _cmd_layers)
+    s = command("layers", "list every tappable layer of an encoder with shapes and pooled dims", cli_jobs.cmd_layers)
     s.add_argument("encoder")
     s.add_argument("--weights", default="random", help="weights to load for the trace (default: random)")
     from .config import POOLINGS
 
     s.add_argument("--pooling", default="avg", choices=POOLINGS)
 
-    s = command("extract", "encode a dataset into a feature store (Ray Data)", _cmd_extract, _extract_keys_help)
+    s = command("extract", "encode a dataset into a feature store (Ray Data)", cli_jobs.cmd_extract, _extract_keys_help)
     _config_args(s)
 
-    s = command("probe", "train the probe grid (heads x layers x tasks) on a feature store", _cmd_probe,
+    s = command("probe", "train the probe grid (heads x layers x tasks) on a feature store", cli_jobs.cmd_probe,
                 _probe_keys_help)
     s.add_argument("--store", required=True, help="feature set URI")
     s.add_argument("--config", help="YAML with probe settings (top level or under 'probes:'); any fsspec URI")
@@ -274,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--splits", default=None, help="splits.parquet of an earlier run: train and test on those splits")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tasks=[digit] few_shot=[5,null]")
 
-    s = command("refresh", "encode only new or changed images and commit a new version", _cmd_refresh,
+    s = command("refresh", "encode only new or changed images and commit a new version", cli_jobs.cmd_refresh,
                 _extract_keys_help)
     _config_args(s)
 
@@ -289,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity_args(s)
     _config_args(s)
     s.add_argument("--probes", action="store_true", help="a probe grid config")
-    s.set_defaults(func=_cmd_config_show)
+    s.set_defaults(func=cli_jobs.cmd_config_show)
 
     s = command("inspect", "print a feature set's provenance, layers, rows and errors", cli_store.cmd_inspect)
     s.add_argument("uri")
@@ -322,11 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--index-factory", default=None,
                    help="faiss: index_factory string, e.g. Flat, HNSW32, IVF256,PQ16")
 
-    s = command("report", "write the transferability report (static HTML + JSON)", _cmd_report)
+    s = command("report", "write the transferability report (static HTML + JSON)", cli_jobs.cmd_report)
     s.add_argument("--store", action="append", required=True, help="feature set URI (repeat to compare encoders)")
     s.add_argument("--out", required=True,
                    help="output folder for index.html and report.json (any fsspec URI: local, s3://...)")
-    s.add_argument("--map-sample", type=_map_sample, default=1000,
+    s.add_argument("--map-sample", type=cli_jobs.map_sample, default=1000,
                    help="images per map, at least 3 (a seeded sample; the page says how many)")
     s.add_argument("--results", action="append", default=None, metavar="URI",
                    help="probe results folder to report (strata probe output), one per --store in the same order; "
@@ -340,12 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--version", type=int, default=None)
 
-    s = command("demo-data", "generate a demo dataset locally (digits, shapes); no download", _cmd_demo_data)
+    s = command("demo-data", "generate a demo dataset locally (digits, shapes); no download", cli_jobs.cmd_demo_data)
     s.add_argument("name")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
 
-    command("encoders", "list registered encoders", _cmd_encoders)
+    command("encoders", "list registered encoders", cli_jobs.cmd_encoders)
     return p
 
 
