@@ -176,3 +176,50 @@ def test_save_to_disk_on_s3_with_relative_paths(s3_bucket, tmp_path: Path):
     assert [r.uri for r in records] == [s3_bucket.url("hf", "ds", "pics", f"{i}.png") for i in range(3)]
     assert all(r.fingerprint.startswith("etag:") for r in records)
     assert source.read_many(records) == [png(300 + i) for i in range(3)]
+
+
+def _two_arrow_files(folder: Path, ids: list[str], paths: list[str | None]) -> None:
+    """12 embedded images in two Arrow files of 6 rows: `ids` as a column, `paths` in the image structs."""
+    rows = [{"bytes": png(500 + i), "path": p} for i, p in enumerate(paths)]
+    features = datasets.Features({"img": datasets.Image(), "uid": datasets.Value("string"),
+                                  "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"img": rows, "uid": ids, "label": [i % 3 for i in range(12)]},
+                               features=features).save_to_disk(str(folder), num_shards=2)
+
+
+def test_ids_repeated_across_arrow_files_are_refused_by_the_driver_after_the_tasks(tmp_path: Path):
+    """The driver never reads Arrow files, so their tasks send id hashes with the unit plans and the driver
+    checks them across units, for an id column as for image paths; a unique column passes."""
+    from pipeline.extract.id_check import RepeatedImageIds, refuse_repeats_across_units
+    from pipeline.extract.unit_stage import plan_item, unit_item
+    from pipeline.stores import FeatureStoreWriter, StoreTarget
+    from pipeline.stores.job import plan_job
+
+    unique = [f"u{i}" for i in range(12)]
+    _two_arrow_files(tmp_path / "ds", [*unique[:9], "u2", *unique[10:]], [f"{i}.png" for i in range(12)])
+    for id_column, repeats in (("uid", True), (None, False)):
+        source = HuggingFaceSource(str(tmp_path / "ds"), id_column=id_column)
+        writer = FeatureStoreWriter(StoreTarget(root=str(tmp_path / "s"), featureset=f"fs-{id_column}", shard_rows=8))
+        writer.prepare(n_rows=0, layer_dims={"l": 4}, provenance={"encoder": "toy"}, labels=pa.schema([]))
+        work = plan_job(writer, list(source.list_units()), job_id="j").work
+        plans = [plan_item(unit_item(w, "j"), source=source, target=writer.target)[0] for w in work]
+        assert all(p.id_hashes is not None and len(p.id_hashes) == 6 for p in plans)
+        if repeats:
+            with pytest.raises(RepeatedImageIds, match=r"data-00000-of-00002.arrow', 'data-00001-of-00002.arrow'"):
+                refuse_repeats_across_units(plans, writer, {})
+        else:
+            refuse_repeats_across_units(plans, writer, {})
+
+
+def test_image_paths_repeated_across_arrow_files_stop_the_extraction_before_anything_is_published(tmp_path: Path):
+    """Paths unique within each file (ids from paths) but repeated across the two files: a store with two rows
+    of one id would be committed without the check."""
+    from pipeline.stores import NoCommittedVersionError
+
+    _two_arrow_files(tmp_path / "ds", [str(i) for i in range(12)], [f"{i % 6}.png" for i in range(12)])
+    cfg = load_config(ExtractConfig, None, ["source.kind=hf", f"source.uri={tmp_path / 'ds'}",
+                                            f"store.root={tmp_path}/s", "store.featureset=fs", *TINY])
+    with pytest.raises(ValueError, match=r"6 image id\(s\) repeat across source units .* e\.g\. \['0\.png', '1\.png', '2\.png'\]"):
+        run_extract(cfg)
+    with pytest.raises(NoCommittedVersionError):
+        FeatureStore(f"{tmp_path}/s/fs")

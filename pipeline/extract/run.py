@@ -16,6 +16,7 @@ from ..config import ConfigError, ExtractConfig
 from ..encoders.card import EncoderCard
 from ..failures import not_found_as
 from ..stores import FeatureStoreWriter, Segment
+from .id_check import refuse_repeats_across_units
 from .plan import build_source
 from .monitor import JobMonitor, JobStalled
 from .sink import ErrorBudgetExceeded, FeatureStoreDatasink, JobProgress, write_row
@@ -133,6 +134,7 @@ def execute(cfg: ExtractConfig, work: list, writer: FeatureStoreWriter, encoder,
     if todo:
         raise RuntimeError(f"units {[w.unit.unit_id for w in todo][:5]} lost files after being written three "
                            f"times; check the object store behind {storage.redact_uri(writer.target.uri)}")
+    refuse_repeats_across_units(list(plans.values()), writer, records)
     blocks = [t.block for p in plans.values() for t in p.blocks]
     n_rows = sum(records[b]["n_rows"] for b in blocks)
     n_errors = sum(records[b]["n_errors"] for b in blocks)

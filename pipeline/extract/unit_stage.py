@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..sources.base import record_to_json
-from ..sources.units import WorkUnit
+from ..sources.units import CHECK_IDS, WorkUnit, id_hashes
 from ..stores import FeatureStoreWriter, Segment, StoreTarget
 from ..stores.units import UnitSpec, plan_unit
 from .stages import decode_records
@@ -45,6 +45,8 @@ def plan_item(item: dict, *, source, target: StoreTarget):
     listed = source.expand(unit)
     plan = plan_unit(writer, UnitSpec(unit.unit_id, unit.fingerprint, unit.meta), [record_to_json(r) for r in listed],
                      old, json.loads(item["blocks"]), job_id=item["job_id"])
+    if unit.params.get(CHECK_IDS):
+        plan.id_hashes = id_hashes(r.image_id for r in listed)
     done = writer.written_records([t.block for t in plan.blocks])
     done = {b: r for b, r in done.items() if any(t.block == b and t.content == r.get("plan_hash")
                                                  for t in plan.blocks)}

@@ -18,7 +18,7 @@ from pipeline.sources.base import ImageRecord, has_glob, relative_id, url_to_fs
 from pipeline.sources import parquet_ids
 from pipeline.sources.image_columns import detect_image_column, image_paths, paths_complete
 from pipeline.sources.parquet_bytes import ParquetBytesSource
-from pipeline.sources.units import WorkUnit
+from pipeline.sources.units import CHECK_IDS, WorkUnit
 
 __all__ = ["HuggingFaceSource"]
 
@@ -81,7 +81,7 @@ class HuggingFaceSource(ParquetBytesSource):
                            size_bytes=info.get("size"),
                            params={"path": path, "format": "arrow", "stem": name.removesuffix(ARROW_SUFFIX),
                                    "split": split, "id_prefix": f"{split}/" if split else "",
-                                   "root": fs.unstrip_protocol(root)})
+                                   "root": fs.unstrip_protocol(root), CHECK_IDS: True})
 
     def expand(self, unit: WorkUnit) -> list[ImageRecord]:
         """A row group (Parquet) or an Arrow file, read whole; image bytes inline, path-only images by URI."""

@@ -18,6 +18,9 @@ import numpy as np
 #: Target images per page of a row-wise listing (pages end where hash(id) says, at most 4x this long): about a
 #: block's worth, so that a job has many units for the cluster to spread.
 PAGE_IMAGES = 1024
+#: A unit param: the unit's ids are first seen by its task, which sends their hashes for the driver to check
+#: against other units' (pipeline.extract.id_check).
+CHECK_IDS = "check_ids"
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,12 @@ with the unit, never with the store.
 """
 from __future__ import annotations
 
+import base64
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import pyarrow as pa
 
 from .alloc import allocate
@@ -55,22 +57,28 @@ class UnitPlan:
     revised: dict[int, str] = field(default_factory=dict)  # old block -> its new index revision
     counts: dict[str, int] = field(default_factory=dict)  # added, changed, deleted, relabelled, unchanged
     removed: bool = False  # the unit left the source
+    id_hashes: np.ndarray | None = None  # 8-byte hashes of every listed id, where the driver must check them
 
     def to_json(self) -> dict:
-        return {"unit": self.unit.__dict__, "old": [s.to_json() for s in self.old],
-                "blocks": [{"block": t.block, "row_start": t.row_start, "content": t.content,
-                            "n": len(t.records)} for t in self.blocks],
-                "deleted": {str(k): v for k, v in self.deleted.items()},
-                "revised": {str(k): v for k, v in self.revised.items()}, "counts": self.counts,
-                "removed": self.removed}
+        out = {"unit": self.unit.__dict__, "old": [s.to_json() for s in self.old],
+               "blocks": [{"block": t.block, "row_start": t.row_start, "content": t.content,
+                           "n": len(t.records)} for t in self.blocks],
+               "deleted": {str(k): v for k, v in self.deleted.items()},
+               "revised": {str(k): v for k, v in self.revised.items()}, "counts": self.counts,
+               "removed": self.removed}
+        if self.id_hashes is not None:
+            out["id_hashes"] = base64.b64encode(self.id_hashes.astype("<u8").tobytes()).decode()
+        return out
 
     @classmethod
     def from_json(cls, d: Mapping) -> UnitPlan:
         """The plan as the driver gets it back: block tasks without their records (the records are written)."""
+        hashes = d.get("id_hashes")
         return cls(UnitSpec(**d["unit"]), [Segment.from_json(s) for s in d["old"]],
                    [BlockTask(b["block"], b["row_start"], (), b["content"], d["unit"]["unit_id"]) for b in d["blocks"]],
                    {int(k): list(v) for k, v in d["deleted"].items()},
-                   {int(k): v for k, v in d["revised"].items()}, dict(d["counts"]), bool(d.get("removed")))
+                   {int(k): v for k, v in d["revised"].items()}, dict(d["counts"]), bool(d.get("removed")),
+                   None if hashes is None else np.frombuffer(base64.b64decode(hashes), "<u8"))
 
     def change(self, written: Mapping[int, Mapping]) -> UnitChange:
         """The unit's change, once its blocks are written (``written``: block -> shard record)."""
