@@ -164,7 +164,7 @@ def _lbfgs_candidates(specs, data: GroupData) -> list[Candidate]:
             head = _linear_head(data, spec, f.weight[i], f.bias[i])
             hp = {"solver": "lbfgs", "weight_decay": wd, "l2_normalize": spec.l2_normalize}
             if not data.regression:
-                hp["C"] = sklearn_c(wd, len(zt), data.n_out)
+                hp["C"] = float(f"{sklearn_c(wd, len(zt), data.n_out):.12g}")  # 50000.0, not 50000.00000000001
             out.append(Candidate("linear", req, hp, spec, head, head.predict_standardized(data.z["val"]).cpu().numpy(),
                                  share, steps=int(f.iterations[i]), batch_heads=n_heads, auto_reason=why,
                                  converged=bool(f.converged[i])))
