@@ -121,6 +121,20 @@ def test_label_and_split_edits_are_data(tmp_path):
     assert run_refresh(cfg).nothing_changed
 
 
+def test_the_dataset_fingerprint_follows_image_content_where_units_have_no_fingerprint(tmp_path):
+    """A manifest without a fingerprint column lists units without one: the version's dataset fingerprint then
+    stands on the digests their tasks compute, so new pixels under the same path give a new one."""
+    write_shapes(tmp_path / "src", n=12, size=32, seed=9)
+    write_shapes(tmp_path / "spare", n=12, size=32, seed=4)
+    cfg = _manifest_cfg(tmp_path / "src" / "manifest.csv", tmp_path / "stores")
+    first = run_refresh(cfg)
+    shutil.copy(tmp_path / "spare" / "images" / "00004.png", tmp_path / "src" / "images" / "00003.png")
+    second = run_refresh(cfg)
+    assert (second.version, second.changed, second.added) == (2, 1, 0)
+    v1, v2 = FeatureStore(first.store_uri, version=1), FeatureStore(first.store_uri, version=2)
+    assert v1.info.dataset_fingerprint and v2.info.dataset_fingerprint != v1.info.dataset_fingerprint
+
+
 def test_another_source_naming_the_same_feature_set_is_refused(tmp_path):
     """train.csv and test.csv side by side name the same feature set: the second job must not drop the first's
     images unless told the data moved."""

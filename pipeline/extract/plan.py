@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import re
+from collections.abc import Mapping
 
 from ..config import ConfigError, ExtractConfig, SourceSpec
 from ..failures import not_found_as
@@ -25,8 +26,11 @@ def build_source(spec: SourceSpec):
     return make_source(spec.kind, spec.uri, **options)
 
 
-def dataset_fingerprint(units) -> str:
-    return stable_hash([(u.unit_id, u.fingerprint, u.meta) for u in units])
+def dataset_fingerprint(units, contents: Mapping[str, str] | None = None) -> str:
+    """What a version was computed from: every unit's fingerprint, or for a unit listed without one (an Arrow
+    file, a manifest page without fingerprints) the digest of its images that its task computed (``contents``)."""
+    contents = contents or {}
+    return stable_hash([(u.unit_id, u.fingerprint or contents.get(u.unit_id, ""), u.meta) for u in units])
 
 
 def dataset_name(spec: SourceSpec) -> str:

@@ -72,8 +72,9 @@ def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = Fa
     if plan.empty:
         log.info("nothing changed in %d units since version %s; no new version committed", plan.unchanged, version)
     else:
+        contents = {p.unit.unit_id: p.content for p in unit_plans}
         outcome = finish_job(writer, plan, unit_plans, result.records if result else {}, operation=operation,
-                             dataset_fingerprint=dataset_fingerprint(units), config=_recorded_config(cfg),
+                             dataset_fingerprint=dataset_fingerprint(units, contents), config=_recorded_config(cfg),
                              stats=_stats(result))
         version, published = outcome.version, outcome.published
     summary = None

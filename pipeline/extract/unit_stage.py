@@ -17,6 +17,7 @@ import numpy as np
 from ..sources.base import record_to_json
 from ..sources.units import CHECK_IDS, WorkUnit, id_hashes
 from ..stores import FeatureStoreWriter, Segment, StoreTarget
+from ..stores.layout import stable_hash
 from ..stores.units import UnitSpec, plan_unit
 from .stages import decode_records
 
@@ -43,8 +44,11 @@ def plan_item(item: dict, *, source, target: StoreTarget):
     old = [Segment.from_json(s) for s in json.loads(item["old"])]
     writer = FeatureStoreWriter(target)
     listed = source.expand(unit)
-    plan = plan_unit(writer, UnitSpec(unit.unit_id, unit.fingerprint, unit.meta), [record_to_json(r) for r in listed],
+    records = [record_to_json(r) for r in listed]
+    plan = plan_unit(writer, UnitSpec(unit.unit_id, unit.fingerprint, unit.meta), records,
                      old, json.loads(item["blocks"]), job_id=item["job_id"])
+    if not unit.fingerprint:  # what the version's dataset fingerprint stands on for this unit
+        plan.content = stable_hash(sorted(records, key=lambda r: r["image_id"]))
     if unit.params.get(CHECK_IDS):
         plan.id_hashes = id_hashes(r.image_id for r in listed)
     done = writer.written_records([t.block for t in plan.blocks])

@@ -58,6 +58,7 @@ class UnitPlan:
     counts: dict[str, int] = field(default_factory=dict)  # added, changed, deleted, relabelled, unchanged
     removed: bool = False  # the unit left the source
     id_hashes: np.ndarray | None = None  # 8-byte hashes of every listed id, where the driver must check them
+    content: str = ""  # digest of the listed images, for a unit listed without a fingerprint
 
     def to_json(self) -> dict:
         out = {"unit": self.unit.__dict__, "old": [s.to_json() for s in self.old],
@@ -65,7 +66,7 @@ class UnitPlan:
                            "n": len(t.records)} for t in self.blocks],
                "deleted": {str(k): v for k, v in self.deleted.items()},
                "revised": {str(k): v for k, v in self.revised.items()}, "counts": self.counts,
-               "removed": self.removed}
+               "removed": self.removed, "content": self.content}
         if self.id_hashes is not None:
             out["id_hashes"] = base64.b64encode(self.id_hashes.astype("<u8").tobytes()).decode()
         return out
@@ -78,7 +79,7 @@ class UnitPlan:
                    [BlockTask(b["block"], b["row_start"], (), b["content"], d["unit"]["unit_id"]) for b in d["blocks"]],
                    {int(k): list(v) for k, v in d["deleted"].items()},
                    {int(k): v for k, v in d["revised"].items()}, dict(d["counts"]), bool(d.get("removed")),
-                   None if hashes is None else np.frombuffer(base64.b64decode(hashes), "<u8"))
+                   None if hashes is None else np.frombuffer(base64.b64decode(hashes), "<u8"), d.get("content", ""))
 
     def change(self, written: Mapping[int, Mapping]) -> UnitChange:
         """The unit's change, once its blocks are written (``written``: block -> shard record)."""
