@@ -189,17 +189,19 @@ def _two_arrow_files(folder: Path, ids: list[str], paths: list[str | None]) -> N
 
 def test_ids_repeated_across_arrow_files_are_refused_by_the_driver_after_the_tasks(tmp_path: Path):
     """The driver never reads Arrow files, so their tasks send id hashes with the unit plans and the driver
-    checks them across units, for an id column as for image paths; a unique column passes."""
+    checks them across units, for an id column as for image paths; row ids are unique by construction."""
     from pipeline.extract.id_check import RepeatedImageIds, refuse_repeats_across_units
     from pipeline.extract.unit_stage import plan_item, unit_item
     from pipeline.stores import FeatureStoreWriter, StoreTarget
     from pipeline.stores.job import plan_job
 
-    unique = [f"u{i}" for i in range(12)]
-    _two_arrow_files(tmp_path / "ds", [*unique[:9], "u2", *unique[10:]], [f"{i}.png" for i in range(12)])
-    for id_column, repeats in (("uid", True), (None, False)):
-        source = HuggingFaceSource(str(tmp_path / "ds"), id_column=id_column)
-        writer = FeatureStoreWriter(StoreTarget(root=str(tmp_path / "s"), featureset=f"fs-{id_column}", shard_rows=8))
+    ids = [f"u{i}" for i in range(12)]
+    ids[9] = "u2"  # in the other file
+    _two_arrow_files(tmp_path / "ds", ids, [f"{i % 6}.png" for i in range(12)])  # paths repeat across the files
+    for options, repeats in (({"id_column": "uid"}, True), ({}, True), ({"row_ids": True}, False)):
+        source = HuggingFaceSource(str(tmp_path / "ds"), **options)
+        writer = FeatureStoreWriter(StoreTarget(root=str(tmp_path / "s"), featureset=f"fs-{len(options)}-{repeats}",
+                                                shard_rows=8))
         writer.prepare(n_rows=0, layer_dims={"l": 4}, provenance={"encoder": "toy"}, labels=pa.schema([]))
         work = plan_job(writer, list(source.list_units()), job_id="j").work
         plans = [plan_item(unit_item(w, "j"), source=source, target=writer.target)[0] for w in work]
@@ -209,6 +211,10 @@ def test_ids_repeated_across_arrow_files_are_refused_by_the_driver_after_the_tas
                 refuse_repeats_across_units(plans, writer, {})
         else:
             refuse_repeats_across_units(plans, writer, {})
+            assert sorted(r.image_id for r in source.list_images())[:2] == ["data-00000-of-00002/0",
+                                                                            "data-00000-of-00002/1"]
+    with pytest.raises(ValueError, match="id_column .* and row_ids=true both choose the ids"):
+        HuggingFaceSource(str(tmp_path / "ds"), id_column="uid", row_ids=True)
 
 
 def test_image_paths_repeated_across_arrow_files_stop_the_extraction_before_anything_is_published(tmp_path: Path):
@@ -219,7 +225,7 @@ def test_image_paths_repeated_across_arrow_files_stop_the_extraction_before_anyt
     _two_arrow_files(tmp_path / "ds", [str(i) for i in range(12)], [f"{i % 6}.png" for i in range(12)])
     cfg = load_config(ExtractConfig, None, ["source.kind=hf", f"source.uri={tmp_path / 'ds'}",
                                             f"store.root={tmp_path}/s", "store.featureset=fs", *TINY])
-    with pytest.raises(ValueError, match=r"6 image id\(s\) repeat across source units .* e\.g\. \['0\.png', '1\.png', '2\.png'\]"):
+    with pytest.raises(ValueError, match=r"6 image id\(s\) repeat across source units .* e\.g\. \['0\.png', '1\.png', '2\.png'\].*row_ids=true"):
         run_extract(cfg)
     with pytest.raises(NoCommittedVersionError):
         FeatureStore(f"{tmp_path}/s/fs")

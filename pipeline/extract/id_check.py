@@ -33,7 +33,7 @@ def refuse_repeats_across_units(plans: Sequence[UnitPlan], writer: FeatureStoreW
     owner = np.repeat(np.arange(len(checked)), [len(p.id_hashes) for p in checked])
     order = np.argsort(hashes, kind="stable")
     hashes, owner = hashes[order], owner[order]
-    same = hashes[1:] == hashes[:-1]
+    same = (hashes[1:] == hashes[:-1]) & (owner[1:] != owner[:-1])  # a unit's own ids are unique (its task checks)
     if not same.any():
         return
     repeated = set(np.unique(hashes[1:][same]).tolist())
@@ -44,7 +44,8 @@ def refuse_repeats_across_units(plans: Sequence[UnitPlan], writer: FeatureStoreW
         f"{f' and {len(units) - EXAMPLES} more' if len(units) > EXAMPLES else ''}"
         f"{f', e.g. {shown}' if shown else ''}: a store is keyed by image id, and these ids come from "
         f"source.options.id_column or the image paths; name a column unique across the whole dataset in "
-        f"source.options.id_column. Nothing was published")
+        f"source.options.id_column, or set source.options.row_ids=true for '<file>/<row>' ids. Nothing was "
+        f"published")
 
 
 def _example_ids(plans: Sequence[UnitPlan], repeated: set[int], writer: FeatureStoreWriter,

@@ -92,7 +92,7 @@ class HuggingFaceSource(ParquetBytesSource):
             table = read_arrow(f)
         column = detect_image_column(table.schema, self.image_column)
         cells = table.column(column).combine_chunks() if column in table.column_names else None
-        struct_path = (self.id_column is None and cells is not None and paths_complete(cells)
+        struct_path = (self.id_column is None and not self.row_ids and cells is not None and paths_complete(cells)
                        and parquet_ids.path_ids_unique(unit.params["path"], image_paths(cells)))
         params: Mapping[str, Any] = {**unit.params, "struct_path": struct_path}
         return self._table_records(table, fs.unstrip_protocol(unit.params["path"]), params)

@@ -69,12 +69,16 @@ class ParquetBytesSource(SharedFileSource):
     _: KW_ONLY
     image_column: str | None = "image"
     id_column: str | None = None
+    row_ids: bool = False  # `<file>/<row>` ids even where image paths are unique (paths that repeat across files)
     label_columns: Sequence[str] | None = None
     split_column: str | None = "split"
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
     read_chunk = None  # rows of a shard share row groups: read them in one pass
 
     def __post_init__(self) -> None:
+        if self.row_ids and self.id_column is not None:
+            raise ValueError(f"source.options: id_column ({self.id_column!r}) and row_ids=true both choose the ids; "
+                             f"set one of them")
         if self.label_columns is not None:
             object.__setattr__(self, "label_columns", tuple(self.label_columns))
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
@@ -172,6 +176,8 @@ class ParquetBytesSource(SharedFileSource):
             if self.id_column not in pf.schema_arrow.names:
                 raise ValueError(f"{path}: no id column {self.id_column!r}; columns are {pf.schema_arrow.names}")
             return pf.read(columns=[self.id_column]).column(0).combine_chunks()
+        if self.row_ids:
+            return None
         schema = pf.schema_arrow
         column = detect_image_column(schema, self.image_column)
         if column not in schema.names:
