@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..sources.units import id_hash
+from ..sources.units import id_hash, sorted_id_hashes
 from ..stores import FeatureStoreWriter
 from ..stores.units import UnitPlan, unit_live_index
 
@@ -29,10 +29,7 @@ def refuse_repeats_across_units(plans: Sequence[UnitPlan], writer: FeatureStoreW
     checked = [p for p in plans if p.id_hashes is not None and len(p.id_hashes)]
     if len(checked) < 2:
         return
-    hashes = np.concatenate([p.id_hashes for p in checked])
-    owner = np.repeat(np.arange(len(checked)), [len(p.id_hashes) for p in checked])
-    order = np.argsort(hashes, kind="stable")
-    hashes, owner = hashes[order], owner[order]
+    hashes, owner = sorted_id_hashes([p.id_hashes for p in checked])
     same = (hashes[1:] == hashes[:-1]) & (owner[1:] != owner[:-1])  # a unit's own ids are unique (its task checks)
     if not same.any():
         return

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline.sources.units import id_hashes
+from pipeline.sources.units import id_hashes, sorted_id_hashes
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,7 @@ def settle(files: list[FileIds], names: Callable[[str, set[int]], list[str]]) ->
     """The id kind of every file: ids from an id column must be unique across the dataset (else ValueError,
     naming a few, which ``names(file, hashes)`` reads back); a file of path ids keeps them only where none
     repeats, within it or in another file."""
-    owner = np.concatenate([np.full(len(f.hashes), i) for i, f in enumerate(files)] or [np.zeros(0, int)])
-    allh = np.concatenate([f.hashes for f in files] or [np.zeros(0, np.uint64)])
-    order = np.argsort(allh, kind="stable")
-    allh, owner = allh[order], owner[order]
+    allh, owner = sorted_id_hashes([f.hashes for f in files])
     dup = np.zeros(len(allh), bool)
     if len(allh) > 1:
         same = allh[1:] == allh[:-1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,15 @@ def id_hash(image_id: str) -> int:
 def id_hashes(ids: Iterable[object]) -> np.ndarray:
     """:func:`id_hash` of each id (as text), as uint64: what a listing keeps to find repeats."""
     return np.array([id_hash(str(i)) for i in ids], dtype=np.uint64)
+
+
+def sorted_id_hashes(groups: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Every group's id hashes in one sorted array (stable), and the group each came from: a repeat is two
+    neighbours."""
+    owner = np.concatenate([np.full(len(g), i) for i, g in enumerate(groups)] or [np.zeros(0, int)])
+    hashes = np.concatenate(list(groups) or [np.zeros(0, np.uint64)])
+    order = np.argsort(hashes, kind="stable")
+    return hashes[order], owner[order]
 
 
 def is_boundary(image_id: str, page_images: int = PAGE_IMAGES) -> bool:
