@@ -67,7 +67,10 @@ def _kill_tree(proc: subprocess.Popen) -> None:
         if not left:
             return
         for p in left:
-            p.kill()
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:  # it died of the group's SIGKILL after it was listed
+                pass
         time.sleep(0.5)
 
 
