@@ -9,7 +9,7 @@ import fsspec
 import pytest
 
 from pipeline import storage
-from pipeline.stores import allocate, layout
+from pipeline.stores import Version, allocate, latest_version, layout, read_version
 from pipeline.stores.cas import conditional_writes, create_exclusive
 from pipeline.stores.lock import StoreLockTimeout, store_lease
 
@@ -55,6 +55,39 @@ def test_concurrent_allocations_never_share_a_block(store_root, mode, monkeypatc
     blocks = [b for a in got for b in a.blocks]
     assert len(blocks) == len(set(blocks)) == sum(k % 3 + 1 for k in range(n))
     assert sorted(a.seq for a in got) == list(range(n))
+
+
+def _race_overwrite(fs, path: str, first: bytes, second: bytes, after: float = 0.3) -> threading.Thread:
+    """A writer inside its settle window (``first``), then a racing writer whose existence check came before that
+    write replacing it ``after`` seconds later: what the read-back protocol allows."""
+    storage.atomic_write_bytes(fs, path, first)
+    racer = threading.Timer(after, storage.atomic_write_bytes, args=(fs, path, second))
+    racer.start()
+    return racer
+
+
+def test_an_allocation_is_not_planned_on_a_marker_a_racing_writer_replaces(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRATA_COMMIT_MODE", "verify")
+    fs, base = storage.resolve(str(tmp_path / "fs"))
+    marker = f"{layout.allocations_dir(base)}/seq-{0:010d}"
+    doc = {"seq": 0, "first_block": 0, "job_id": "x", "created_at": ""}
+    racer = _race_overwrite(fs, marker, json.dumps({**doc, "contents": ["a"]}).encode(),
+                            json.dumps({**doc, "contents": ["b", "c", "d"]}).encode())
+    got = allocate(fs, base, ["e"], job_id="late")
+    racer.join()
+    # planned on the tentative one-block marker, it would take block 1, which the surviving claim holds
+    assert (got.seq, got.first_block) == (1, 3)
+
+
+def test_a_reader_never_gets_a_version_a_racing_writer_replaces(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRATA_COMMIT_MODE", "verify")
+    fs, base = storage.resolve(str(tmp_path / "fs"))
+    loser, winner = (Version(version=1, parent=None, created_at="", operation="extract", segments=(), job_id=j)
+                     for j in ("loser", "winner"))
+    racer = _race_overwrite(fs, layout.version_path(base, 1), loser.to_bytes(), winner.to_bytes())
+    assert latest_version(fs, base).job_id == "winner"
+    racer.join()
+    assert read_version(fs, base, 1).job_id == "winner"
 
 
 def test_a_rerun_of_the_same_work_resumes_in_its_allocation(tmp_path):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .. import storage
 from . import layout
-from .cas import create_exclusive
+from .cas import create_exclusive, read_settled
 from .manifest import ls, now_iso
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def _entries(fs, base: str) -> tuple[list[tuple[int, int, int, str, str]], int]:
             markers[int(name[4:])] = path
     for seq in sorted(set(markers) - set(records)):
         try:
-            doc = storage.read_json(fs, markers[seq])
+            doc = json.loads(read_settled(fs, base, markers[seq]))
         except FileNotFoundError:
             continue
         records[seq] = (seq, int(doc["first_block"]), len(doc["contents"]), plan_hash(doc["contents"]),

@@ -3,7 +3,8 @@
 Stores that honour conditional writes (local disks, AWS S3, SeaweedFS) settle races themselves. For an
 S3-compatible server that ignores ``If-None-Match`` the fallback is check, write, wait, read back: the last
 writer's document survives and every other writer reads back a document that is not its own, so it knows it
-lost. That is safe while one write takes less than ``SETTLE_SECONDS``.
+lost. That is safe while one write takes less than ``SETTLE_SECONDS``. Until then a racing writer may still
+replace the document, so readers of a commit point go through :func:`read_settled`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds a fallback create waits before reading its object back: longer than one PUT can take.
 SETTLE_SECONDS = 1.0
+#: How far a client's clock may be from the object store's: S3 refuses requests signed more than 15 min off.
+CLOCK_SKEW_SECONDS = 900.0
 _support: dict[str, bool] = {}
+_settled: set[tuple[str, str]] = set()
 
 
 def create_exclusive(fs, base: str, path: str, data: bytes) -> bool:
@@ -38,6 +42,28 @@ def create_exclusive(fs, base: str, path: str, data: bytes) -> bool:
     time.sleep(SETTLE_SECONDS)
     fs.invalidate_cache(path)
     return fs.cat_file(path) == data
+
+
+def read_settled(fs, base: str, path: str) -> bytes:
+    """The document at a commit point, once no racing writer can replace it any more.
+
+    Under the read-back protocol every racing write lands within ``SETTLE_SECONDS`` of the first one, so a
+    document that exists now is final that much later, or at once when it was last written longer ago than that
+    (plus the clock skew to the store). A loser's document read inside that window would hand a reader a version or an
+    allocation that is about to vanish.
+    """
+    if conditional_writes(fs, base):
+        return storage.cat_small(fs, path)
+    key = (str(fs.protocol), path)
+    fs.invalidate_cache(path)
+    if key not in _settled:
+        written = storage.modified_time(fs.info(path))
+        skew = 0.0 if storage.is_local(fs) else CLOCK_SKEW_SECONDS
+        if not written or time.time() - written < SETTLE_SECONDS + skew:
+            time.sleep(SETTLE_SECONDS)
+            fs.invalidate_cache(path)
+        _settled.add(key)
+    return storage.cat_small(fs, path)
 
 
 def conditional_writes(fs, base: str) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import storage
 from . import layout
+from .cas import read_settled
 
 
 class NoCommittedVersionError(FileNotFoundError):
@@ -153,7 +154,7 @@ def list_versions(fs, base: str) -> list[int]:
 
 def read_version(fs, base: str, version: int, *, meta: Mapping | None = None) -> Version:
     """Version ``version`` of the feature set at ``base`` (format 1 documents are converted on read)."""
-    doc = storage.read_json(fs, layout.version_path(base, version))
+    doc = json.loads(read_settled(fs, base, layout.version_path(base, version)))
     if "segments" in doc:
         return Version.from_json(doc)
     meta = meta if meta is not None else storage.read_json(fs, layout.featureset_json(base))
