@@ -19,6 +19,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for key in ("uri", "featureset", "version", "versions", "encoder", "weights", "weights_sha256", "dtype",
                 "rows", "errors", "labels", "dataset_fingerprint", "created_at", "library"):
         print(f"{key:<20} {info[key]}")
+    for label, names in info["class_names"].items():
+        shown = ", ".join(f"{k}={n!r}" for k, n in enumerate(names[:12]))
+        print(f"{'classes of ' + label:<20} {shown}" + (f" ... ({len(names)} classes)" if len(names) > 12 else ""))
     print(f"{'preprocessing':<20} {info['preprocessing']}")
     print("layers:")
     for layer, dim in info["layers"].items():

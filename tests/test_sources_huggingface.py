@@ -3,6 +3,7 @@ columns with bytes, with paths only (relative or absolute) and null images."""
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import datasets
@@ -14,9 +15,11 @@ from PIL import Image as PILImage
 
 from pipeline.config import ExtractConfig, load_config
 from pipeline.extract import run_extract
+from pipeline.extract.refresh import run_refresh
 from pipeline.sources import HuggingFaceSource, ImageRecord, ParquetBytesSource, make_source
 from pipeline.sources.arrow_files import read_arrow, take_arrow_rows
 from pipeline.stores import FeatureStore
+from pipeline.stores.label_types import class_name, class_names, stored_class_names, with_class_names
 
 TINY = ["encoder.name=resnet18", "encoder.weights=random:0", "encoder.layers=[layer1,layer2]",
         "encoder.preprocessing={resize_size: 32, crop_size: 32, interpolation: bilinear, "
@@ -67,6 +70,7 @@ def test_save_to_disk_arrow_files_are_units(tmp_path: Path):
     assert records[0].data == png(0) and records[0].labels == {"label": 0} and records[0].split is None
     assert records[3].data == b""  # the null image: decoding records "empty file"
     assert source.label_schema(units) == pa.schema([("label", pa.int64())])  # from the Arrow schema alone
+    assert class_names(source.label_schema(units)) == {"label": ["a", "b", "c"]}  # the ClassLabel's names
     assert source.read_many(_stripped(records)) == [r.data for r in records]
 
 
@@ -159,6 +163,45 @@ def test_extract_from_a_dataset_dict(tmp_path: Path):
                                                         "validation/data-00000-of-00001/3"}
     assert index.loc["validation/data-00000-of-00001/2", "split"] == "validation"
     assert index.loc["train/data-00000-of-00001/5", "label"] == 2
+    assert store.class_names == {"label": ["a", "b", "c"]}
+
+
+def test_class_label_names_are_kept_per_version_next_to_the_integers(tmp_path: Path, capsys):
+    """The store keeps a ClassLabel's integers (its label type never changes) and each version records the names
+    its source gave them: a rename alone publishes a version, the old one keeps the old names, and the report's
+    map and `strata inspect` show them."""
+    from pipeline.cli import main
+    from pipeline.report.sections import map_figures
+
+    renamed = datasets.ClassLabel(names=["chat noir", "Ünï β", "<b>x</b>"])
+    embedded(9).save_to_disk(str(tmp_path / "ds"), num_shards=2)
+    cfg = load_config(ExtractConfig, None, ["source.kind=hf", f"source.uri={tmp_path / 'ds'}",
+                                            f"store.root={tmp_path}/s", "run.max_error_fraction=0.5", *TINY])
+    uri = run_extract(cfg).store_uri
+    embedded(9).cast_column("label", renamed).save_to_disk(str(tmp_path / "ds2"), num_shards=2)
+    fs = fsspec.filesystem("file")
+    fs.rm(str(tmp_path / "ds"), recursive=True)
+    fs.mv(str(tmp_path / "ds2"), str(tmp_path / "ds"), recursive=True)
+    summary = run_refresh(cfg)
+    assert summary.version == 2 and summary.added == summary.changed == summary.relabeled == 0
+    assert "refreshed" in str(summary)
+    old, new = FeatureStore(uri, version=1), FeatureStore(uri)
+    assert old.class_names == {"label": ["a", "b", "c"]}
+    assert new.class_names == {"label": ["chat noir", "Ünï β", "<b>x</b>"]}
+    assert new.index().label.dtype.kind == "i"  # still the integers
+    assert new.to_xarray("layer1").label.attrs["class_names"] == new.class_names["label"]
+    assert run_refresh(cfg).version == 2  # nothing changed: no version
+    (figure,) = map_figures(new, ["label"], {"label": "layer2"}, sample=20)
+    shown = dict(zip(figure.data["ids"], figure.data["labels"]))
+    assert shown["data-00000-of-00002/1"] == "Ünï β (1)" and shown["data-00000-of-00002/0"] == "chat noir (0)"
+    assert main(["inspect", uri]) == 0
+    assert re.search(r"classes of label +0='chat noir', 1='Ünï β', 2='<b>x</b>'\n", capsys.readouterr().out)
+    # a Parquet export of the same dataset names its classes too
+    embedded(5).to_parquet(str(tmp_path / "pq" / "train-00000-of-00001.parquet"))
+    exported = run_extract(load_config(ExtractConfig, None, [
+        "source.kind=hf", f"source.uri={tmp_path / 'pq'}", f"store.root={tmp_path}/p",
+        "run.max_error_fraction=0.5", *TINY]))
+    assert FeatureStore(exported.store_uri).class_names == {"label": ["a", "b", "c"]}
 
 
 @pytest.mark.s3
@@ -229,3 +272,16 @@ def test_image_paths_repeated_across_arrow_files_stop_the_extraction_before_anyt
         run_extract(cfg)
     with pytest.raises(NoCommittedVersionError):
         FeatureStore(f"{tmp_path}/s/fs")
+
+
+def test_class_names_apply_to_integer_labels_only():
+    names = ["cat", "dog"]
+    assert [class_name(names, v) for v in (0, 1, 1.0, np.int64(1))] == ["cat", "dog", "dog", "dog"]
+    assert [class_name(names, v) for v in (2, -1, 1.5, True, None, "1")] == [None] * 6
+    assert class_name(None, 0) is None
+    source = pa.schema([with_class_names(pa.field("kind", pa.int64()), names), pa.field("size", pa.int64()),
+                        with_class_names(pa.field("gone", pa.int64()), ["x"]),
+                        with_class_names(pa.field("text", pa.string()), ["y"])])
+    # the store's own types decide: names of a column it holds as text, or does not hold, are not recorded
+    stored = pa.schema([("kind", pa.int64()), ("size", pa.int64()), ("text", pa.string())])
+    assert stored_class_names(source, stored) == {"kind": names}

@@ -27,10 +27,11 @@ class RefreshSummary:
     seconds: float
     extract: ExtractSummary | None = None
     relabeled: int = 0
+    published: bool = False  # a new version, even with no image changed (the source renamed its classes)
 
     @property
     def nothing_changed(self) -> bool:
-        return not (self.added or self.changed or self.deleted or self.relabeled)
+        return not (self.added or self.changed or self.deleted or self.relabeled or self.published)
 
     def __str__(self) -> str:
         uri = storage.redact_uri(self.store_uri)
@@ -46,6 +47,6 @@ def run_refresh(cfg: ExtractConfig) -> RefreshSummary:
     outcome = sync_store(cfg, operation="refresh")
     c = outcome.counts
     summary = RefreshSummary(outcome.store_uri, outcome.version, c["added"], c["changed"], c["deleted"],
-                             c["unchanged"], outcome.seconds, outcome.extract, c["relabelled"])
+                             c["unchanged"], outcome.seconds, outcome.extract, c["relabelled"], outcome.published)
     log.info("%s", summary)
     return summary

@@ -18,6 +18,7 @@ from .. import storage
 from ..config import ExtractConfig, validate_extract
 from ..stores import FeatureStoreWriter
 from ..stores.job import counts, finish_job, plan_job
+from ..stores.label_types import stored_class_names
 from ..stores.manifest import latest_version
 from .plan import build_source, build_target, check_source, dataset_fingerprint, list_units
 from .run import ExecuteResult, ExtractSummary, _ensure_ray, execute, prepare_encoder
@@ -57,8 +58,8 @@ def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = Fa
     check_source(cfg, target, latest_version(writer.fs, writer.base))
     if start_ray_early and _images(units) > cfg.run.local_max_images:
         _ensure_ray(cfg.run.ray_address)
-    writer.prepare(n_rows=0, layer_dims=encoder.layer_dims, provenance=encoder.provenance(),
-                   labels=build_source(cfg.source).label_schema(units))
+    labels = build_source(cfg.source).label_schema(units)
+    writer.prepare(n_rows=0, layer_dims=encoder.layer_dims, provenance=encoder.provenance(), labels=labels)
     job_id = uuid.uuid4().hex
     plan = plan_job(writer, units, job_id=job_id)
     log.info("%s of %s: %d units listed, %d to work on, %d gone, %d unchanged", operation, target.featureset,
@@ -69,13 +70,14 @@ def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = Fa
     unit_plans = result.plans if result else []
     tally = counts(unit_plans, plan)
     version, published = plan.parent.version if plan.parent else None, False
-    if plan.empty:
+    classes = stored_class_names(labels, writer.label_schema)
+    if plan.empty and classes == (plan.parent.class_names if plan.parent else {}):
         log.info("nothing changed in %d units since version %s; no new version committed", plan.unchanged, version)
     else:
         contents = {p.unit.unit_id: p.content for p in unit_plans}
         outcome = finish_job(writer, plan, unit_plans, result.records if result else {}, operation=operation,
                              dataset_fingerprint=dataset_fingerprint(units, contents), config=_recorded_config(cfg),
-                             stats=_stats(result))
+                             stats=_stats(result), class_names=classes)
         version, published = outcome.version, outcome.published
     summary = None
     if result is not None and result.rows:

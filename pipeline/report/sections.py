@@ -18,6 +18,7 @@ from ..analysis.score_table import SCORE_LABELS, layer_scores, score_agreement
 from ..probes.config import SplitSpec
 from ..probes.splits import split_task
 from ..stores import FeatureStore
+from ..stores.label_types import class_name
 from . import svg
 from .html import MapFigure, Section
 
@@ -181,7 +182,8 @@ def map_figures(store: FeatureStore, tasks: Sequence[str], best: dict[str, str],
         if layer not in embedded:
             embedded[layer] = analysis.layer_map(store, layer, tasks=list(tasks), sample=sample, seed=seed, threads=1)
         m = embedded[layer]
-        labels = [None if v is None or (isinstance(v, float) and v != v) else str(v) for v in m.labels[task]]
+        names = store.class_names.get(task)
+        labels = [_label_text(v, names) for v in m.labels[task]]
         if task in numeric:
             codes, colours, legend = _numeric_colours(m.labels[task])
         else:
@@ -200,6 +202,14 @@ def map_figures(store: FeatureStore, tasks: Sequence[str], best: dict[str, str],
             data={"task": task, "layer": layer, "ids": ids, "labels": labels, "uris": [uri_of.get(i, "") for i in ids]},
             legend=legend))
     return out
+
+
+def _label_text(value, names) -> str | None:
+    """A label as the map shows it: its class name first where the source named its integers."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    name = class_name(names, value)
+    return str(value) if name is None else f"{name} ({int(value)})"
 
 
 def _class_colours(labels: list) -> tuple[np.ndarray, list[str], list]:

@@ -3,7 +3,6 @@ field may be null), plain binary, or plain path strings; and where a path-only i
 
 from __future__ import annotations
 
-import json
 import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.sources.base import MISSING, file_fingerprints
+from pipeline.sources.hf_features import features
 
 __all__ = ["MISSING", "detect_image_column", "image_cells", "image_paths", "path_fingerprints", "paths_complete",
            "resolve_path", "storage_options_for"]
@@ -21,15 +21,9 @@ def detect_image_column(schema: pa.Schema, wanted: str | None) -> str:
     """``wanted``, else the first column the ``datasets`` features metadata types as ``Image``, else ``image``."""
     if wanted is not None:
         return wanted
-    raw = (schema.metadata or {}).get(b"huggingface")
-    if raw:
-        try:
-            features = json.loads(raw).get("info", {}).get("features", {})
-        except ValueError:
-            features = {}
-        for name, feature in features.items():
-            if isinstance(feature, Mapping) and feature.get("_type") == "Image" and name in schema.names:
-                return name
+    for name, feature in features(schema).items():
+        if isinstance(feature, Mapping) and feature.get("_type") == "Image" and name in schema.names:
+            return name
     if "image" in schema.names:
         return "image"
     raise ValueError(f"no image column: none is typed Image in the datasets metadata and none is named 'image'; "

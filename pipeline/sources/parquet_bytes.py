@@ -26,6 +26,7 @@ from pipeline.sources.base import (
     url_to_fs,
 )
 from pipeline.sources.globbing import glob_root
+from pipeline.sources.hf_features import class_label_names
 from pipeline.sources.image_columns import (
     detect_image_column,
     image_cells,
@@ -35,6 +36,7 @@ from pipeline.sources.image_columns import (
     storage_options_for,
 )
 from pipeline.sources.units import WorkUnit, id_hash
+from pipeline.stores.label_types import with_class_names
 
 __all__ = ["ParquetBytesSource", "row_of"]
 
@@ -121,7 +123,8 @@ class ParquetBytesSource(SharedFileSource):
         return self._table_records(table, fs.unstrip_protocol(p["path"]), p, row0=p["row0"])
 
     def label_schema(self, units: Sequence[WorkUnit]) -> pa.Schema:
-        """The label columns and their types from the first file's schema (a Parquet footer): no rows read."""
+        """The label columns and their types from the first file's schema (a Parquet footer): no rows read.
+        ``ClassLabel`` columns carry their class names (field metadata)."""
         if not units:
             return pa.schema([])
         fs, _ = url_to_fs(self.uri_or_glob, self.storage_options)
@@ -131,8 +134,9 @@ class ParquetBytesSource(SharedFileSource):
         missing = [n for n in names if n not in schema.names]
         if missing:
             raise ValueError(f"{units[0].params['path']}: no label column {missing[0]!r}; columns are {schema.names}")
-        return pa.schema(sorted((n, pa.string() if pa.types.is_null(t) else t)
-                                for n, t in ((n, schema.field(n).type) for n in names)))
+        classes = class_label_names(schema)
+        return pa.schema([with_class_names(pa.field(n, pa.string() if pa.types.is_null(t) else t), classes.get(n))
+                          for n, t in sorted((n, schema.field(n).type) for n in names)])
 
     def _unit_schema(self, fs: AbstractFileSystem, params: Mapping[str, Any]) -> pa.Schema:
         with fs.open(params["path"], "rb") as f:

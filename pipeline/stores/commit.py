@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,7 @@ class JobChange:
     config: Mapping[str, Any] = field(default_factory=dict)
     stats: Mapping[str, Any] = field(default_factory=dict)
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    class_names: Mapping[str, Sequence[str]] | None = None  # None: the parent's (the job did not read the source)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,10 @@ def _apply(writer: FeatureStoreWriter, change: JobChange, target: Version | None
             f"{len(conflicts)} image(s) were changed by another job since this one read version "
             f"{change.parent.version if change.parent else None}: {sorted(conflicts)[:5]}; nothing was "
             f"published. Run the job again: it starts from the latest version")
-    if target is not None and segments == target.segment_map() and units == target.units:
+    classes = {k: list(v) for k, v in (change.class_names if change.class_names is not None else
+                                        target.class_names if target else {}).items()}
+    if (target is not None and segments == target.segment_map() and units == target.units
+            and classes == target.class_names):
         return None, stats
     if target is None and not segments and not units:
         return None, stats
@@ -134,7 +138,8 @@ def _apply(writer: FeatureStoreWriter, change: JobChange, target: Version | None
     version = Version(version=(target.version if target else 0) + 1, parent=target.version if target else None,
                       created_at=now_iso(), operation=change.operation, segments=tuple(segments.values()),
                       dataset_fingerprint=change.dataset_fingerprint, config=storage.redact(dict(change.config)),
-                      stats=dict(change.stats), changes=counts, job_id=change.job_id, units=units)
+                      stats=dict(change.stats), changes=counts, job_id=change.job_id, units=units,
+                      class_names=classes)
     return version, stats
 
 

@@ -104,11 +104,12 @@ def _blocks_needed(unit: Any, shard_rows: int) -> int:
 def finish_job(writer: FeatureStoreWriter, plan: JobPlan, unit_plans: Sequence[UnitPlan],
                written: Mapping[int, Mapping], *, operation: str, on_conflict: str = "fail",
                dataset_fingerprint: str = "", config: Mapping[str, Any] | None = None,
-               stats: Mapping[str, Any] | None = None) -> CommitResult:
+               stats: Mapping[str, Any] | None = None,
+               class_names: Mapping[str, Sequence[str]] | None = None) -> CommitResult:
     changes: list[UnitChange] = [p.change(written) for p in [*unit_plans, *plan.removed]]
     change = JobChange(operation=operation, parent=plan.parent, units=changes, on_conflict=on_conflict,
                        dataset_fingerprint=dataset_fingerprint, config=dict(config or {}), stats=dict(stats or {}),
-                       job_id=plan.job_id)
+                       job_id=plan.job_id, class_names=class_names)
     return commit_change(writer, change)
 
 

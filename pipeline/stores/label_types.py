@@ -6,11 +6,46 @@ across versions. Text may not become numbers or the other way round; integers an
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 
 RESERVED_COLUMNS = ("image_id", "uri", "fingerprint", "row", "shard", "status", "split")
+#: Field metadata of an integer label column whose values index a list of class names (a ``datasets``
+#: ``ClassLabel``): the store keeps the integers and records the names in each version.
+CLASS_NAMES = b"class_names"
+
+
+def class_names(labels: pa.Schema) -> dict[str, list[str]]:
+    """The class names of the label columns that have them, by column."""
+    out = {}
+    for f in labels:
+        raw = (f.metadata or {}).get(CLASS_NAMES)
+        if raw is not None:
+            out[f.name] = [str(n) for n in json.loads(raw)]
+    return out
+
+
+def stored_class_names(source: pa.Schema, stored: pa.Schema) -> dict[str, list[str]]:
+    """The source's class names of the label columns the store holds as integers."""
+    ints = {f.name for f in stored if pa.types.is_integer(f.type)}
+    return {k: v for k, v in class_names(source).items() if k in ints}
+
+
+def with_class_names(field: pa.Field, names: Sequence[str] | None) -> pa.Field:
+    return field if names is None else field.with_metadata({CLASS_NAMES: json.dumps(list(names))})
+
+
+def class_name(names: Sequence[str] | None, value) -> str | None:
+    """The name of class ``value`` (an integer index into ``names``), or None when it has none."""
+    if names is None or value is None or isinstance(value, bool):
+        return None
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        return None
+    return names[k] if k == value and 0 <= k < len(names) else None
 
 
 def label_schema(records: Sequence[Mapping]) -> pa.Schema:

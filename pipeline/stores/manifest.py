@@ -90,6 +90,7 @@ class Version:
     job_id: str = ""
     format_version: int = layout.FORMAT_VERSION
     units: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # unit id -> fingerprint, meta
+    class_names: Mapping[str, Sequence[str]] = field(default_factory=dict)  # label -> the names its integers index
 
     @property
     def n_rows(self) -> int:
@@ -126,6 +127,7 @@ class Version:
             "units": {u: dict(v) for u, v in sorted(self.units.items())},
             "config": dict(self.config), "config_hash": layout.stable_hash(dict(self.config)),
             "stats": dict(self.stats), "changes": dict(self.changes),
+            "class_names": {k: list(v) for k, v in sorted(self.class_names.items())},
         }
 
     def to_bytes(self) -> bytes:
@@ -141,7 +143,8 @@ class Version:
                    dataset_fingerprint=d.get("dataset_fingerprint", ""), config=d.get("config") or {},
                    stats=d.get("stats") or {}, changes=d.get("changes") or {}, job_id=d.get("job_id", ""),
                    format_version=int(d.get("format_version", layout.FORMAT_VERSION)),
-                   units={u: dict(v) for u, v in (d.get("units") or {}).items()})
+                   units={u: dict(v) for u, v in (d.get("units") or {}).items()},
+                   class_names={k: list(v) for k, v in (d.get("class_names") or {}).items()})
 
 
 def now_iso() -> str:

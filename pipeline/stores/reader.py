@@ -85,6 +85,12 @@ class FeatureStore:
     def label_columns(self) -> list[str]:
         return [f["name"] for f in self.meta["label_schema"]]
 
+    @property
+    def class_names(self) -> dict[str, list[str]]:
+        """label -> its class names, for integer labels that index them (a ``datasets`` ``ClassLabel``), as this
+        version's source named them: ``store.class_names["label"][3]`` is class 3's name."""
+        return {k: list(v) for k, v in self.info.class_names.items()}
+
     def __len__(self) -> int:
         return self.index_table().num_rows
 
@@ -217,6 +223,7 @@ class FeatureStore:
             "rows": len(self),
             "errors": self.index_table(include_errors=True).num_rows - len(self),
             "labels": self.label_columns,
+            "class_names": self.class_names,
             "dataset_fingerprint": self.info.dataset_fingerprint,
             "created_at": self.info.created_at,
             "parent": self.info.parent,
