@@ -3,6 +3,7 @@ columns with bytes, with paths only (relative or absolute) and null images."""
 from __future__ import annotations
 
 import io
+import json
 import re
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from pipeline.extract import run_extract
 from pipeline.extract.refresh import run_refresh
 from pipeline.sources import HuggingFaceSource, ImageRecord, ParquetBytesSource, make_source
 from pipeline.sources.arrow_files import read_arrow, take_arrow_rows
-from pipeline.stores import FeatureStore
+from pipeline.stores import FeatureStore, layout
 from pipeline.stores.label_types import class_name, class_names, stored_class_names, with_class_names
 
 TINY = ["encoder.name=resnet18", "encoder.weights=random:0", "encoder.layers=[layer1,layer2]",
@@ -272,6 +273,10 @@ def test_image_paths_repeated_across_arrow_files_stop_the_extraction_before_anyt
         run_extract(cfg)
     with pytest.raises(NoCommittedVersionError):
         FeatureStore(f"{tmp_path}/s/fs")
+    # the job stopped when the second unit was planned: that unit encoded nothing
+    fs = fsspec.filesystem("file")
+    written = [json.loads(fs.cat_file(p)) for p in fs.glob(f"{tmp_path}/s/fs/{layout.MANIFEST_DIR}/shards/*.json")]
+    assert len({r["unit"] for r in written}) <= 1, written
 
 
 def test_class_names_apply_to_integer_labels_only():
@@ -285,3 +290,23 @@ def test_class_names_apply_to_integer_labels_only():
     # the store's own types decide: names of a column it holds as text, or does not hold, are not recorded
     stored = pa.schema([("kind", pa.int64()), ("size", pa.int64()), ("text", pa.string())])
     assert stored_class_names(source, stored) == {"kind": names}
+
+
+def test_the_id_registry_finds_every_repeat_across_units_whatever_their_order():
+    from pipeline.extract.id_check import IdRegistry
+
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 2**63, 5000, dtype=np.uint64)
+    registry, seen, owner_of = IdRegistry(), set(), {}
+    for k in range(60):
+        hashes = rng.choice(pool, int(rng.integers(0, 150)), replace=False)
+        units, shared = registry.add(f"u{k}", hashes)
+        expected = set(hashes.tolist()) & seen
+        assert set(shared.tolist()) == expected
+        assert units == sorted({owner_of[h] for h in expected})
+        if not expected:  # registered: its ids count from now on
+            seen.update(hashes.tolist())
+            owner_of.update((h, f"u{k}") for h in hashes.tolist())
+    assert len(registry.runs) <= 2 * np.log2(len(seen)) + 1  # merged by size
+    units, shared = registry.add(next(iter(owner_of.values())), pool)  # a unit's task run again is accepted
+    assert units == [] and len(shared) == 0

@@ -35,6 +35,7 @@ class JobProgress:
         self.images = self.errors = 0
         self.in_flight: dict[str, tuple[str, float, int]] = {}  # unit -> (node id, since, blocks left)
         self.last = time.time()
+        self.ids = None  # the id hashes of CHECK_IDS units, once a task sends some
 
     def add(self, images: int, errors: int, unit: str = "") -> tuple[int, int, bool]:
         import time
@@ -59,6 +60,14 @@ class JobProgress:
         if blocks:  # a unit is reported when its task starts (-1: still planning), then with its block count
             since = self.in_flight[unit][1] if unit in self.in_flight else time.time()
             self.in_flight[unit] = (node, since, blocks)
+
+    def check_ids(self, unit: str, hashes) -> tuple[list[str], object]:
+        """Register a planned unit's id hashes: the units that list some of them too, and those hashes."""
+        if self.ids is None:
+            from .id_check import IdRegistry
+
+            self.ids = IdRegistry()
+        return self.ids.add(unit, hashes)
 
     def status(self) -> dict:
         return {"images": self.images, "errors": self.errors, "total": self.total, "last": self.last,

@@ -95,6 +95,8 @@ def expand_unit(item: dict, *, source, target: StoreTarget, preprocessing, max_p
         unit_id = unit["unit_id"]
         progress.started.remote(unit_id, ray.get_runtime_context().get_node_id(), -1)
     plan, by_id, done = plan_item(item, source=source, target=target)
+    if progress is not None and plan.id_hashes is not None:
+        _refuse_repeated_ids(progress, plan, by_id)
     if progress is not None:
         todo = sum(len(t.records) for t in plan.blocks if t.block not in done)
         kept = unit["n_images"] - todo if unit.get("n_images") is not None else 0  # the total counted n_images
@@ -102,3 +104,17 @@ def expand_unit(item: dict, *, source, target: StoreTarget, preprocessing, max_p
                                 kept)
     yield from block_rows(plan, by_id, done, source=source, preprocessing=preprocessing, max_pixels=max_pixels,
                           threads=threads, niceness=niceness, decode_kwargs=decode_kwargs, defer=defer)
+
+
+def _refuse_repeated_ids(progress, plan, by_id: dict) -> None:
+    """Stop the job before this unit encodes anything when a unit planned before it lists one of its ids."""
+    import ray
+
+    from ..sources.units import id_hash
+    from .id_check import EXAMPLES, repeated_ids_error
+
+    units, shared = ray.get(progress.check_ids.remote(plan.unit.unit_id, plan.id_hashes))
+    if units:
+        shared = set(shared.tolist())
+        examples = sorted(i for i in by_id if id_hash(i) in shared)[:EXAMPLES]
+        raise repeated_ids_error(len(shared), sorted([*units, plan.unit.unit_id]), examples)
