@@ -305,7 +305,9 @@ def test_a_label_that_changes_kind_is_refused_naming_the_column(tmp_path):
     assert run_refresh(cfg).version == 1
     as_floats = [lines[0] + ",score", *[f"{line},{k}.0" for k, line in enumerate(lines[1:])]]
     manifest.write_text("\n".join(as_floats) + "\n")
-    assert run_refresh(cfg).nothing_changed  # 3.0 is the 3 the store holds
+    same = run_refresh(cfg)  # 3.0 is the 3 the store holds: a version records the new listing, no image changes
+    assert (same.added, same.changed, same.deleted, same.relabeled, same.version) == (0, 0, 0, 0, 2)
+    assert "no image changed" in str(same)
     manifest.write_text("\n".join([*as_floats[:-1], as_floats[-1].replace(",11.0", ",high")]) + "\n")
     with pytest.raises((ValueError, ConfigError), match=r"label column 'score' holds int64 in feature set .*, and the "
                                                         r"source now gives string values; a store keeps each label's"):

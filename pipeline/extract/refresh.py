@@ -38,6 +38,9 @@ class RefreshSummary:
         if self.nothing_changed:
             return (f"nothing changed in {self.unchanged} images; {uri} stays at version {self.version} "
                     f"({self.seconds:.1f} s)")
+        if not (self.added or self.changed or self.deleted or self.relabeled):
+            return (f"refreshed {uri} to version {self.version}: no image changed, the source's listing or class "
+                    f"names did; {self.unchanged} images kept ({self.seconds:.1f} s)")
         return (f"refreshed {uri} to version {self.version}: {self.added} added, {self.changed} changed, "
                 f"{self.deleted} deleted, {self.relabeled} relabelled, {self.unchanged} unchanged kept without "
                 f"re-encoding ({self.seconds:.1f} s)")
