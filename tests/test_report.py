@@ -81,8 +81,14 @@ def test_report_numbers_and_page(tmp_path):
     assert {r["encoder"] for r in comparison["encoders"]} == {"toy0", "toy1"} and "cross_cka" in report
     assert comparison["shared_images"] == 1.0
     assert all(r["kendall_tau_val"] is None for r in comparison["agreement"])  # 2 encoders: no ranking
+    per_class = pd.DataFrame(fs["per_class"])  # the chosen head's, at the best layer, worst class first
+    assert set(per_class["task"]) == {"shape", "colour"}
+    for task, g in per_class.groupby("task"):
+        assert set(g["layer"]) == {fs["best_layer"][task]} and list(g["test_accuracy"]) == sorted(g["test_accuracy"])
+        assert len(g) == len(set(g["class"])) >= 2 and g["name"].isna().all()  # toy labels name no classes
     text = page.read_text()
     assert text.count("<svg class=\"map\"") == 4 and "probe test accuracy (task x layer)" in text
+    assert "Per-class test accuracy of the chosen head" in text
     assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text
 
 
@@ -209,3 +215,21 @@ def test_hostile_labels_render_escaped_and_the_hover_map_works_in_headless_chrom
     assert img.shape[0] >= 6000 and img.std() > 10  # not a blank page
     saturation = img.max(axis=2) - img.min(axis=2)  # the heatmap's viridis and the maps' colours are drawn
     assert (saturation > 80).sum() > 15_000
+
+
+def test_per_class_rows_follow_the_chosen_head_and_name_the_classes():
+    from pipeline.report.per_class import per_class_rows, worst_classes
+
+    def row(layer, head, hp, per_class, selected=True):
+        return {"task": "kind", "layer": layer, "head": head, "hparams": hp, "status": "ok", "selected": selected,
+                "few_shot": None, "test_per_class_accuracy": json.dumps(per_class)}
+
+    results = pd.DataFrame([row("a", "linear", '{"C": 1}', {"0": 0.9, "1": 0.5, "7": 0.7}),
+                            row("a", "mlp", '{"h": 8}', {"0": 0.1, "1": 0.1, "7": 0.1}),  # not the chosen head
+                            row("b", "linear", '{"C": 2}', {"0": 0.0, "1": 0.0, "7": 0.0})])  # not the best layer
+    chosen = pd.DataFrame([{"task": "kind", "layer": "a", "head": "linear", "hparams": '{"C": 1}',
+                            "metric": "accuracy"}])
+    rows = per_class_rows(results, chosen, {"kind": "a"}, {"kind": ["cat", "dog"]})
+    assert [(r["class"], r["name"], r["test_accuracy"]) for r in rows] == [("1", "dog", 0.5), ("7", None, 0.7),
+                                                                          ("0", "cat", 0.9)]
+    assert [(r["class"], r["of_classes"]) for r in worst_classes(rows, 2)] == [("1", 3), ("7", 3)]

@@ -28,6 +28,7 @@ from ..stores import FeatureStore
 from ..stores.writer import _library_version
 from . import html, sections, svg
 from .html import Section
+from .per_class import per_class_rows
 from .sections import LOGIT_LAYERS, feature_layers  # noqa: F401 - re-exported for callers of the old names
 from .thumbs import thumbnails
 
@@ -202,6 +203,7 @@ def analyse_store(store: FeatureStore, *, results: pd.DataFrame, splits_table: p
         "scores": sections.records(scores),
         "score_agreement": sections.records(agreement),
         "few_shot": few_rows,
+        "per_class": per_class_rows(results, chosen, best, store.class_names),
         "maps": [{"task": m.data["task"], "layer": m.data["layer"], "points": len(m.data["ids"]),
                   "caption": m.caption, "legend": [{"label": lab, "count": n} for lab, _, n in m.legend]}
                  for m in sec.maps],

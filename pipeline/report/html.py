@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .per_class import WORST, worst_classes
 from .svg import esc, fmt
 
 
@@ -189,6 +190,11 @@ def _featureset(fs: dict, sec: Section) -> str:
           "<div class='figs'>" + "".join(_figure(c, s) for c, s in sec.figures) + "</div>",
           "<h3>Probe accuracy per task and layer (head selected on validation)</h3>" + _selection_note(fs)
           + table(fs["matrix_rows"])]
+    if fs.get("per_class"):
+        worst = worst_classes(fs["per_class"])
+        p.append(f"<h3>Per-class test accuracy of the chosen head (the {WORST} worst classes per task; all in "
+                 f"report.json)</h3>" + table(worst, ["task", "layer", "class", "name", "test_accuracy",
+                                                      "of_classes"]))
     p.append("<h3>Few-shot curves</h3>")
     if sec.few_shot:
         p.append("<p class='muted'>Test accuracy (validation where a caption says so) of the validation-selected "
