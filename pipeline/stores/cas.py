@@ -22,7 +22,7 @@ SETTLE_SECONDS = 1.0
 #: How far a client's clock may be from the object store's: S3 refuses requests signed more than 15 min off.
 CLOCK_SKEW_SECONDS = 900.0
 _support: dict[str, bool] = {}
-_settled: set[tuple[str, str]] = set()
+_settled: dict[tuple[str, str], float] = {}  # commit point -> the write time it was seen settled at
 
 
 def create_exclusive(fs, base: str, path: str, data: bytes) -> bool:
@@ -56,13 +56,14 @@ def read_settled(fs, base: str, path: str) -> bytes:
         return storage.cat_small(fs, path)
     key = (str(fs.protocol), path)
     fs.invalidate_cache(path)
-    if key not in _settled:
-        written = storage.modified_time(fs.info(path))
+    written = storage.modified_time(fs.info(path))
+    if not written or _settled.get(key) != written:
         skew = 0.0 if storage.is_local(fs) else CLOCK_SKEW_SECONDS
         if not written or time.time() - written < SETTLE_SECONDS + skew:
             time.sleep(SETTLE_SECONDS)
             fs.invalidate_cache(path)
-        _settled.add(key)
+            written = storage.modified_time(fs.info(path))
+        _settled[key] = written
     return storage.cat_small(fs, path)
 
 
