@@ -10,6 +10,7 @@ import pytest
 
 from pipeline import storage
 from pipeline.stores import Version, allocate, latest_version, layout, read_version
+from pipeline.stores import cas
 from pipeline.stores.cas import conditional_writes, create_exclusive
 from pipeline.stores.lock import StoreLockTimeout, store_lease
 
@@ -60,8 +61,8 @@ def test_concurrent_allocations_never_share_a_block(store_root, mode, monkeypatc
 def _race_overwrite(fs, path: str, first: bytes, second: bytes, after: float = 0.3) -> threading.Thread:
     """A writer inside its settle window (``first``), then a racing writer whose existence check came before that
     write replacing it ``after`` seconds later: what the read-back protocol allows."""
-    storage.atomic_write_bytes(fs, path, first)
-    racer = threading.Timer(after, storage.atomic_write_bytes, args=(fs, path, second))
+    storage.atomic_write_bytes(fs, path, cas._flagged(first))  # as the read-back protocol writes them
+    racer = threading.Timer(after, storage.atomic_write_bytes, args=(fs, path, cas._flagged(second)))
     racer.start()
     return racer
 
@@ -88,6 +89,21 @@ def test_a_reader_never_gets_a_version_a_racing_writer_replaces(tmp_path, monkey
     assert latest_version(fs, base).job_id == "winner"
     racer.join()
     assert read_version(fs, base, 1).job_id == "winner"
+
+
+def test_reading_a_store_never_writes_to_it(tmp_path, monkeypatch):
+    """Readers may hold read-only credentials: no conditional-write probe (a PUT) on the way to a version, and
+    a document written by conditional create is read at once."""
+    def no_probe(*_):
+        raise AssertionError("a reader probed the store with a write")
+
+    fs = fsspec.filesystem("memory")  # not local: a writer would probe it
+    base = f"/read-only-{tmp_path.name}"
+    storage.put_if_absent(fs, layout.version_path(base, 1), Version(
+        version=1, parent=None, created_at="", operation="extract", segments=(), job_id="j").to_bytes())
+    monkeypatch.setattr(storage, "honours_conditional_create", no_probe)
+    monkeypatch.setattr(cas, "_support", {})
+    assert latest_version(fs, base).job_id == "j"
 
 
 def test_a_rerun_of_the_same_work_resumes_in_its_allocation(tmp_path):

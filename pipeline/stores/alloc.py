@@ -51,7 +51,7 @@ def _entries(fs, base: str) -> tuple[list[tuple[int, int, int, str, str]], int]:
             markers[int(name[4:])] = path
     for seq in sorted(set(markers) - set(records)):
         try:
-            doc = json.loads(read_settled(fs, base, markers[seq]))
+            doc = json.loads(read_settled(fs, markers[seq]))
         except FileNotFoundError:
             continue
         records[seq] = (seq, int(doc["first_block"]), len(doc["contents"]), plan_hash(doc["contents"]),

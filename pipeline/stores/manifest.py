@@ -157,7 +157,7 @@ def list_versions(fs, base: str) -> list[int]:
 
 def read_version(fs, base: str, version: int, *, meta: Mapping | None = None) -> Version:
     """Version ``version`` of the feature set at ``base`` (format 1 documents are converted on read)."""
-    doc = json.loads(read_settled(fs, base, layout.version_path(base, version)))
+    doc = json.loads(read_settled(fs, layout.version_path(base, version)))
     if "segments" in doc:
         return Version.from_json(doc)
     meta = meta if meta is not None else storage.read_json(fs, layout.featureset_json(base))
