@@ -224,12 +224,12 @@ def test_per_class_rows_follow_the_chosen_head_and_name_the_classes():
         return {"task": "kind", "layer": layer, "head": head, "hparams": hp, "status": "ok", "selected": selected,
                 "few_shot": None, "test_per_class_accuracy": json.dumps(per_class)}
 
-    results = pd.DataFrame([row("a", "linear", '{"C": 1}', {"0": 0.9, "1": 0.5, "7": 0.7}),
+    results = pd.DataFrame([row("a", "linear", '{"C": 1}', {"0.0": 0.9, "1": 0.5, "7": 0.7}),  # 0.0: nulls
                             row("a", "mlp", '{"h": 8}', {"0": 0.1, "1": 0.1, "7": 0.1}),  # not the chosen head
                             row("b", "linear", '{"C": 2}', {"0": 0.0, "1": 0.0, "7": 0.0})])  # not the best layer
     chosen = pd.DataFrame([{"task": "kind", "layer": "a", "head": "linear", "hparams": '{"C": 1}',
                             "metric": "accuracy"}])
     rows = per_class_rows(results, chosen, {"kind": "a"}, {"kind": ["cat", "dog"]})
     assert [(r["class"], r["name"], r["test_accuracy"]) for r in rows] == [("1", "dog", 0.5), ("7", None, 0.7),
-                                                                          ("0", "cat", 0.9)]
+                                                                          ("0.0", "cat", 0.9)]
     assert [(r["class"], r["of_classes"]) for r in worst_classes(rows, 2)] == [("1", 3), ("7", 3)]

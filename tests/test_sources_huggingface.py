@@ -70,6 +70,11 @@ def test_save_to_disk_arrow_files_are_units(tmp_path: Path):
     assert records[0].uri == f"file://{tmp_path}/ds/data-00000-of-00002.arrow#0"
     assert records[0].data == png(0) and records[0].labels == {"label": 0} and records[0].split is None
     assert records[3].data == b""  # the null image: decoding records "empty file"
+    unlabelled = datasets.Dataset.from_dict({"img": [{"bytes": png(0), "path": None}] * 2, "label": [1, -1]},
+                                            features=embedded(1).features)
+    unlabelled.save_to_disk(str(tmp_path / "unlabelled"))
+    assert [r.labels for r in make_source("hf", str(tmp_path / "unlabelled")).list_images()] == [
+        {"label": 1}, {"label": None}]  # a ClassLabel's -1 is "no label"
     assert source.label_schema(units) == pa.schema([("label", pa.int64())])  # from the Arrow schema alone
     assert class_names(source.label_schema(units)) == {"label": ["a", "b", "c"]}  # the ClassLabel's names
     assert source.read_many(_stripped(records)) == [r.data for r in records]
@@ -290,6 +295,8 @@ def test_class_names_apply_to_integer_labels_only():
     # the store's own types decide: names of a column it holds as text, or does not hold, are not recorded
     stored = pa.schema([("kind", pa.int64()), ("size", pa.int64()), ("text", pa.string())])
     assert stored_class_names(source, stored) == {"kind": names}
+    widened = pa.schema([("kind", pa.float64()), ("text", pa.string())])  # a store may widen int to float
+    assert stored_class_names(source, widened) == {"kind": names}
 
 
 def test_the_id_registry_finds_every_repeat_across_units_whatever_their_order():

@@ -331,3 +331,24 @@ def test_compaction_yields_to_a_concurrent_refresh(tmp_path, monkeypatch):
     assert {s.block for s in store.info.segments}.isdisjoint({0, 1, 2})  # old blocks left the version
     np.testing.assert_array_equal(store.layer("late"), np.stack(
         [expected(i, fp, 24) for i, fp in zip(store.index().image_id, store.index().fingerprint)]))
+
+
+def test_class_names_merge_three_ways_like_images():
+    """A job that read the old names never writes them back over another job's rename; two different renames
+    of one label are a conflict."""
+    from pipeline.stores import JobChange, Version
+
+    def version(n, names):
+        return Version(version=n, parent=None, created_at="", operation="extract", segments=(), class_names=names)
+
+    old, renamed, other = ["a", "b"], ["b", "a"], ["x", "y"]
+    parent = version(1, {"kind": old, "gone": ["g"]})
+    latest = version(2, {"kind": renamed, "gone": ["g"]})  # another job renamed kind meanwhile
+
+    def merged(mine):
+        return commit_mod._merge_class_names(JobChange("refresh", parent, class_names=mine), latest)
+
+    assert merged(None) == ({"kind": renamed, "gone": ["g"]}, [])  # compaction and the like: names kept
+    assert merged({"kind": old, "gone": ["g"]}) == ({"kind": renamed, "gone": ["g"]}, [])  # no stale write-back
+    assert merged({"kind": renamed, "new": ["n"]}) == ({"kind": renamed, "new": ["n"]}, [])  # gone dropped, new added
+    assert merged({"kind": other, "gone": ["g"]}) == ({"kind": renamed, "gone": ["g"]}, ["kind"])

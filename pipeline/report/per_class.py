@@ -47,7 +47,8 @@ def worst_classes(rows: list[dict], worst: int = WORST) -> list[dict]:
 
 
 def _name(names: Sequence[str] | None, label: str) -> str | None:
+    """``label`` as the probes wrote it: "3", or "3.0" for an integer column with nulls (read as floats)."""
     try:
-        return class_name(names, int(label))
+        return class_name(names, float(label))
     except ValueError:
         return None

@@ -284,6 +284,8 @@ class ParquetBytesSource(SharedFileSource):
         blobs, image_paths = image_cells(table.column(column))
         split = self.split_column if self.split_column in table.column_names else None
         labels = {name: table.column(name).to_pylist() for name in self._label_names(table.column_names, column)}
+        for name in set(class_label_names(table.schema)) & set(labels):  # datasets' ClassLabel: -1 is no label
+            labels[name] = [None if v == -1 else v for v in labels[name]]
         ids = table.column(self.id_column).to_pylist() if self.id_column else None
         splits = table.column(split).to_pylist() if split else [params.get("split")] * table.num_rows
         root = params["root"]

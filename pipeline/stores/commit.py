@@ -125,8 +125,12 @@ def _apply(writer: FeatureStoreWriter, change: JobChange, target: Version | None
             f"{len(conflicts)} image(s) were changed by another job since this one read version "
             f"{change.parent.version if change.parent else None}: {sorted(conflicts)[:5]}; nothing was "
             f"published. Run the job again: it starts from the latest version")
-    classes = {k: list(v) for k, v in (change.class_names if change.class_names is not None else
-                                        target.class_names if target else {}).items()}
+    classes, clash = _merge_class_names(change, target)
+    if clash and change.on_conflict == "fail":
+        raise CommitConflict(
+            f"the class names of label(s) {clash} were changed by another job since this one read version "
+            f"{change.parent.version if change.parent else None}, differently; nothing was published. Run the "
+            f"job again: it starts from the latest version")
     if (target is not None and segments == target.segment_map() and units == target.units
             and classes == target.class_names):
         return None, stats
@@ -141,6 +145,30 @@ def _apply(writer: FeatureStoreWriter, change: JobChange, target: Version | None
                       stats=dict(change.stats), changes=counts, job_id=change.job_id, units=units,
                       class_names=classes)
     return version, stats
+
+
+def _merge_class_names(change: JobChange, target: Version | None) -> tuple[dict[str, list[str]], list[str]]:
+    """Class names merged three ways, label by label, as images are: this job's edit wins over names nobody
+    else changed, another job's edit stays where this job changed nothing; both changed differently is a clash
+    (the other job's names kept)."""
+    theirs = {k: list(v) for k, v in (target.class_names if target else {}).items()}
+    if change.class_names is None:
+        return theirs, []
+    parent = {k: list(v) for k, v in (change.parent.class_names if change.parent else {}).items()}
+    mine = {k: list(v) for k, v in change.class_names.items()}
+    out, clash = {}, []
+    for label in sorted({*parent, *mine, *theirs}):
+        was, want, now = parent.get(label), mine.get(label), theirs.get(label)
+        if want == was or now == want:
+            value = now
+        elif now == was:
+            value = want
+        else:
+            value = now
+            clash.append(label)
+        if value is not None:
+            out[label] = value
+    return out, clash
 
 
 def _merge_unit(writer: FeatureStoreWriter, uc: UnitChange, now: list[Segment], *,

@@ -28,8 +28,9 @@ def class_names(labels: pa.Schema) -> dict[str, list[str]]:
 
 
 def stored_class_names(source: pa.Schema, stored: pa.Schema) -> dict[str, list[str]]:
-    """The source's class names of the label columns the store holds as integers."""
-    ints = {f.name for f in stored if pa.types.is_integer(f.type)}
+    """The source's class names of the label columns the store holds as numbers (integers, or floats where a
+    column was widened)."""
+    ints = {f.name for f in stored if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)}
     return {k: v for k, v in class_names(source).items() if k in ints}
 
 
