@@ -58,12 +58,12 @@ def read_settled(fs, path: str) -> bytes:
     final already. A loser's document read inside that window would hand a reader a version or an allocation
     that is about to vanish.
     """
-    fs.invalidate_cache(path)
     data = storage.cat_small(fs, path)
     key = (str(fs.protocol), path)
     if not _is_flagged(data) or _settled.get(key) == _digest(data):
         return data
     skew = 0.0 if storage.is_local(fs) else CLOCK_SKEW_SECONDS
+    fs.invalidate_cache(path)
     written = storage.modified_time(fs.info(path))
     if not written or time.time() - written < 2 * SETTLE_SECONDS + skew:
         time.sleep(SETTLE_SECONDS)
