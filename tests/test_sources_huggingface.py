@@ -317,3 +317,24 @@ def test_the_id_registry_finds_every_repeat_across_units_whatever_their_order():
     assert len(registry.runs) <= 2 * np.log2(len(seen)) + 1  # merged by size
     units, shared = registry.add(next(iter(owner_of.values())), pool)  # a unit's task run again is accepted
     assert units == [] and len(shared) == 0
+
+
+def test_a_store_that_kept_a_class_labels_minus_one_relabels_it_missing(tmp_path: Path, monkeypatch):
+    """Before -1 was read as "no label", stores kept it; units of files with a ClassLabel now record how they
+    are read, so a refresh relabels those rows (no image encoded), fingerprinted row groups included."""
+    from pipeline.sources import parquet_bytes
+
+    data = datasets.Dataset.from_dict({"img": [{"bytes": png(i), "path": None} for i in range(6)],
+                                       "label": [0, -1, 1, 2, -1, 0]}, features=embedded(1).features)
+    data.to_parquet(str(tmp_path / "pq" / "train-00000-of-00001.parquet"), batch_size=3)
+    cfg = load_config(ExtractConfig, None, ["source.kind=hf", f"source.uri={tmp_path / 'pq'}",
+                                            f"store.root={tmp_path}/s", *TINY])
+    with monkeypatch.context() as old_reader:  # what the previous release did: no ClassLabel reading at all
+        old_reader.setattr(parquet_bytes, "class_label_names", lambda schema: {})
+        uri = run_extract(cfg).store_uri
+    assert sorted(FeatureStore(uri).index()["label"]) == [-1, -1, 0, 0, 1, 2]
+    summary = run_refresh(cfg)
+    assert (summary.added, summary.changed, summary.relabeled, summary.version) == (0, 0, 2, 2)
+    store = FeatureStore(uri)
+    assert store.index()["label"].isna().sum() == 2 and store.class_names == {"label": ["a", "b", "c"]}
+    assert run_refresh(cfg).nothing_changed

@@ -43,6 +43,8 @@ __all__ = ["ParquetBytesSource", "row_of"]
 logger = logging.getLogger(__name__)
 
 _PARQUET_SUFFIXES = (".parquet", ".pq")
+#: Unit meta of a file with a ``ClassLabel`` column, whose -1 is read as a missing label.
+CLASS_LABEL_META = "classlabel:-1=missing"
 
 
 def row_of(uri: str) -> tuple[str, int | None]:
@@ -98,16 +100,18 @@ class ParquetBytesSource(SharedFileSource):
                 files.append(parquet_ids.file_ids(path, self.id_column, self._id_values(pf, path)))
                 groups = [(pf.metadata.row_group(g).num_rows, self._bytes_only(pf, g))
                           for g in range(pf.num_row_groups)]
-            listed.append((path, info, groups))
+                # units of a file with a ClassLabel record how its -1 is read: stores that kept -1 relabel it
+                tag = CLASS_LABEL_META if class_label_names(pf.schema_arrow) else ""
+            listed.append((path, info, groups, tag))
         kinds = parquet_ids.settle(files, lambda path, wanted: self._ids_named(fs, path, wanted))
-        for path, info, groups in listed:
+        for path, info, groups, tag in listed:
             file_print = fingerprint_from_info(info) or f"size:{info.get('size')}"
             stem = relative_id(path, root)
             for suffix in _PARQUET_SUFFIXES:
                 stem = stem.removesuffix(suffix)
             row0 = 0
             for g, (n, bytes_only) in enumerate(groups):
-                yield WorkUnit(f"{stem}#rg={g}", f"{file_print}#rg={g}" if bytes_only else "", n,
+                yield WorkUnit(f"{stem}#rg={g}", f"{file_print}#rg={g}" if bytes_only else "", n, meta=tag,
                                size_bytes=info.get("size"),
                                params={"path": path, "rg": g, "row0": row0, "stem": stem,
                                        "struct_path": kinds[path] == parquet_ids.PATH,

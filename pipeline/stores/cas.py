@@ -60,7 +60,7 @@ def read_settled(fs, path: str) -> bytes:
     """
     data = storage.cat_small(fs, path)
     key = (str(fs.protocol), path)
-    if not _is_flagged(data) or _settled.get(key) == _digest(data):
+    if (key in _settled and _settled[key] == _digest(data)) or not _is_flagged(data):
         return data
     skew = 0.0 if storage.is_local(fs) else CLOCK_SKEW_SECONDS
     fs.invalidate_cache(path)

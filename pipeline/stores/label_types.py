@@ -44,7 +44,7 @@ def class_name(names: Sequence[str] | None, value) -> str | None:
         return None
     try:
         k = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return names[k] if k == value and 0 <= k < len(names) else None
 
