@@ -214,6 +214,11 @@ def _decide(size: str, quality: str, shifted: bool, where: str, leep_low: bool) 
     return PARTIAL, "so: keep the early layers frozen and fine-tune the later stages"
 
 
+def full_data_heads(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a probe results table that hold a selected head trained on full data (not few-shot)."""
+    return table[(table["status"] == "ok") & table["selected"].astype(bool) & table["few_shot"].isna()]
+
+
 def recommend_from_results(table: pd.DataFrame, layers: Sequence[str], *, target_accuracy: float = 1.0,
                            relative_leep: Mapping[str, float] | None = None, leep: Mapping[str, float] | None = None,
                            scores: pd.DataFrame | None = None, logit_layers: Sequence[str] = ()
@@ -225,7 +230,7 @@ def recommend_from_results(table: pd.DataFrame, layers: Sequence[str], *, target
     `store.layers`). `scores`: a score_table.layer_scores frame (task, layer, <score columns>).
     Regression tasks are skipped: the framework is phrased in accuracy.
     """
-    ok = table[(table["status"] == "ok") & table["selected"].astype(bool) & table["few_shot"].isna()]
+    ok = full_data_heads(table)
     out = []
     for task, g in ok.groupby("task", sort=True):
         if (g["task_type"] == "regression").any():

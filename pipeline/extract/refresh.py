@@ -30,15 +30,19 @@ class RefreshSummary:
     published: bool = False  # a new version, even with no image changed (the source renamed its classes)
 
     @property
+    def images_changed(self) -> bool:
+        return bool(self.added or self.changed or self.deleted or self.relabeled)
+
+    @property
     def nothing_changed(self) -> bool:
-        return not (self.added or self.changed or self.deleted or self.relabeled or self.published)
+        return not (self.images_changed or self.published)
 
     def __str__(self) -> str:
         uri = storage.redact_uri(self.store_uri)
         if self.nothing_changed:
             return (f"nothing changed in {self.unchanged} images; {uri} stays at version {self.version} "
                     f"({self.seconds:.1f} s)")
-        if not (self.added or self.changed or self.deleted or self.relabeled):
+        if not self.images_changed:
             return (f"refreshed {uri} to version {self.version}: no image changed, the source's listing or class "
                     f"names did; {self.unchanged} images kept ({self.seconds:.1f} s)")
         return (f"refreshed {uri} to version {self.version}: {self.added} added, {self.changed} changed, "

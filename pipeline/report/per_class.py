@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+from ..analysis.recommend import full_data_heads
 from ..stores.label_types import class_name
 
 WORST = 10  # classes shown per task on the page; report.json has them all
@@ -17,7 +18,7 @@ def per_class_rows(results: pd.DataFrame, chosen: pd.DataFrame, best: Mapping[st
     its name beside it where the source named the label's integers (a ``ClassLabel``)."""
     if "test_per_class_accuracy" not in results:
         return []
-    full = results[(results["status"] == "ok") & results["selected"].astype(bool) & results["few_shot"].isna()]
+    full = full_data_heads(results)
     rows = []
     for task, layer in sorted(best.items()):
         pick = chosen[(chosen["task"] == task) & (chosen["layer"] == layer) & (chosen["metric"] == "accuracy")]

@@ -14,6 +14,7 @@ import pandas as pd
 
 from .. import analysis
 from ..analysis.cka import ordered_layers
+from ..analysis.recommend import full_data_heads
 from ..analysis.score_table import SCORE_LABELS, layer_scores, score_agreement
 from ..probes.config import SplitSpec
 from ..probes.splits import split_task
@@ -50,7 +51,7 @@ def chosen_heads(results: pd.DataFrame, layers: Sequence[str]) -> pd.DataFrame:
     balanced_accuracy; r2 for regression): heads and layers are ranked by `val_score`; results without that
     column (older ones) rank by validation accuracy, as they were selected.
     """
-    ok = results[(results["status"] == "ok") & results["selected"].astype(bool) & results["few_shot"].isna()]
+    ok = full_data_heads(results)
     ok = ok[ok["layer"].isin(layers)]
     rows = []
     for (task, layer), g in ok.groupby(["task", "layer"], sort=False):

@@ -8,7 +8,8 @@ from .. import storage
 
 def to_xarray(store, layer: str, *, dtype=np.float32):
     """DataArray (image_id, feature) of `layer`, rows in the store's order; coordinates: image_id, row,
-    split and every label column along image_id (a ClassLabel's names in its ``class_names`` attribute). Needs xarray (`pip install strata[xarray]`)."""
+    split and every label column along image_id (a ClassLabel's names in its ``class_names`` attribute).
+    Needs xarray (`pip install strata[xarray]`)."""
     try:
         import xarray as xr
     except ImportError:
