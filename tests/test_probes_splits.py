@@ -173,3 +173,22 @@ def test_a_given_split_missing_a_class_or_with_a_single_image_class_is_warned_ab
     assert any("task 'label'" in m and "val split" in m and "'c2'" in m and "'single'" in m for m in msgs), msgs
     assert any("single labelled image" in m and "['single']" in m for m in msgs), msgs
     assert not any("train split" in m for m in msgs)
+
+
+def test_messages_name_a_class_label_by_its_name_and_integer(caplog):
+    idx = _index(n=120, n_classes=3)
+    idx["kind"] = idx["label"].str[1:].astype(int)
+    idx.loc[0, "kind"] = 3
+    idx.attrs["class_names"] = {"kind": ["cat", "dog", "$x$", "<b>owl</b>"], "other": ["z"]}
+    with caplog.at_level("WARNING", logger="pipeline.probes.splits"):
+        s = split_task(idx, "kind", SplitSpec())
+    assert s.classes == (0, 1, 2, 3) and s.describe([0, 3]) == ["cat (0)", "<b>owl</b> (3)"]
+    msgs = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("single labelled image" in m and "['<b>owl</b> (3)']" in m for m in msgs), msgs
+    s.few_shot(200, seed=0)
+    assert any("few-shot k=200" in m and "'cat (0)'" in m for m in [r.getMessage() for r in caplog.records])
+    idx.loc[idx["kind"] == 2, "kind"] = 9  # outside the names: shown as the number it is
+    idx.loc[1, "kind"] = 9
+    assert split_task(idx, "kind", SplitSpec()).describe([0, 3]) == ["cat (0)", 9]
+    del idx.attrs["class_names"]
+    assert split_task(idx, "kind", SplitSpec()).describe([0, 3]) == [0, 9]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline import storage
 from pipeline.cli import main
 from pipeline.stores import FeatureStore, FeatureStoreWriter, allocate, shard_plan_hash
 from pipeline.stores.job import BlockTask
@@ -132,3 +133,46 @@ def test_retain_dry_run_and_cli(tmp_path, capsys):
     assert main(["retain", str(tmp_path / "nope"), "--keep", "1"]) == 3
     assert capsys.readouterr().err.strip() == (f"strata retain: error: no strata feature set at {tmp_path / 'nope'} "
                                                f"(missing _manifest/featureset.json)")
+
+
+@pytest.mark.s3
+def test_retain_on_an_object_store_under_the_read_back_protocol(s3_bucket, monkeypatch):
+    """Versions young enough to wait out the read-back settle time, bulk deletes on S3: the same outcome."""
+    monkeypatch.setenv("STRATA_COMMIT_MODE", "verify")
+    t = target(s3_bucket.url("s"), s3_bucket.storage_options, shard_rows=16, chunk_rows=16)
+    listing = records(48)
+    job(t, listing)
+    kept = [r for r in listing if int(r["image_id"][4:]) % 16 < 3]
+    job(t, kept, operation="refresh")
+    job(t, kept + records(5, prefix="new"), operation="refresh")
+    opts = s3_bucket.storage_options
+    ids = sorted(FeatureStore(t.uri, storage_options=opts).index().image_id)
+    fs, base = storage.resolve(t.uri, opts)
+    gone = [p for p in fs.find(base) if "shard-00000000" in p or p.endswith("v00000001.json")]
+    assert gone
+    result = retain(t.uri, keep=1, grace=0, storage_options=opts)
+    assert result.kept_versions == [4] and result.removed_versions == [1, 2, 3]
+    assert result.removed_shards == [0, 1, 2]
+    fs.invalidate_cache()
+    left = set(fs.find(base))
+    assert not left & set(gone) and len(result.removed_paths) >= len(gone)
+    assert not {f"{base}/{p}" for p in result.removed_paths} & left
+    after = FeatureStore(t.uri, storage_options=opts)
+    assert after.versions() == [4] and sorted(after.index().image_id) == ids
+    _check(after)
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_remove_files_skips_those_already_gone(where, tmp_path, request):
+    if where == "local":
+        fs, base = storage.resolve(str(tmp_path / "r"))
+    else:
+        bucket = request.getfixturevalue("s3_bucket")
+        fs, base = storage.resolve(bucket.url("r"), bucket.storage_options)
+    paths = [f"{base}/d{i % 2}/f{i}" for i in range(5)]
+    for p in paths:
+        storage.atomic_write_bytes(fs, p, b"x")
+    storage.remove_files(fs, [paths[0], f"{base}/d0/never-there", *paths[1:4]])
+    fs.invalidate_cache()
+    assert [p for p in paths if fs.exists(p)] == [paths[4]]
+    storage.remove_files(fs, [])

@@ -170,6 +170,7 @@ def test_extract_from_a_dataset_dict(tmp_path: Path):
     assert index.loc["validation/data-00000-of-00001/2", "split"] == "validation"
     assert index.loc["train/data-00000-of-00001/5", "label"] == 2
     assert store.class_names == {"label": ["a", "b", "c"]}
+    assert store.index().attrs["class_names"] == store.class_names  # what the probes' messages name classes by
 
 
 def test_class_label_names_are_kept_per_version_next_to_the_integers(tmp_path: Path, capsys):

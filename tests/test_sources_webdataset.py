@@ -192,6 +192,18 @@ def test_broken_members_become_error_records(tmp_path: Path):
     assert "the tar is cut or corrupt" in str(source.read_many([gone])[0])
 
 
+def test_a_member_written_twice_keeps_its_first_copy_and_is_warned_about(tmp_path: Path, caplog):
+    key, files = sample(0, 1)
+    again = [(key, {"jpg": image(99)}), ("000000002", {"jpg": image(2), "cls": b"1"}), (key, {"cls": b"2"})]
+    write_tar(str(tmp_path / "t.tar"), [(key, files), *again])
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources.webdataset"):
+        records = {r.image_id: r for r in WebDatasetSource(str(tmp_path)).list_images()}
+    assert sorted(records) == ["t/000000001", "t/000000002"]
+    assert records["t/000000001"].data == files["jpg"] and records["t/000000001"].labels["cls"] == 1
+    msgs = [r.getMessage() for r in caplog.records if "repeat the name" in r.getMessage()]
+    assert len(msgs) == 1 and "t.tar: 2 member(s)" in msgs[0] and "'000000001.jpg'" in msgs[0], msgs
+
+
 def test_extract_records_broken_members_as_errors(tmp_path: Path):
     (tmp_path / "wds").mkdir()
     broken_tars(tmp_path / "wds")

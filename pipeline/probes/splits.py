@@ -13,6 +13,7 @@ from pipeline.labels import missing_labels, unknown_task_message
 from pipeline.probes.config import SplitSpec, TaskSpec
 from pipeline.probes.split_table import SPLIT_ALIASES as _ALIASES
 from pipeline.probes.split_table import split_from_table
+from pipeline.stores.label_types import class_name
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,20 @@ class TaskSplit:
     n_unsplit: int
     source: str
     given_few_shot: dict[int, np.ndarray] = field(default_factory=dict)
+    class_names: tuple[str, ...] | None = None  # a ClassLabel's names, which its integer labels index
 
     @property
     def n_classes(self) -> int:
         return len(self.classes)
+
+    def describe(self, codes) -> list:
+        """Classes (by code) as a user knows them: ``"cat (3)"`` where the integer label has a name."""
+        out = []
+        for c in codes:
+            value = self.classes[c]
+            name = class_name(self.class_names, value)
+            out.append(value if name is None else f"{name} ({value})")
+        return out
 
     def few_shot(self, k: int | None, seed: int) -> np.ndarray:
         """k training rows per class (k rows in all for regression), seeded; None = all of train.
@@ -58,10 +69,10 @@ class TaskSplit:
             return np.sort(order[:k])
         codes = self.targets[order]
         picked = [order[codes == c][:k] for c in range(self.n_classes)]
-        short = [self.classes[c] for c, p in enumerate(picked) if len(p) < k]
+        short = [c for c, p in enumerate(picked) if len(p) < k]
         if short:
             log.warning("task %r: few-shot k=%d, but classes %s have fewer training rows; using all of theirs",
-                        self.task, k, short[:10])
+                        self.task, k, self.describe(short[:10]))
         return np.sort(np.concatenate(picked))
 
 
@@ -164,8 +175,10 @@ def split_task(index: pd.DataFrame, task: TaskSpec | str, spec: SplitSpec, *,
     elif given is None and not (split[labelled] == "val").any() and (split[labelled] == "train").any():
         source += _carve_val(split, labelled, ids, targets if strata is not None else None, spec, name)
     rows = {s: labelled[split[labelled] == s] for s in SPLITS}
+    names = index.attrs.get("class_names", {}).get(name) if task_type == "classification" else None
     out = TaskSplit(task=name, task_type=task_type, classes=classes, targets=targets, rows=rows, image_ids=ids,
-                    n_missing=int(missing.sum()), n_unsplit=n_unsplit, source=source, given_few_shot=given_few_shot)
+                    n_missing=int(missing.sum()), n_unsplit=n_unsplit, source=source, given_few_shot=given_few_shot,
+                    class_names=tuple(names) if names else None)
     _check_sizes(out, spec)
     return out
 
@@ -235,8 +248,7 @@ def _check_sizes(s: TaskSplit, spec: SplitSpec) -> None:
     if s.task_type == "classification":
         absent = sorted(set(range(s.n_classes)) - set(s.targets[s.rows["train"]].tolist()))
         if absent:
-            names = [s.classes[c] for c in absent][:10]
-            raise ValueError(f"task {s.task!r}: classes {names} have no training rows: add training examples of "
+            raise ValueError(f"task {s.task!r}: classes {s.describe(absent[:10])} have no training rows: add training examples of "
                              "them or drop those labels")
         _warn_thin_classes(s, needed)
 
@@ -249,17 +261,17 @@ def _warn_thin_classes(s: TaskSplit, splits: tuple[str, ...]) -> None:
         if absent:
             log.warning("task %r: the %s split (%s) has no row of %d of the %d classes, e.g. %s; its %s metrics say "
                         "nothing about them", s.task, name, s.source, len(absent), s.n_classes,
-                        [s.classes[c] for c in absent[:5]], "selection" if name == "val" else name)
+                        s.describe(absent[:5]), "selection" if name == "val" else name)
     for k, rows in sorted(s.given_few_shot.items()):
         absent = sorted(set(range(s.n_classes)) - set(s.targets[rows].tolist()))
         if absent:
             log.warning("task %r: the few-shot k=%d training subset (%s) has no row of %d of the %d classes, e.g. %s",
-                        s.task, k, s.source, len(absent), s.n_classes, [s.classes[c] for c in absent[:5]])
+                        s.task, k, s.source, len(absent), s.n_classes, s.describe(absent[:5]))
     counts = np.bincount(s.targets[s.targets >= 0], minlength=s.n_classes)
     single = np.flatnonzero(counts == 1)
     if len(single):
         log.warning("task %r: %d classes have a single labelled image, e.g. %s; such a class is in one split "
-                    "only", s.task, len(single), [s.classes[c] for c in single[:5]])
+                    "only", s.task, len(single), s.describe(single[:5]))
 
 
 def _hash_order(ids: np.ndarray, seed: int) -> np.ndarray:

@@ -28,11 +28,12 @@ def split_member(name: str) -> tuple[str, str]:
 
 @dataclass
 class TarSample:
-    """The members of one key: extension -> bytes, extension -> member name."""
+    """The members of one key: extension -> bytes, extension -> member name; names that came again (ignored)."""
 
     key: str
     files: dict[str, bytes] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)
+    repeated: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -121,10 +122,15 @@ def read_samples(fileobj: BinaryIO, *, extensions: Collection[str] | None = None
 
     def visit(info: tarfile.TarInfo, data: bytes) -> bool:
         key, ext = split_member(info.name)
-        if ext and ext not in samples.setdefault(key, TarSample(key)).names:
+        if not ext:
+            return True
+        sample = samples.setdefault(key, TarSample(key))
+        if ext in sample.names:
+            sample.repeated.append(info.name)
+        else:
             if extensions is None or ext in extensions:
-                samples[key].files[ext] = data
-            samples[key].names[ext] = info.name
+                sample.files[ext] = data
+            sample.names[ext] = info.name
         return True
 
     cut = _stream(fileobj, visit)

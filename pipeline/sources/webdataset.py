@@ -114,6 +114,11 @@ class WebDatasetSource(SharedFileSource):
         with fs.open(path, "rb") as f:
             samples, broken = read_samples(f, extensions=self._wanted_extensions())
         records = [self._record(uri, stem, s) for s in samples]
+        repeated = [name for s in samples for name in s.repeated]
+        if repeated:
+            logger.warning("%s: %d member(s) repeat the name of an earlier one, e.g. %s; the first copy of each is "
+                           "read and the later ones ignored (write each member once to use another copy)", uri,
+                           len(repeated), repeated[:3])
         if broken is not None:
             logger.warning("%s: %s", uri, broken.describe())
             records.append(self._broken_record(uri, stem, broken))

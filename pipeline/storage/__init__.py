@@ -36,6 +36,7 @@ from .writes import (
     json_bytes,
     put_if_absent,
     read_json,
+    remove_files,
     write_json_atomic,
 )
 

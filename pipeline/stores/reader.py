@@ -111,11 +111,13 @@ class FeatureStore:
     def index(self):
         """The index as a pandas DataFrame (probes' FeatureTable protocol).
 
-        An all-empty `split` column is dropped: no split was recorded, so probes generate one.
+        An all-empty `split` column is dropped: no split was recorded, so probes generate one. A ClassLabel's
+        names ride in ``df.attrs["class_names"]``, so the probes' messages name its classes.
         """
         df = self.index_table().to_pandas()
         if "split" in df.columns and df["split"].isna().all():
             df = df.drop(columns="split")
+        df.attrs["class_names"] = self.class_names
         return df
 
     def errors(self) -> pa.Table:

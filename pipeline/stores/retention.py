@@ -13,6 +13,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from .manifest import Version, list_versions, read_version
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE_SECONDS = 24 * 3600
+_READ_THREADS = 16
 _BLOCK = re.compile(r"shard-(\d{8})")
 _ZARR_BLOCK = re.compile(rf"^{re.escape(layout.ZARR_DIR)}/[^/]+/c/(\d+)/")
 
@@ -61,12 +63,12 @@ def retain(uri: str, *, keep: int, storage_options: Mapping[str, Any] | None = N
     kept, removed = versions[-keep:], versions[:-keep]
     # a pending compaction's version is stood in for by the latest one less the segments it rewrites (their
     # new blocks do not exist yet, so the bytes it writes are not counted against those freed)
-    kept_docs = [read_version(fs, base, min(v, versions[-2] if pending else v), meta=meta) for v in kept]
+    kept_docs = _read_versions(fs, base, [min(v, versions[-2] if pending else v) for v in kept], meta)
     if pending:
         rewritten = set(compaction.segments_rewritten)
         kept_docs[-1] = dataclasses.replace(kept_docs[-1], segments=[seg for seg in kept_docs[-1].segments
                                                                      if seg.block not in rewritten])
-    removed_docs = [read_version(fs, base, v, meta=meta) for v in removed]
+    removed_docs = _read_versions(fs, base, removed, meta)
     live_files, live_blocks = _referenced(kept_docs, meta)
     dead_files, dead_blocks = _referenced(removed_docs, meta)
     now = time.time()
@@ -82,13 +84,9 @@ def retain(uri: str, *, keep: int, storage_options: Mapping[str, Any] | None = N
         else:
             recent += 1
     if not dry_run:
-        for v in removed:  # versions first: a reader can no longer pin what is about to go
-            fs.rm(layout.version_path(base, v))
-        for path, *_ in doomed:
-            try:
-                fs.rm(path)
-            except FileNotFoundError:
-                pass
+        # versions first: a reader can no longer pin what is about to go
+        storage.remove_files(fs, [layout.version_path(base, v) for v in removed])
+        storage.remove_files(fs, [path for path, *_ in doomed])
         _prune_empty_dirs(fs, base, [path for path, *_ in doomed])
     blocks = sorted({b for *_, b in doomed if b is not None} - live_blocks)
     result = RetentionResult(kept, removed, blocks, len(doomed), sum(size for _, _, size, _ in doomed),
@@ -115,6 +113,15 @@ def _prune_empty_dirs(fs, base: str, removed: list[str]) -> None:
             except OSError:  # not empty (or gone): its parents are not empty either
                 break
             folder = folder.rsplit("/", 1)[0]
+
+
+def _read_versions(fs, base: str, versions: list[int], meta: dict) -> list[Version]:
+    """Version documents, read concurrently: on an object store each is a round trip, and under the read-back
+    commit protocol a young one waits a second before it is trusted."""
+    if len(versions) < 2:
+        return [read_version(fs, base, v, meta=meta) for v in versions]
+    with ThreadPoolExecutor(min(_READ_THREADS, len(versions)), thread_name_prefix="strata-retention") as pool:
+        return list(pool.map(lambda v: read_version(fs, base, v, meta=meta), versions))
 
 
 def _referenced(versions: list[Version], meta: Mapping) -> tuple[set[str], set[int]]:
