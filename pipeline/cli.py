@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="where results go (default: <store>/probes/v<version>-<hash>)")
     s.add_argument("--no-ray", action="store_true", help="train in this process instead of Ray tasks")
     s.add_argument("--splits", default=None, help="splits.parquet of an earlier run: train and test on those splits")
-    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tasks=[digit] few_shot=[5,null]")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tasks=[digit] few_shot=[5,null] "
+                   "(a probes. prefix is optional)")
 
     s = command("refresh", "encode only new or changed images and commit a new version", cli_jobs.cmd_refresh,
                 _extract_keys_help)

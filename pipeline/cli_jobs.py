@@ -65,6 +65,8 @@ def probe_config(path: str | None, overrides: Sequence[str]):
         from .config import ConfigError
 
         raise ConfigError(f"{path}: expected a mapping of probe settings under 'probes:'")
+    # `probes.tasks=[x]` names the key as the file's `probes:` section and the error messages do
+    overrides = [item.removeprefix("probes.") for item in overrides]
     return ProbeConfig.from_dict(apply_overrides(data, overrides))
 
 

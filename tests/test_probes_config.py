@@ -89,11 +89,18 @@ def test_empty_layers_and_duplicates_in_a_grid_axis_are_refused(d, needle):
     assert len(two.heads) == 2  # one kind, two settings: both are candidates
 
 
-def test_a_probes_prefixed_override_hints_at_the_unprefixed_form(tmp_path):
+def test_probe_overrides_take_the_probes_prefix_or_none(tmp_path):
     from clirun import assert_fails, strata
 
-    line = assert_fails(strata("probe", "--store", str(tmp_path / "store"), "probes.tasks=[nope]"), 2,
+    from pipeline.cli_jobs import probe_config
+
+    prefixed = probe_config(None, ["probes.tasks=[a, b]", "probes.split.seed=3", "few_shot=[5, null]"])
+    assert prefixed == probe_config(None, ["tasks=[a, b]", "split.seed=3", "probes.few_shot=[5, null]"])
+    assert [t.name for t in prefixed.tasks] == ["a", "b"] and prefixed.split.seed == 3
+    nested = tmp_path / "p.yaml"
+    nested.write_text("probes:\n  probes:\n    tasks: [a]\n")
+    line = assert_fails(strata("probe", "--store", str(tmp_path / "store"), "--config", str(nested)), 2,
                         "unknown key(s) ['probes']")
-    assert "without the 'probes.' prefix" in line and "tasks=[...]" in line
-    assert_fails(strata("probe", "--store", str(tmp_path / "store"), "tasks=[digit]", "layers=[]"), 2,
+    assert "under one 'probes:' section, not two" in line
+    assert_fails(strata("probe", "--store", str(tmp_path / "store"), "probes.tasks=[digit]", "layers=[]"), 2,
                  "probes.layers is empty")

@@ -298,9 +298,8 @@ def _check_keys(d: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
     unknown = sorted(set(d) - set(valid))
     if unknown:
         hint = ""
-        if where == "probes" and "probes" in unknown:  # `probes.tasks=[x]` on the command line: a nested 'probes'
-            hint = ("; probe overrides are written without the 'probes.' prefix, e.g. tasks=[...] or split.seed=1 "
-                    "(the probe settings are already the top level)")
+        if where == "probes" and "probes" in unknown:  # a `probes:` section inside another one
+            hint = "; probe settings sit at the top level of the file or under one 'probes:' section, not two"
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {valid}{hint}")
     return d
 
