@@ -104,23 +104,29 @@ def test_tasks_of_a_layer_on_the_same_rows_share_one_basis(monkeypatch):
     np.testing.assert_allclose(a["val_score"], b["val_score"])  # the same problem, relabelled
 
 
-def test_knn_ks_above_the_training_rows_are_recorded_as_capped_and_kept_once(caplog):
-    index, x = _split_and_features()
-    cfg = ProbeConfig.from_dict({"tasks": ["label"], "device": "cpu", "few_shot": [2],
-                                 "heads": [{"kind": "knn", "ks": [1, 5, 10, 50]}]})
-    split = split_task(index, "label", cfg.split)
-    candidates._KNN_CAPS_LOGGED.clear()
-    with caplog.at_level("INFO", logger="pipeline.probes.candidates"):
-        out = train_group(x, split, "l", cfg)
-        train_group(x, split, "l2", cfg)  # another layer: the capping is logged once
-    df = pd.DataFrame(out.rows)
-    assert (df["n_train"] == 6).all()  # 2 per class, 3 classes
-    ks = [json.loads(h)["k"] for h in df["hparams"]]
-    assert ks == [1, 5, 6]  # 10 and 50 are both a vote over the 6 rows: one head, recorded as k=6
-    assert (df["batch_heads"] == 3).all() and df["selected"].sum() == 1
-    capped = [r for r in caplog.records if "capped" in r.getMessage()]
-    assert len(capped) == 1 and capped[0].levelname == "INFO" and "[10, 50]" in capped[0].getMessage()
+def test_knn_ks_above_the_training_rows_are_recorded_as_capped_and_said_once(caplog):
+    from pipeline.probes import InMemoryFeatureTable, run_probe_grid
 
+    index, x = _split_and_features()
+    index.loc[index.index[index["label"] == "c"][2:], "label"] = "b"  # two images of class c
+    cfg = ProbeConfig.from_dict({"tasks": ["label"], "device": "cpu", "few_shot": [4, None],
+                                 "heads": [{"kind": "knn", "ks": [1, 5, 10, 5000]}]})
+    table = InMemoryFeatureTable({"l": x, "l2": x[:, ::-1].copy(), "l3": x * 2}, index)
+    with caplog.at_level("INFO", logger="pipeline.probes"):
+        results = run_probe_grid(table, cfg, use_ray=False)
+    df = results.table[results.table["few_shot"].notna()]
+    assert (df["n_train"] == 9).all()  # 4 per class, but c has 1 training row at most: all of it
+    ks = [json.loads(h)["k"] for h in df[df["layer"] == "l"]["hparams"]]
+    assert ks == [1, 5, 9]  # 10 and 5000 are both a vote over the 9 rows: one head, recorded as k=9
+    assert (df["batch_heads"] == 3).all() and df.groupby("layer")["selected"].sum().eq(1).all()
+    msgs = [r.getMessage() for r in caplog.records]
+    capped = [m for m in msgs if "capped" in m]  # once per (task, training set), not per layer
+    assert len(capped) == 2 and "few-shot k=4: knn ks [10, 5000] exceed the 9 training rows" in capped[0]
+    assert "'label': knn ks [5000] exceed the" in capped[1]
+    assert sum("few-shot k=4, but classes" in m for m in msgs) == 1
+
+    index, x = _split_and_features()
+    split = split_task(index, "label", cfg.split)
     only_big = ProbeConfig.from_dict({"tasks": ["label"], "device": "cpu", "few_shot": [2],
                                       "heads": [{"kind": "knn", "ks": [10, 50]}]})
     out = train_group(x, split, "l", only_big)

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -23,12 +24,12 @@ from pipeline.probes.config import (AutoHeadSpec, HeadSpec, KNNHeadSpec, LinearH
                                     PrototypeHeadSpec)
 from pipeline.probes.heads import KNNProbe, LinearProbe, MLPProbe, ProbeHead, PrototypeProbe, choose_head
 from pipeline.probes.lbfgs import LinearFit, SolverSettings, fit_logistic_grid, fit_ridge_grid, row_basis
+from pipeline.probes.splits import TaskSplit
 
 log = logging.getLogger(__name__)
 
 POLISH_BATCH = 3  # heads refitted together per round: one batch costs about what one head does on narrow layers
 POLISH_SKIP_REL = 1e-2  # a head provably within 1% (relative) of its optimal weights is not refitted
-_KNN_CAPS_LOGGED: set[tuple[tuple[int, ...], int]] = set()  # (ks, training rows) whose capping was logged
 _DEFAULT_SPECS = {"linear": LinearHeadSpec(), "mlp": MLPHeadSpec(), "prototype": PrototypeHeadSpec()}
 
 
@@ -230,6 +231,20 @@ def _adam_candidates(specs, data: GroupData, fit: Fit) -> list[Candidate]:
     return out
 
 
+def log_knn_caps(config: ProbeConfig, splits: Mapping[str, TaskSplit]) -> None:
+    """Say once per task and training set, in the driver, which kNN ks exceed the training rows and are capped
+    at them (a vote over every row): the groups of every layer cap them the same way, silently."""
+    for spec in (h for h in config.heads if isinstance(h, KNNHeadSpec)):
+        for s in splits.values():
+            for fs_k in config.few_shot:
+                n_train = len(s.few_shot(fs_k, config.split.seed))
+                capped = [k for k in spec.ks if k > n_train]
+                if capped:
+                    log.info("task %r%s: knn ks %s exceed the %d training rows and are capped at k=%d (a vote over "
+                             "every row); heads kept: k=%s", s.task, "" if fs_k is None else f", few-shot k={fs_k}",
+                             capped, n_train, n_train, list(dict.fromkeys(min(k, n_train) for k in spec.ks)))
+
+
 def _knn_candidates(spec: KNNHeadSpec, requested: str, why: str | None, data: GroupData) -> list[Candidate]:
     """One head per effective k: a k above the training rows votes over all of them, so it is recorded as
     that many (the saved head too), and ks that come to the same effective k give one head (the first)."""
@@ -240,11 +255,6 @@ def _knn_candidates(spec: KNNHeadSpec, requested: str, why: str | None, data: Gr
     for k in spec.ks:
         if min(k, n_train) not in ks:
             ks.append(min(k, n_train))
-    capped = [k for k in spec.ks if k > n_train]
-    if capped and (tuple(spec.ks), n_train) not in _KNN_CAPS_LOGGED:  # once, not per layer and task
-        _KNN_CAPS_LOGGED.add((tuple(spec.ks), n_train))
-        log.info("knn head: ks %s exceed the %d training rows and are capped at k=%d (a vote over every row); "
-                 "heads kept: k=%s", capped, n_train, n_train, ks)
     base = data.make(KNNProbe(z["train"].shape[1], n_out, k=ks[0], cosine=spec.cosine, regression=regression))
     base.set_bank(z["train"], y["train"])
     scores = base.scores_for_ks(z["val"], ks)

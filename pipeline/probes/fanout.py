@@ -9,13 +9,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.probes.candidates import log_knn_caps
 from pipeline.probes.config import DEVICES, ProbeConfig
 from pipeline.probes.data import FeatureTable, resolve_layers
 from pipeline.probes.grid import GroupOutput, failure, train_layer
 from pipeline.probes.progress import GridProgress
 from pipeline.probes.results import ProbeResults, results_frame
 from pipeline.probes.split_table import read_splits, splits_frame
-from pipeline.probes.splits import TaskSplit, split_task
+from pipeline.probes.splits import TaskSplit, split_task, with_few_shot
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,9 @@ def run_probe_grid(table: FeatureTable, config: ProbeConfig, *, use_ray: bool = 
     index = table.index()
     if given_splits is None and config.split.file:
         given_splits = read_splits(config.split.file)
-    splits = {t.name: split_task(index, t, config.split, given=given_splits) for t in config.tasks}
+    splits = {t.name: with_few_shot(split_task(index, t, config.split, given=given_splits), config.few_shot,
+                                    config.split.seed) for t in config.tasks}
+    log_knn_caps(config, splits)
     for s in splits.values():
         log.info("task %r (%s): %d train / %d val / %d test rows, %d missing labels, split from %s", s.task,
                  s.task_type, len(s.rows["train"]), len(s.rows["val"]), len(s.rows["test"]), s.n_missing, s.source)

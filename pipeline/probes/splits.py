@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -57,7 +58,7 @@ class TaskSplit:
         """k training rows per class (k rows in all for regression), seeded; None = all of train.
 
         The order is a seeded hash of image_id, so a smaller k is a subset of a larger k. A subset
-        read from a splits file (`given_few_shot`) is used as it is.
+        read from a splits file, or drawn already (`given_few_shot`, see `with_few_shot`), is used as it is.
         """
         train = self.rows["train"]
         if k is None:
@@ -74,6 +75,13 @@ class TaskSplit:
             log.warning("task %r: few-shot k=%d, but classes %s have fewer training rows; using all of theirs",
                         self.task, k, self.describe(short[:10]))
         return np.sort(np.concatenate(picked))
+
+
+def with_few_shot(s: TaskSplit, ks: Sequence[int | None], seed: int) -> TaskSplit:
+    """The split with its few-shot training subsets drawn once, here (with their warnings), so that every
+    layer's group, wherever it runs, reuses them instead of drawing (and warning) again."""
+    drawn = {k: s.few_shot(k, seed) for k in dict.fromkeys(ks) if k is not None and k not in s.given_few_shot}
+    return replace(s, given_few_shot={**s.given_few_shot, **drawn}) if drawn else s
 
 
 def infer_task_type(labels: pd.Series) -> str:
