@@ -256,8 +256,8 @@ def _check_sizes(s: TaskSplit, spec: SplitSpec) -> None:
     if s.task_type == "classification":
         absent = sorted(set(range(s.n_classes)) - set(s.targets[s.rows["train"]].tolist()))
         if absent:
-            raise ValueError(f"task {s.task!r}: classes {s.describe(absent[:10])} have no training rows: add training examples of "
-                             "them or drop those labels")
+            raise ValueError(f"task {s.task!r}: classes {s.describe(absent[:10])} have no training rows: add "
+                             "training examples of them or drop those labels")
         _warn_thin_classes(s, needed)
 
 
