@@ -190,5 +190,8 @@ def test_messages_name_a_class_label_by_its_name_and_integer(caplog):
     idx.loc[idx["kind"] == 2, "kind"] = 9  # outside the names: shown as the number it is
     idx.loc[1, "kind"] = 9
     assert split_task(idx, "kind", SplitSpec()).describe([0, 3]) == ["cat (0)", 9]
+    idx.attrs["class_names"]["wide"] = idx.attrs["class_names"]["kind"]
+    idx["wide"] = idx["kind"].astype(float)  # a column widened to float: its 1.0 is still class 1
+    assert split_task(idx, "wide", SplitSpec()).describe([0, 1]) == ["cat (0)", "dog (1)"]
     del idx.attrs["class_names"]
     assert split_task(idx, "kind", SplitSpec()).describe([0, 3]) == [0, 9]

@@ -20,6 +20,7 @@ from pipeline.extract.refresh import run_refresh
 from pipeline.sources import HuggingFaceSource, ImageRecord, ParquetBytesSource, make_source
 from pipeline.sources.arrow_files import read_arrow, take_arrow_rows
 from pipeline.stores import FeatureStore, layout
+from pipeline.probes.splits import _encode
 from pipeline.stores.label_types import class_name, class_names, stored_class_names, with_class_names
 
 TINY = ["encoder.name=resnet18", "encoder.weights=random:0", "encoder.layers=[layer1,layer2]",
@@ -338,4 +339,9 @@ def test_a_store_that_kept_a_class_labels_minus_one_relabels_it_missing(tmp_path
     assert (summary.added, summary.changed, summary.relabeled, summary.version) == (0, 0, 2, 2)
     store = FeatureStore(uri)
     assert store.index()["label"].isna().sum() == 2 and store.class_names == {"label": ["a", "b", "c"]}
+    labels = store.index()["label"]  # integers still: class 1 is not read back as 1.0 because of a missing label
+    assert str(labels.dtype) == "Int64" and sorted(labels.dropna().tolist()) == [0, 0, 1, 2]
+    labelled = np.flatnonzero(labels.notna().to_numpy())
+    _, classes = _encode(labels, labelled, "label")  # the probes' classes, which heads and results record
+    assert classes == (0, 1, 2) and all(type(c) is int for c in classes)
     assert run_refresh(cfg).nothing_changed

@@ -51,7 +51,7 @@ class TaskSplit:
         for c in codes:
             value = self.classes[c]
             name = class_name(self.class_names, value)
-            out.append(value if name is None else f"{name} ({value})")
+            out.append(value if name is None else f"{name} ({int(value)})")  # a widened column's 3.0 is class 3
         return out
 
     def few_shot(self, k: int | None, seed: int) -> np.ndarray:

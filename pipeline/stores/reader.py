@@ -25,6 +25,15 @@ class ImageNotFoundError(FileNotFoundError, KeyError):
 __all__ = ["FeatureStore", "NoCommittedVersionError", "list_versions"]
 
 
+def _nullable_int(t: pa.DataType):
+    """pandas' nullable integer dtype of an Arrow integer type (None: the default conversion)."""
+    if not pa.types.is_integer(t):
+        return None
+    import pandas as pd
+
+    return pd.api.types.pandas_dtype(f"{'U' if pa.types.is_unsigned_integer(t) else ''}Int{t.bit_width}")
+
+
 class FeatureStore:
     """One version of a feature set (the latest committed one unless pinned).
 
@@ -111,10 +120,18 @@ class FeatureStore:
     def index(self):
         """The index as a pandas DataFrame (probes' FeatureTable protocol).
 
-        An all-empty `split` column is dropped: no split was recorded, so probes generate one. A ClassLabel's
-        names ride in ``df.attrs["class_names"]``, so the probes' messages name its classes.
+        An all-empty `split` column is dropped: no split was recorded, so probes generate one. An integer label
+        with missing values stays integer (pandas ``Int64``), not float: class 3 is never read as ``3.0``. A
+        ClassLabel's names ride in ``df.attrs["class_names"]``, so the probes' messages name its classes.
         """
-        df = self.index_table().to_pandas()
+        table = self.index_table()
+        df = table.to_pandas()
+        nullable = [f.name for f in table.schema
+                    if f.name in self.label_columns and pa.types.is_integer(f.type) and table.column(f.name).null_count]
+        if nullable:
+            exact = table.select(nullable).to_pandas(types_mapper=_nullable_int)
+            for name in nullable:
+                df[name] = exact[name]
         if "split" in df.columns and df["split"].isna().all():
             df = df.drop(columns="split")
         df.attrs["class_names"] = self.class_names
