@@ -30,7 +30,7 @@ from . import html, sections, svg
 from .html import Section
 from .per_class import per_class_rows
 from .sections import LOGIT_LAYERS, feature_layers  # noqa: F401 - re-exported for callers of the old names
-from .thumbs import thumbnails
+from .thumbs import store_source, thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -325,14 +325,19 @@ def _check_given(found: ProbeSource, store: FeatureStore) -> None:
 
 def _thumbs(stores, secs: dict[str, Section], limit: int, storage_options) -> dict[str, str]:
     """Thumbnails of the images on the maps (shared by id), at most `limit`; none when limit is 0."""
-    if limit <= 0:
-        return {}
-    ids, uris = [], []
-    for sec in secs.values():
-        for m in sec.maps:
-            ids += m.data["ids"]
-            uris += m.data["uris"]
-    return thumbnails(ids, uris, limit=limit, storage_options=storage_options)
+    out: dict[str, str] = {}
+    for store in stores:
+        sec = secs.get(store.meta["featureset"])
+        if sec is None or len(out) >= limit:
+            continue
+        ids = [i for m in sec.maps for i in m.data["ids"]]
+        uris = [u for m in sec.maps for u in m.data["uris"]]
+        fresh = [(i, u) for i, u in zip(ids, uris) if i not in out]
+        if fresh:
+            source = store_source(store) if any("#" in str(u) for _, u in fresh) else None
+            out.update(thumbnails([i for i, _ in fresh], [u for _, u in fresh], limit=limit - len(out),
+                                  storage_options=storage_options, source=source))
+    return out
 
 
 def shared_images(stores: Sequence[FeatureStore]) -> float:
