@@ -28,6 +28,7 @@ class RefreshSummary:
     extract: ExtractSummary | None = None
     relabeled: int = 0
     published: bool = False  # a new version, even with no image changed (the source renamed its classes)
+    copied: int = 0  # of the added and changed: images stored already under another row, vectors copied
 
     @property
     def images_changed(self) -> bool:
@@ -45,7 +46,9 @@ class RefreshSummary:
         if not self.images_changed:
             return (f"refreshed {uri} to version {self.version}: no image changed, the source's listing or class "
                     f"names did; {self.unchanged} images kept ({self.seconds:.1f} s)")
-        return (f"refreshed {uri} to version {self.version}: {self.added} added, {self.changed} changed, "
+        moved = (f" ({self.copied} of them stored already under other rows: vectors copied, not encoded)"
+                 if self.copied else "")
+        return (f"refreshed {uri} to version {self.version}: {self.added} added, {self.changed} changed{moved}, "
                 f"{self.deleted} deleted, {self.relabeled} relabelled, {self.unchanged} unchanged kept without "
                 f"re-encoding ({self.seconds:.1f} s)")
 
@@ -54,6 +57,7 @@ def run_refresh(cfg: ExtractConfig) -> RefreshSummary:
     outcome = sync_store(cfg, operation="refresh")
     c = outcome.counts
     summary = RefreshSummary(outcome.store_uri, outcome.version, c["added"], c["changed"], c["deleted"],
-                             c["unchanged"], outcome.seconds, outcome.extract, c["relabelled"], outcome.published)
+                             c["unchanged"], outcome.seconds, outcome.extract, c["relabelled"], outcome.published,
+                             c.get("copied", 0))
     log.info("%s", summary)
     return summary

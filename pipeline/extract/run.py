@@ -38,6 +38,7 @@ class ExtractSummary:
     bytes_written: int
     deleted: int = 0  # images the source no longer lists, dropped from the new version
     unchanged: int = 0  # images of the version kept as they were
+    copied: int = 0  # images stored already under another row (moved): vectors copied, not encoded
 
     def __str__(self) -> str:
         if not self.images and not self.deleted:
@@ -45,8 +46,9 @@ class ExtractSummary:
                     f"{self.unchanged} images unchanged ({self.seconds:.1f} s)")
         rate = self.encoded / self.seconds if self.seconds else 0.0
         gone = f", {self.deleted} images gone from the source dropped" if self.deleted else ""
+        moved = f", {self.copied} moved images' vectors copied, not encoded" if self.copied else ""
         return (f"store {storage.redact_uri(self.store_uri)} version {self.version}: {self.images} images, "
-                f"{self.errors} errors, {self.encoded} encoded at {rate:.1f} images/s, "
+                f"{self.errors} errors, {self.encoded} encoded at {rate:.1f} images/s{moved}, "
                 f"{self.skipped_shards} shards already written, {self.bytes_written / 1e6:.1f} MB written{gone}")
 
 
@@ -125,7 +127,7 @@ def execute(cfg: ExtractConfig, work: list, writer: FeatureStoreWriter, encoder,
         fresh = _collect(outputs, plans, records)
         encoded += sum(r["n_ok"] for r in fresh)
         if attempt == 0:  # later passes find this job's own good blocks again
-            skipped += sum(1 for o in outputs if o.get("resumed"))
+            skipped += sum(1 for o in outputs if o.get("resumed") and not (o.get("record") or {}).get("copied"))
         blocks = [t.block for w in todo for t in plans[w.unit.unit_id].blocks if t.block not in verified]
         lost, nbytes = _verify(writer, blocks, records)
         verified.update(set(blocks) - lost)

@@ -82,7 +82,8 @@ def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = Fa
     summary = None
     if result is not None and result.rows:
         summary = ExtractSummary(target.uri, version, result.rows, result.encoded, result.errors,
-                                 result.skipped_shards, time.perf_counter() - t0, result.bytes_written)
+                                 result.skipped_shards, time.perf_counter() - t0, result.bytes_written,
+                                 copied=tally.get("copied", 0))
         log.info("%s", summary)
     return SyncResult(target.uri, version, published, tally, summary, time.perf_counter() - t0)
 

@@ -17,6 +17,7 @@ import numpy as np
 from ..sources.base import record_to_json
 from ..sources.units import CHECK_IDS, WorkUnit, id_hashes
 from ..stores import FeatureStoreWriter, Segment, StoreTarget
+from ..stores.copy import copied_shard
 from ..stores.layout import stable_hash
 from ..stores.units import UnitSpec, plan_unit
 from .stages import decode_records
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 def unit_item(work, job_id: str) -> dict:
     """The Ray Data row that carries one unit's work to a task."""
     return {"unit": json.dumps(work.unit.to_json()), "old": json.dumps([s.to_json() for s in work.old]),
-            "blocks": json.dumps(list(work.blocks)), "job_id": job_id}
+            "blocks": json.dumps(list(work.blocks)), "job_id": job_id,
+            "donors": json.dumps([s.to_json() for s in work.donors])}
 
 
 def empty_row(crop: int, device_decode: bool = False) -> dict:
@@ -39,14 +41,16 @@ def empty_row(crop: int, device_decode: bool = False) -> dict:
 
 
 def plan_item(item: dict, *, source, target: StoreTarget):
-    """A unit row -> (its plan, its listed records by id, the records of blocks an earlier run wrote)."""
+    """A unit row -> (its plan, its listed records by id, the records of blocks written already: by an
+    earlier run, or now, from stored vectors of images that moved here)."""
     unit = WorkUnit.from_json(json.loads(item["unit"]))
     old = [Segment.from_json(s) for s in json.loads(item["old"])]
+    donors = [Segment.from_json(s) for s in json.loads(item.get("donors") or "[]")]
     writer = FeatureStoreWriter(target)
     listed = source.expand(unit)
     records = [record_to_json(r) for r in listed]
     plan = plan_unit(writer, UnitSpec(unit.unit_id, unit.fingerprint, unit.meta), records,
-                     old, json.loads(item["blocks"]), job_id=item["job_id"])
+                     old, json.loads(item["blocks"]), job_id=item["job_id"], donors=donors, copy=True)
     if not unit.fingerprint:  # what the version's dataset fingerprint stands on for this unit
         plan.content = stable_hash(sorted(records, key=lambda r: r["image_id"]))
     if unit.params.get(CHECK_IDS):
@@ -54,6 +58,16 @@ def plan_item(item: dict, *, source, target: StoreTarget):
     done = writer.written_records([t.block for t in plan.blocks])
     done = {b: r for b, r in done.items() if any(t.block == b and t.content == r.get("plan_hash")
                                                  for t in plan.blocks)}
+    segments = {s.block: s for s in [*old, *donors]}
+    for t in plan.blocks:
+        if t.copies and t.block not in done:
+            try:
+                done[t.block] = writer.write_shard(copied_shard(writer, t.block, t.records, t.content, t.unit,
+                                                                t.copies, segments))
+            except Exception as e:  # noqa: BLE001 - the images are still there: encode them instead
+                log.warning("block %d: vectors of %d moved images could not be copied (%s); encoding them",
+                            t.block, len(t.records), e)
+                plan.counts["copied"] -= len(t.records)
     return plan, {r.image_id: r for r in listed}, done
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from .. import storage
 from .alloc import allocate
 from .commit import CommitResult, JobChange, commit_change
+from .copy import stored_features
 from .live import LiveIndex, read_tables
 from .manifest import Segment, latest_version
 from .units import UnitChange, UnitSpec, unit_live_index
@@ -99,7 +100,7 @@ def _rewritten(writer: FeatureStoreWriter, chosen: list[Segment], live: LiveInde
     rows: list[tuple[dict, bool, dict[str, np.ndarray], dict | None]] = []
     for seg in chosen:
         table = live.segment_table(seg.block).sort_by("image_id")
-        feats = _features(writer, seg, table.column("row").to_numpy())
+        feats = stored_features(writer, seg, table.column("row").to_numpy())
         errors = {}
         if seg.n_ok < seg.n_rows:
             (et,) = read_tables(writer.fs, writer.base, [seg.errors], ERRORS_SCHEMA)
@@ -124,24 +125,3 @@ def _rewritten(writer: FeatureStoreWriter, chosen: list[Segment], live: LiveInde
                   for r, o, _, e in part if not o]
         shards.append(EncodedShard(-1, -1, records, ok, features, errors, shard_plan_hash(records), chosen[0].unit))
     return shards
-
-
-def _features(writer: FeatureStoreWriter, seg: Segment, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Stored vectors of ``rows`` (of segment ``seg``) per layer, as stored (NaN for failed images)."""
-    out = {}
-    if "zarr" in writer.target.formats:
-        import zarr
-
-        group = zarr.open_group(storage.zarr_store(f"{writer.target.uri}/features.zarr",
-                                                   writer.target.storage_options, read_only=True), mode="r")
-        for layer in writer.meta["layer_dims"]:
-            block = group[layer][seg.row_start:seg.row_end]
-            out[layer] = block[rows - seg.row_start]
-        return out
-    for layer, dim in writer.meta["layer_dims"].items():
-        (t,) = read_tables(writer.fs, writer.base, [seg.parquet[layer]])
-        pos = {int(r): i for i, r in enumerate(t.column("row").to_numpy())}
-        flat = t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-        out[layer] = np.stack([flat[pos[int(r)]] if int(r) in pos else np.full(dim, np.nan, flat.dtype)
-                               for r in rows]) if len(rows) else np.zeros((0, dim), flat.dtype)
-    return out

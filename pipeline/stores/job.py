@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: Images a unit of unknown count is assumed to hold per byte of its size, for its block reservation.
 BYTES_PER_IMAGE_GUESS = 8192
+_DIGITS = re.compile(r"\d+")
+_DIGITS_SPLIT = re.compile(r"(\d+)")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class UnitWork:
     unit: Any  # a sources.units.WorkUnit (or anything with unit_id, fingerprint, meta, n_images, size_bytes)
     old: tuple[Segment, ...]
     blocks: tuple[int, ...]
+    donors: tuple[Segment, ...] = ()  # blocks of changed or removed units its images may have moved from
 
     @property
     def spec(self) -> UnitSpec:
@@ -88,10 +93,47 @@ def plan_job(writer: FeatureStoreWriter, units: Sequence[Any], *, job_id: str, d
         alloc = allocate(writer.fs, writer.base, keys, job_id=job_id)
         writer.grow(alloc.blocks.stop * writer.target.shard_rows)
         first = alloc.first_block
+    changed = {u.unit_id for u, n in reserve if n and u.unit_id in known} | {p.unit.unit_id for p in plan.removed}
+    donors = donor_units([u.unit_id for u, n in reserve if n], [u.unit_id for u in units], [*known], changed)
     for unit, n in reserve:
-        plan.work.append(UnitWork(unit, tuple(segments.get(unit.unit_id, [])), tuple(range(first, first + n))))
+        given = tuple(seg for uid in donors.get(unit.unit_id, ()) for seg in segments.get(uid, []))
+        plan.work.append(UnitWork(unit, tuple(segments.get(unit.unit_id, [])), tuple(range(first, first + n)),
+                                  given))
         first += n
     return plan
+
+
+def donor_units(work: Sequence[str], listed: Sequence[str], known: Sequence[str], changed: set[str], *,
+                slack: int = 1, cap: int = 16) -> dict[str, list[str]]:
+    """For each unit to work on (of the ``listed`` ones), the changed or removed units of the parent (``known``)
+    its images may have moved from.
+
+    Datasets written in numbered shards (``data-00003-of-00010.arrow``, ``train-00001-of-00004.parquet``) keep
+    their row order across shards, so a row that moves (shards re-cut, rows appended) lands in the shard at
+    about the same relative position among shards of the same name pattern (the name with its numbers
+    blanked): those, one more on each side, at most ``cap``. O(units), names only.
+    """
+    groups: dict[str, list[str]] = defaultdict(list)
+    for uid in sorted(known, key=_natural):
+        groups[_DIGITS.sub("#", uid)].append(uid)
+    now: dict[str, list[str]] = defaultdict(list)
+    for uid in sorted(listed, key=_natural):
+        now[_DIGITS.sub("#", uid)].append(uid)
+    out: dict[str, list[str]] = {}
+    todo = set(work)
+    for key, new in now.items():
+        old = groups.get(key, [])
+        n, m = len(new), len(old)
+        if not m:
+            continue
+        for j, uid in enumerate(new):
+            if uid not in todo:
+                continue
+            lo, hi = max(0, j * m // n - slack), min(m, -(-(j + 1) * m // n) + slack)
+            picked = [u for u in old[lo:hi] if u in changed and u != uid]
+            if picked:
+                out[uid] = picked[:cap]
+    return out
 
 
 def _blocks_needed(unit: Any, shard_rows: int) -> int:
@@ -99,6 +141,11 @@ def _blocks_needed(unit: Any, shard_rows: int) -> int:
     if n is None:
         n = max(1, (unit.size_bytes or 0) // BYTES_PER_IMAGE_GUESS)
     return max(1, math.ceil(n / shard_rows))
+
+
+def _natural(uid: str) -> list:
+    """Sort key reading numbers as numbers (row group 10 after row group 9): text and numbers alternate."""
+    return [int(part) if k % 2 else part for k, part in enumerate(_DIGITS_SPLIT.split(uid))]
 
 
 def finish_job(writer: FeatureStoreWriter, plan: JobPlan, unit_plans: Sequence[UnitPlan],

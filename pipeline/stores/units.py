@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from .alloc import allocate
+from .copy import copy_sources
 from .diff import chunk_records, diff_listing
 from .label_types import label_array
 from .live import LiveIndex, read_tables, segment_index
@@ -37,13 +38,15 @@ class UnitSpec:
 
 @dataclass(frozen=True)
 class BlockTask:
-    """A block to write: its number, its first row, its records (in row order), their content hash, its unit."""
+    """A block to write: its number, its first row, its records (in row order), their content hash, its unit;
+    ``copies``: for a block of images already stored under other rows, each record's (block, row) there."""
 
     block: int
     row_start: int
     records: tuple[dict, ...]
     content: str
     unit: str = ""
+    copies: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -122,12 +125,24 @@ def unit_live_index(writer: FeatureStoreWriter, segments: Sequence[Segment]) -> 
 
 
 def plan_unit(writer: FeatureStoreWriter, unit: UnitSpec, records: Sequence[dict], old: Sequence[Segment],
-              blocks: Sequence[int], *, job_id: str) -> UnitPlan:
+              blocks: Sequence[int], *, job_id: str, donors: Sequence[Segment] = (),
+              copy: bool = False) -> UnitPlan:
     """Diff a unit's listed images with its old blocks: new and changed images go to ``blocks`` (reserved for
     the unit; more are allocated if it outgrew them), removed and changed ones become deleted rows, and label,
-    split or URI edits are written as index revisions of the old blocks."""
+    split or URI edits are written as index revisions of the old blocks.
+
+    With ``copy``, new and changed images whose bytes the unit's old blocks or the ``donors`` (blocks of other
+    units this job changes or removes) hold already get blocks of their own, to be filled with those stored
+    vectors (``BlockTask.copies``) rather than encoded.
+    """
     live = unit_live_index(writer, old)
     diff = diff_listing(records, live)
+    sources: dict[str, tuple[int, int]] = {}
+    if copy:
+        sources = copy_sources(live, diff.encode)
+        rest = [r for r in diff.encode if r["image_id"] not in sources]
+        if donors and rest:
+            sources |= copy_sources(unit_live_index(writer, donors), rest)
     states = live.states({*diff.deletes, *(r["image_id"] for r in diff.encode), *diff.relabels})
     deleted: dict[int, list[int]] = defaultdict(list)
     for image_id in [*diff.deletes, *(r["image_id"] for r in diff.encode)]:
@@ -139,16 +154,21 @@ def plan_unit(writer: FeatureStoreWriter, unit: UnitSpec, records: Sequence[dict
     by_block = {s.block: s for s in old}
     revised = {b: relabel_segment(writer, by_block[b], e).index for b, e in edits.items()}
     rows = writer.target.shard_rows
-    chunks = chunk_records(diff.encode, rows)
+    chunks = (chunk_records([r for r in diff.encode if r["image_id"] not in sources], rows)
+              + chunk_records([r for r in diff.encode if r["image_id"] in sources], rows))
     ids = list(blocks)[: len(chunks)]
     if len(chunks) > len(ids):  # the unit outgrew its reservation (a tar with more images than its size let guess)
         extra = allocate(writer.fs, writer.base, [digest for _, digest in chunks[len(ids):]],
                          job_id=f"{job_id}:{unit.unit_id}")
         writer.grow(extra.blocks.stop * rows)
         ids += list(extra.blocks)
-    tasks = [BlockTask(b, b * rows, recs, digest, unit.unit_id) for b, (recs, digest) in zip(ids, chunks)]
+    tasks = [BlockTask(b, b * rows, recs, digest, unit.unit_id,
+                       tuple(sources[r["image_id"]] for r in recs) if recs[0]["image_id"] in sources else ())
+             for b, (recs, digest) in zip(ids, chunks)]
     counts = {"added": diff.added, "changed": diff.changed, "deleted": len(diff.deletes),
               "relabelled": len(diff.relabels), "unchanged": diff.unchanged}
+    if sources:
+        counts["copied"] = len(sources)
     return UnitPlan(unit, list(old), tasks, dict(deleted), revised, counts)
 
 

@@ -64,6 +64,7 @@ class EncodedShard:
     errors: list[dict]  # image_id, uri, stage, reason
     plan_hash: str
     unit: str = ""  # the source unit the block's images come from
+    copied: bool = False  # vectors copied from stored rows of the same images, not encoded (stores.copy)
 
 
 def shard_plan_hash(records: Sequence[Mapping]) -> str:
@@ -288,6 +289,8 @@ class FeatureStoreWriter:
             "files": files,
             "written_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
+        if shard.copied:
+            record["copied"] = True
         path = layout.shard_record_path(self.base, shard.shard_id)
         storage.write_json_atomic(self.fs, path, record)
         return record

@@ -1,0 +1,89 @@
+"""Images that move between units (a Hugging Face dataset re-sharded or appended to) keep their vectors: a
+refresh copies them from the rows that hold the same bytes, and encodes only images the store has never seen."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import ExtractConfig, load_config
+from pipeline.extract import run_extract
+from pipeline.extract.refresh import run_refresh
+from pipeline.stores import FeatureStore
+from pipeline.stores.job import donor_units
+
+TINY = ["encoder.name=resnet18", "encoder.weights=random:0", "encoder.layers=[layer1,layer2]",
+        "encoder.preprocessing={resize_size: 32, crop_size: 32, interpolation: bilinear, "
+        "mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}", "store.shard_rows=8", "store.chunk_rows=4"]
+
+
+def _jpeg(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    size = (int(rng.integers(24, 60)), int(rng.integers(24, 60)))
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _dataset(seeds: list[int]) -> datasets.Dataset:
+    features = datasets.Features({"image": datasets.Image(), "kind": datasets.ClassLabel(names=["x", "y", "z"])})
+    return datasets.Dataset.from_dict({"image": [{"bytes": _jpeg(s), "path": None} for s in seeds],
+                                       "kind": [s % 3 for s in seeds]}, features=features)
+
+
+def _by_content(store: FeatureStore, layer: str) -> dict[str, np.ndarray]:
+    index = store.index()
+    x = store.layer(layer)
+    return dict(zip(index["fingerprint"], x))
+
+
+@pytest.mark.parametrize("where", ["driver", pytest.param("ray", marks=pytest.mark.slow)])
+def test_a_resharded_and_appended_dataset_encodes_only_its_new_images(tmp_path: Path, where, request):
+    if where == "ray":
+        request.getfixturevalue("ray_local")
+    run = ["run.local_max_images=1000"] if where == "driver" else ["run.local_max_images=0", "run.num_encoders=1"]
+    ds = tmp_path / "ds"
+    _dataset(list(range(20))).save_to_disk(str(ds), num_shards=2)
+    cfg = load_config(ExtractConfig, None, ["source.kind=hf", f"source.uri={ds}", f"store.root={tmp_path}/s",
+                                            *TINY, *run])
+    first = run_extract(cfg)
+    before = FeatureStore(first.store_uri)
+    old = {layer: _by_content(before, layer) for layer in ("layer1", "layer2")}
+
+    _dataset(list(range(20)) + [100, 101, 102]).save_to_disk(str(ds), num_shards=3)  # re-cut, 3 rows appended
+    summary = run_refresh(cfg)
+    assert summary.version == 2
+    assert summary.copied == 20 and summary.extract.encoded == 3  # only the appended images are encoded
+    assert "20 of them stored already under other rows" in str(summary)
+    after = FeatureStore(first.store_uri)
+    index = after.index()
+    assert len(index) == 23 and index["image_id"].str.startswith("data-0000").all()
+    assert sorted(index["kind"].tolist()) == sorted([s % 3 for s in list(range(20)) + [100, 101, 102]])
+    for layer in ("layer1", "layer2"):
+        now = _by_content(after, layer)
+        for fp, vector in old[layer].items():  # the same image's bytes: exactly its stored vector
+            np.testing.assert_array_equal(now[fp], vector)
+    fresh = FeatureStore(run_extract(load_config(ExtractConfig, None, [
+        "source.kind=hf", f"source.uri={ds}", f"store.root={tmp_path}/fresh", *TINY, *run])).store_uri)
+    fresh_x = _by_content(fresh, "layer2")
+    for fp, vector in _by_content(after, "layer2").items():  # what encoding them again would have stored
+        np.testing.assert_allclose(vector, fresh_x[fp], rtol=2e-2, atol=2e-2)
+    assert run_refresh(cfg).nothing_changed
+
+
+def test_donors_are_the_changed_units_at_the_same_relative_position():
+    old = [f"train/data-{i:05d}-of-00004.arrow" for i in range(4)]
+    new = [f"train/data-{i:05d}-of-00006.arrow" for i in range(6)]
+    val = "validation/data-00000-of-00001.arrow"
+    donors = donor_units(new, [*new, val], [*old, val], set(old))
+    assert donors[new[0]] == old[:2] and donors[new[-1]] == old[2:]
+    assert all(len(d) <= 3 for d in donors.values()) and val not in {u for d in donors.values() for u in d}
+    unchanged = donor_units([old[1]], old, old, {old[1], old[2]})  # a unit gives nothing to itself
+    assert unchanged == {old[1]: [old[2]]}
+    groups = donor_units(["f.parquet#rg10"], [f"f.parquet#rg{i}" for i in range(12)],
+                         [f"f.parquet#rg{i}" for i in range(12)], {f"f.parquet#rg{i}" for i in range(12)})
+    assert groups == {"f.parquet#rg10": ["f.parquet#rg9", "f.parquet#rg11"]}  # numbers read as numbers
