@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.encoders import FrozenEncoder, LayoutError
 from pipeline.encoders.layouts import LayoutReader, declared_layout
 from pipeline.encoders.preprocess import Preprocessing
-from pipeline.encoders.registry import BuiltModel
+from pipeline.encoders.registry import BuiltModel, prefix_tokens
 from pipeline.encoders.weights import LoadedWeights
 
 
@@ -52,8 +52,7 @@ FAMILIES = [
 def _built(model: nn.Module, size: int) -> BuiltModel:
     cfg = model.pretrained_cfg
     pre = Preprocessing(size, size, "bilinear", tuple(cfg["mean"]), tuple(cfg["std"]))
-    return BuiltModel(model, pre, LoadedWeights(None, "random:0"), int(getattr(model, "num_prefix_tokens", 0) or 0),
-                      None)
+    return BuiltModel(model, pre, LoadedWeights(None, "random:0"), prefix_tokens(model), None)
 
 
 def _size(kwargs: dict) -> int:
@@ -83,6 +82,63 @@ def test_pooled_layers_agree_with_timm(family, arch, kwargs, final, pooling, pos
     scale = float(expected.abs().max())
     assert scale > 0
     assert torch.allclose(got, expected, atol=1e-3 * scale, rtol=0), float((got - expected).abs().max() / scale)
+
+
+def _pixels(size: int) -> torch.Tensor:
+    return torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+def _first_output(model: nn.Module, layer: str, x: torch.Tensor):
+    out = {}
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, a, o: out.setdefault("t", o))
+    with torch.inference_mode():
+        model(x)
+    handle.remove()
+    return out["t"]
+
+
+def test_a_block_returning_several_tensors_is_pooled_on_its_per_image_one():
+    """TNT's blocks return (pixel tokens: B x 196 patches of 16, patch tokens: B images): the second is the
+    image's; pooling the first gave 24 channels and, cut to the batch, another image's pixels."""
+    model = timm.create_model("tnt_s_patch16_224", pretrained=False, img_size=64, depth=2).eval()
+    built, px = _built(model, 64), _pixels(64)
+    enc = FrozenEncoder(built, name="timm:tnt_s_patch16_224", layers=["blocks.1"])
+    assert enc.layer_dims == {"blocks.1": 384} and enc.kinds["blocks.1"].prefix_tokens == 1
+    pixel_tokens, patch_tokens = _first_output(model, "blocks.1", built.preprocessing.normalize(px))
+    assert pixel_tokens.shape[0] == 2 * 16 and patch_tokens.shape[:2] == (2, 17)
+    got = enc.encode(px)["blocks.1"]
+    assert torch.allclose(got, patch_tokens[:, 1:].mean(1), atol=1e-5)
+    assert torch.allclose(enc.encode(px[[1, 0]])["blocks.1"][1], got[0], atol=1e-5)  # no image sees another
+
+
+def test_class_tokens_are_found_where_they_are_and_only_there():
+    """XCiT's class token joins after its blocks (cls_attn_blocks); VOLO's comes late too, under no
+    num_prefix_tokens; CoaT has one per stage (cls_token1..4)."""
+    xcit = timm.create_model("xcit_nano_12_p16_224", pretrained=False, img_size=64, depth=2).eval()
+    built, px = _built(xcit, 64), _pixels(64)
+    enc = FrozenEncoder(built, name="timm:xcit", layers=["blocks.1", "cls_attn_blocks.0"])
+    assert [enc.kinds[n].prefix_tokens for n in enc.layers] == [0, 1]
+    block = _first_output(xcit, "blocks.1", built.preprocessing.normalize(px))
+    assert torch.allclose(enc.encode(px)["blocks.1"], block.mean(1), atol=1e-5)  # every token is a patch
+
+    for arch, kwargs, layer in (("volo_d1_224", {"img_size": 64}, "norm"), ("coat_lite_tiny", {}, "norm4")):
+        model = timm.create_model(arch, pretrained=False, **kwargs).eval()
+        assert not hasattr(model, "num_prefix_tokens") and prefix_tokens(model) == 1
+        size = kwargs.get("img_size", 224)
+        built, px = _built(model, size), _pixels(size)
+        with torch.inference_mode():
+            expected = model.forward_head(model.forward_features(built.preprocessing.normalize(px)),
+                                          pre_logits=True)
+        got = FrozenEncoder(built, name=f"timm:{arch}", layers=[layer], pooling="cls").encode(px)[layer]
+        assert torch.allclose(got, expected, atol=1e-4 * float(expected.abs().max())), arch
+
+
+def test_a_model_with_5d_weights_runs_without_channels_last():
+    model = timm.create_model("lambda_resnet26t", pretrained=False).eval()  # Conv3d inside its lambda layers
+    enc = FrozenEncoder(_built(model, 64), name="timm:lambda_resnet26t", layers=["stages.0", "stages.3"])
+    assert enc.memory_format == torch.contiguous_format
+    out = enc.encode(_pixels(64))
+    assert out["stages.3"].shape == (2, 2048) and torch.isfinite(out["stages.3"]).all()
 
 
 def test_strata_layers_prints_true_swin_channels(capsys):

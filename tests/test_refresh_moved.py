@@ -87,3 +87,19 @@ def test_donors_are_the_changed_units_at_the_same_relative_position():
     groups = donor_units(["f.parquet#rg10"], [f"f.parquet#rg{i}" for i in range(12)],
                          [f"f.parquet#rg{i}" for i in range(12)], {f"f.parquet#rg{i}" for i in range(12)})
     assert groups == {"f.parquet#rg10": ["f.parquet#rg9", "f.parquet#rg11"]}  # numbers read as numbers
+
+
+def test_only_content_fingerprints_of_encoded_rows_are_matched():
+    import pyarrow as pa
+
+    from pipeline.stores.copy import copy_sources
+    from pipeline.stores.live import LiveIndex
+
+    stored = pa.table({"image_id": ["a", "b", "c", "d"], "row": [0, 1, 2, 3], "shard": [0, 0, 0, 0],
+                       "fingerprint": ["sha256:11", "size:5-mtime:9", "etag:x", "sha256:22"],
+                       "status": ["ok", "ok", "ok", "error"], "uri": ["u"] * 4, "split": [None] * 4})
+    live = LiveIndex(None, {0: stored}, [])
+    listed = [{"image_id": "n1", "fingerprint": "sha256:11"}, {"image_id": "n2", "fingerprint": "size:5-mtime:9"},
+              {"image_id": "n3", "fingerprint": "etag:x"}, {"image_id": "n4", "fingerprint": "sha256:22"},
+              {"image_id": "n5", "fingerprint": "sha256:33"}]
+    assert copy_sources(live, listed) == {"n1": (0, 0)}  # a file's size+mtime or ETag, or a failed row: never

@@ -100,7 +100,7 @@ class FrozenEncoder:
         self.pooling = {layer: per_layer.get(layer, default) for layer in self.layers}
 
         crop = self.preprocessing.crop_size
-        order = read_layouts(self.model, self.layers, torch.zeros(1, 3, crop, crop), prefix_tokens=self.prefix_tokens)
+        order = read_layouts(self.model, self.layers, torch.zeros(2, 3, crop, crop), prefix_tokens=self.prefix_tokens)
         self.layers = [name for name, _ in order]  # execution order: the last one stops the forward
         self.kinds = dict(order)
         for n in self.layers:
@@ -114,7 +114,7 @@ class FrozenEncoder:
             log.debug("%s: folded %d BatchNorm layers into their convolutions", name, self.folded_bn)
 
         if channels_last is None:
-            channels_last = all(k.kind != "tokens" for k in self.kinds.values())
+            channels_last = all(k.kind != "tokens" for k in self.kinds.values()) and _all_4d(self.model)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.memory_format)
         poolers = [functools.partial(P.pool, pooling=self.pooling[n], kind=self.kinds[n], grid=self.grid)
@@ -213,7 +213,7 @@ def describe_layers(name: str, *, weights: str = "random", pooling: str = "avg",
     except FileNotFoundError as e:
         raise not_found_as("weights", e, weights) from e
     crop = built.preprocessing.crop_size
-    reader = LayoutReader(built.model, torch.zeros(1, 3, crop, crop), prefix_tokens=built.prefix_tokens)
+    reader = LayoutReader(built.model, torch.zeros(2, 3, crop, crop), prefix_tokens=built.prefix_tokens)
     infos = []
     for layer in reader.execution_order([n for n in tappable_layers(built.model) if n in reader.trace.first]):
         shape = reader.output_shape(layer) or ()
@@ -230,3 +230,8 @@ def describe_layers(name: str, *, weights: str = "random", pooling: str = "avg",
         infos.append(LayerInfo(layer, tuple(shape[1:]), kind.kind, pooling,
                                P.pooled_dim(pooling, kind, grid=tuple(multiscale_grid)), kind.layout, kind.source))
     return infos
+
+
+def _all_4d(model: nn.Module) -> bool:
+    """Whether channels-last can apply: torch refuses it for a model holding 5-D weights (LambdaNet's Conv3d)."""
+    return not any(p.ndim == 5 for p in model.parameters())

@@ -115,7 +115,8 @@ def _fold_pair(model: nn.Module, conv_name: str, bn_name: str) -> _Fold:
 def _activations(model: nn.Module, layers: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each tapped layer's first activation, plus the model's output, from one full forward."""
     out: dict[str, torch.Tensor] = {}
-    with torch.inference_mode(), LayerTaps(model, layers, lambda n, t: out.setdefault(n, t.detach().clone())):
+    with torch.inference_mode(), LayerTaps(model, layers, lambda n, t: out.setdefault(n, t.detach().clone()),
+                                           batch=x.shape[0]):
         final = model(x)
     if isinstance(final, torch.Tensor):
         out.setdefault("<output>", final)

@@ -16,6 +16,7 @@ A layer none of these explains is refused, with the reason, rather than pooled o
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,8 +24,10 @@ import torch
 from torch import nn
 
 from .pooling import LayerKind
+from .taps import per_image
 
 CHANNELS_FIRST = {4: "NCHW", 3: "NCL"}
+_PATCH_EMBED = re.compile(r"(.+\.)?patch_embed(\.?\d+)?")
 CHANNELS_LAST = {4: "NHWC", 3: "NLC"}
 
 
@@ -41,14 +44,6 @@ class _Call:
     output: torch.Tensor | None = None
 
 
-def _first_tensor(value) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return None
-
-
 class _Trace:
     """Every module call of one forward pass: nesting (start/end ticks), first input, first output."""
 
@@ -61,6 +56,7 @@ class _Trace:
         self._open: dict[int, list[_Call]] = {}
 
     def run(self, x: torch.Tensor) -> None:
+        self.batch = x.shape[0]
         handles = []
         for name, module in self.model.named_modules():
             handles.append(module.register_forward_pre_hook(self._pre(name)))
@@ -75,7 +71,7 @@ class _Trace:
     def _pre(self, name: str):
         def hook(module, args):
             self._tick += 1
-            call = _Call(module, self._tick, input=_first_tensor(args))
+            call = _Call(module, self._tick, input=per_image(args, self.batch))
             self._open.setdefault(id(module), []).append(call)
             self.first.setdefault(name, call)
 
@@ -85,7 +81,7 @@ class _Trace:
         def hook(module, _args, output):
             self._tick += 1
             call = self._open[id(module)].pop()
-            call.end, call.output = self._tick, _first_tensor(output)
+            call.end, call.output = self._tick, per_image(output, self.batch)
             self.calls.append(call)  # kept alive: ids of live tensors are never reused within the pass
             if call.output is not None:
                 self.producer.setdefault(id(call.output), call)
@@ -184,6 +180,20 @@ class LayoutReader:
         self.grid = patch_grid(model)
         self.trace = _Trace(model)
         self.trace.run(x)
+        self.patch_tokens = self._patch_token_counts()
+
+    def _patch_token_counts(self) -> set[int]:
+        """Token counts the patch embeddings emitted in the trace (``patch_embed``, ``patch_embed1``..4,
+        ``patch_embed.0``): a token layer of exactly such a count holds patches only, no class token yet."""
+        counts = set()
+        for name, call in self.trace.first.items():
+            out = call.output
+            if _PATCH_EMBED.fullmatch(name) and out is not None and out.ndim in (3, 4):
+                if out.ndim == 4:
+                    counts.add(int(out.shape[2] * out.shape[3]))
+                else:
+                    counts.add(int(out.shape[2] if _own_output_fmt(call.module) == "NCL" else out.shape[1]))
+        return counts
 
     def execution_order(self, layers: Sequence[str]) -> list[str]:
         """`layers` in the order their first calls finish; refuses a layer that never runs."""
@@ -255,6 +265,8 @@ class LayoutReader:
                 prefix, grid = 0, self.grid
             elif tokens == patches + self.prefix_tokens:
                 grid = self.grid
+        elif tokens in self.patch_tokens:  # XCiT's blocks run before its class token joins (cls_attn_blocks)
+            prefix = 0
         prefix = prefix if tokens > prefix else 0
         return LayerKind("tokens", channels, (tokens,), prefix_tokens=prefix, layout=fmt, token_grid=grid,
                          source=source)

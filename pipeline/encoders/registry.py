@@ -22,6 +22,8 @@ from .weights import (
     torch_hub_file,
 )
 
+_CLS = re.compile(r"cls_token_?\d*")
+
 __all__ = ["ENCODERS", "TIMM_PREFIX", "BuiltModel", "EncoderEntry", "build_model", "resolve_entry", "valid_weights"]
 
 log = logging.getLogger(__name__)
@@ -182,5 +184,17 @@ def _build_timm(entry, weights, seed, storage_options) -> BuiltModel:
         _load_or_fail(model, sd, source)
     else:
         raise ValueError(f"unknown weights {weights!r} for {entry.name}; valid: {valid_weights(entry)}")
-    prefix = int(getattr(model, "num_prefix_tokens", 0))
-    return BuiltModel(model, Preprocessing.from_timm(cfg), LoadedWeights(None, source, files=files), prefix, None)
+    return BuiltModel(model, Preprocessing.from_timm(cfg), LoadedWeights(None, source, files=files),
+                      prefix_tokens(model), None)
+
+
+def prefix_tokens(model) -> int:
+    """Tokens in front of the patch tokens: timm's ``num_prefix_tokens``, else one class token where the model
+    holds one (VOLO's ``cls_token``, CoaT's ``cls_token1``..4 and CrossViT's ``cls_token_0``/_1, one per
+    stage or branch) and one distillation token where it holds that too."""
+    declared = getattr(model, "num_prefix_tokens", None)
+    if declared is not None:
+        return int(declared)
+    own = {name for name, _ in model.named_parameters(recurse=False)}
+    cls = any(_CLS.fullmatch(name) for name in own)
+    return int(cls) + int(cls and "dist_token" in own)

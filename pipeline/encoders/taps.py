@@ -18,6 +18,20 @@ class _StopForward(Exception):
     pass
 
 
+def per_image(value, batch: int | None):
+    """The tensor of a module's output that holds one entry per image: the output itself, or the first element
+    of a tuple whose leading axis is the batch (TNT's blocks return (pixel tokens of B x 16 patches, patch
+    tokens of B images)); the first tensor element when the batch is not known; None when there is none."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if not isinstance(value, (tuple, list)):
+        return None
+    tensors = [v for v in value if isinstance(v, torch.Tensor)]
+    if batch is None:
+        return tensors[0] if tensors and tensors[0] is value[0] else None
+    return next((t for t in tensors if t.ndim >= 1 and t.shape[0] == batch), None)
+
+
 def tappable_layers(model: nn.Module) -> list[str]:
     """Named stages of a model, in definition order: top-level modules, with block containers expanded."""
     names: list[str] = []
@@ -62,17 +76,19 @@ class LayerTaps:
     """Hooks on `layers` that call `sink(layer, activation)` and stop after `stop_after`."""
 
     def __init__(self, model: nn.Module, layers: Sequence[str], sink: Callable[[str, torch.Tensor], None],
-                 *, stop_after: str | None = None) -> None:
+                 *, stop_after: str | None = None, batch: int | None = None) -> None:
         self.model = model
         self.layers = list(layers)
         self.sink = sink
         self.stop_after = stop_after
+        self.batch = batch
         self._handles: list = []
 
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
-            if isinstance(output, (tuple, list)):
-                output = output[0]
+            output = per_image(output, self.batch)
+            if output is None:
+                return
             self.sink(name, output)
             if name == self.stop_after:
                 raise _StopForward
@@ -90,6 +106,7 @@ class LayerTaps:
         self._handles = []
 
     def run(self, x: torch.Tensor) -> None:
+        self.batch = x.shape[0]
         try:
             self.model(x)
         except _StopForward:
@@ -114,6 +131,7 @@ class PooledTaps(nn.Module):
         self._poolers = dict(zip(self.layers, poolers))
         self._out: dict[str, torch.Tensor] = {}
         self._active = False  # the hooks stay on the model, but act only inside `forward`
+        self._batch = 0
         modules = dict(model.named_modules())
         self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.layers]
 
@@ -122,14 +140,14 @@ class PooledTaps(nn.Module):
             if not self._active:
                 return
             if name not in self._out:
-                self._out[name] = self._poolers[name](output[0] if isinstance(output, (tuple, list)) else output)
+                self._out[name] = self._poolers[name](per_image(output, self._batch))
             if name == self.stop_after:
                 raise _StopForward
 
         return hook
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        self._out, self._active = {}, True
+        self._out, self._active, self._batch = {}, True, x.shape[0]
         try:
             self.model(x)
         except _StopForward:
