@@ -100,7 +100,7 @@ class FrozenEncoder:
         self.pooling = {layer: per_layer.get(layer, default) for layer in self.layers}
 
         crop = self.preprocessing.crop_size
-        order = read_layouts(self.model, self.layers, torch.zeros(2, 3, crop, crop), prefix_tokens=self.prefix_tokens)
+        order = read_layouts(self.model, self.layers, torch.zeros(1, 3, crop, crop), prefix_tokens=self.prefix_tokens)
         self.layers = [name for name, _ in order]  # execution order: the last one stops the forward
         self.kinds = dict(order)
         for n in self.layers:
@@ -213,7 +213,7 @@ def describe_layers(name: str, *, weights: str = "random", pooling: str = "avg",
     except FileNotFoundError as e:
         raise not_found_as("weights", e, weights) from e
     crop = built.preprocessing.crop_size
-    reader = LayoutReader(built.model, torch.zeros(2, 3, crop, crop), prefix_tokens=built.prefix_tokens)
+    reader = LayoutReader(built.model, torch.zeros(1, 3, crop, crop), prefix_tokens=built.prefix_tokens)
     infos = []
     for layer in reader.execution_order([n for n in tappable_layers(built.model) if n in reader.trace.first]):
         shape = reader.output_shape(layer) or ()
