@@ -123,7 +123,7 @@ def execute(cfg: ExtractConfig, work: list, writer: FeatureStoreWriter, encoder,
             _ensure_ray(cfg.run.ray_address)
             outputs = _run_pipeline(cfg, todo, writer.target, layers=list(encoder.layers),
                                     preprocessing=encoder.preprocessing, provenance=encoder.provenance(),
-                                    job_id=job_id, total=known).outputs
+                                    job_id=job_id, total=known, dataset=known + kept_rows).outputs
         fresh = _collect(outputs, plans, records)
         encoded += sum(r["n_ok"] for r in fresh)
         if attempt == 0:  # later passes find this job's own good blocks again
@@ -267,10 +267,10 @@ def _encoder_runtime_env(cfg: ExtractConfig) -> dict:
 
 
 def _run_pipeline(cfg: ExtractConfig, work: list, target, *, layers, preprocessing, provenance: dict,
-                  job_id: str, total: int) -> FeatureStoreDatasink:
+                  job_id: str, total: int, dataset: int = 0) -> FeatureStoreDatasink:
     # on the driver's node: a worker node lost mid-job must not take the job's counts (and its stall clock) along
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    progress = JobProgress.options(scheduling_strategy=here).remote(cfg.run.max_error_fraction, total)
+    progress = JobProgress.options(scheduling_strategy=here).remote(cfg.run.max_error_fraction, total, dataset)
     resources = ray.cluster_resources()
     has_gpu = resources.get("GPU", 0) > 0
     gpus = cfg.run.gpus_per_encoder if cfg.run.gpus_per_encoder is not None else (1 if has_gpu else 0)

@@ -23,15 +23,18 @@ class ErrorBudgetExceeded(RuntimeError):
 class JobProgress:
     """Counts images and errors across tasks, and which units are in flight on which node.
 
-    The error budget: the job stops once errors exceed the allowed fraction of the *whole* job (of the images
-    seen so far where the total is not known): a cluster of bad files early on does not stop a job that would
-    end under the limit. Progress and stalls: the driver polls :meth:`status`.
+    The error budget: the job stops once errors exceed the allowed fraction of the dataset the job leaves (its
+    images unchanged, copied, resumed or encoded, as the final check counts them; of those known so far where
+    units are of unknown size): a cluster of bad files early on, or one bad image among many moved or
+    unchanged ones, does not stop a job that would end under the limit. Progress and stalls: the driver polls
+    :meth:`status`.
     """
 
-    def __init__(self, max_fraction: float, total: int):
+    def __init__(self, max_fraction: float, total: int, dataset: int = 0):
         import time
 
         self.max_fraction, self.total = max_fraction, total  # total 0: not known (units of unknown size)
+        self.dataset = max(dataset, total)  # the error budget's denominator, grown as unknown units are planned
         self.images = self.errors = 0
         self.in_flight: dict[str, tuple[str, float, int]] = {}  # unit -> (node id, since, blocks left)
         self.last = time.time()
@@ -49,14 +52,16 @@ class JobProgress:
                 del self.in_flight[unit]
             else:
                 self.in_flight[unit] = (node, since, left - 1)
-        return self.images, self.errors, self.errors > self.max_fraction * max(self.total, self.images)
+        return self.images, self.errors, self.errors > self.max_fraction * max(self.dataset, self.images)
 
-    def started(self, unit: str, node: str, blocks: int, kept: int = 0) -> None:
-        """``kept``: images of a unit of known size that its plan does not encode (unchanged, or in blocks an
-        earlier run wrote): they leave the total, so progress, ETA and the error budget count work to do."""
+    def started(self, unit: str, node: str, blocks: int, kept: int = 0, listed: int = 0) -> None:
+        """``kept``: images of a unit of known size that its plan does not encode (unchanged, copied, or in
+        blocks an earlier run wrote): they leave the total, so progress and ETA count work to do. ``listed``:
+        the images of a unit of unknown size, which join the error budget's dataset."""
         import time
 
         self.total = max(0, self.total - kept)
+        self.dataset += listed
         if blocks:  # a unit is reported when its task starts (-1: still planning), then with its block count
             since = self.in_flight[unit][1] if unit in self.in_flight else time.time()
             self.in_flight[unit] = (node, since, blocks)

@@ -77,7 +77,7 @@ def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = Fa
         contents = {p.unit.unit_id: p.content for p in unit_plans}
         outcome = finish_job(writer, plan, unit_plans, result.records if result else {}, operation=operation,
                              dataset_fingerprint=dataset_fingerprint(units, contents), config=_recorded_config(cfg),
-                             stats=_stats(result), class_names=classes)
+                             stats=_stats(result) | {"copied": tally.get("copied", 0)}, class_names=classes)
         version, published = outcome.version, outcome.published
     summary = None
     if result is not None and result.rows:
@@ -115,6 +115,13 @@ class DryRun:
     bytes_per_image: int  # of every layer: what each image of the units of unknown size adds
     diff: dict | None = None  # image counts, where the units to work on were cheap to list here
 
+    @property
+    def to_encode(self) -> int | None:
+        """Images to encode, where the diff is known: new and changed ones not stored already elsewhere."""
+        if self.diff is None:
+            return None
+        return self.diff["added"] + self.diff["changed"] - self.diff.get("copied", 0)
+
     def __str__(self) -> str:
         total = sum(self.layer_bytes.values())
         unknown = f" (+ {self.unknown_units} units of unknown size)" if self.unknown_units else ""
@@ -124,7 +131,9 @@ class DryRun:
                  f"  images     {self.images}{unknown} to list, diff and encode where new or changed" if self.diff
                  is None else f"  images     {self.diff['added']} new, {self.diff['changed']} changed, "
                  f"{self.diff['deleted']} deleted, {self.diff['relabelled']} relabelled, "
-                 f"{self.diff['unchanged']} unchanged: {self.diff['added'] + self.diff['changed']} to encode",
+                 f"{self.diff['unchanged']} unchanged: {self.to_encode} to encode" + (
+                     f", {self.diff['copied']} to copy (stored already under other rows)"
+                     if self.diff.get("copied") else ""),
                  f"  shards     {self.blocks} blocks of {self.shard_rows} rows reserved "
                  f"({self.blocks * self.shard_rows} rows)",
                  f"  bytes      {_human(total)} at most, estimated" + (
@@ -150,7 +159,7 @@ def dry_run(cfg: ExtractConfig) -> DryRun:
     copies = len(cfg.store.formats)
     new = sum(1 for w in plan.work if not w.old)
     per_image = {layer: dim * itemsize * copies for layer, dim in encoder.layer_dims.items()}
-    encode = images if diff is None else diff["added"] + diff["changed"]
+    encode = images if diff is None else diff["added"] + diff["changed"] - diff["copied"]
     return DryRun(target.uri, plan.listed, len(plan.work), new, len(plan.removed), plan.unchanged, images,
                   sum(1 for w in plan.work if w.unit.n_images is None), plan.reserved, target.shard_rows,
                   {layer: encode * n for layer, n in per_image.items()}, sum(per_image.values()), diff)
@@ -160,6 +169,7 @@ def _image_diff(cfg: ExtractConfig, writer: FeatureStoreWriter, plan) -> dict | 
     """Image counts (added, changed, deleted, relabelled, unchanged) where listing the units to work on is as
     cheap as the real run's driver plan; None where only the units' tasks would know."""
     from ..sources.base import record_to_json
+    from ..stores.copy import copy_sources
     from ..stores.diff import diff_listing
     from ..stores.units import unit_live_index
     from .run import DRIVER_PLANNED_UNITS, DRIVER_STAT_IMAGES
@@ -169,18 +179,25 @@ def _image_diff(cfg: ExtractConfig, writer: FeatureStoreWriter, plan) -> dict | 
             sum(w.unit.n_images for w in work) > DRIVER_STAT_IMAGES:
         return None
     source = build_source(cfg.source)
-    out = {"added": 0, "changed": 0, "deleted": 0, "relabelled": 0, "unchanged": plan.unchanged_images}
+    out = {"added": 0, "changed": 0, "deleted": 0, "relabelled": 0, "unchanged": plan.unchanged_images, "copied": 0}
     for p in plan.removed:
         out["deleted"] += p.counts.get("deleted", 0)
     for w in work:
         listed = [record_to_json(r) for r in source.expand(w.unit)]
-        if not w.old:
+        found, rest = {}, listed
+        if w.old:
+            live = unit_live_index(writer, w.old)
+            d = diff_listing(listed, live)
+            for key, n in (("added", d.added), ("changed", d.changed), ("deleted", len(d.deletes)),
+                           ("relabelled", len(d.relabels)), ("unchanged", d.unchanged)):
+                out[key] += n
+            found = copy_sources(live, d.encode)  # as the unit's task will: its old blocks, then its donors'
+            rest = [r for r in d.encode if r["image_id"] not in found]
+        else:
             out["added"] += len(listed)
-            continue
-        d = diff_listing(listed, unit_live_index(writer, w.old))
-        for key, n in (("added", d.added), ("changed", d.changed), ("deleted", len(d.deletes)),
-                       ("relabelled", len(d.relabels)), ("unchanged", d.unchanged)):
-            out[key] += n
+        if w.donors and rest:
+            found |= copy_sources(unit_live_index(writer, w.donors), rest)
+        out["copied"] += len(found)
     return out
 
 

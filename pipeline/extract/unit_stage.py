@@ -60,7 +60,9 @@ def plan_item(item: dict, *, source, target: StoreTarget):
                                                  for t in plan.blocks)}
     segments = {s.block: s for s in [*old, *donors]}
     for t in plan.blocks:
-        if t.copies and t.block not in done:
+        if t.copies and t.block in done and not done[t.block].get("copied"):  # an earlier run encoded them
+            plan.counts["copied"] -= len(t.records)
+        elif t.copies and t.block not in done:
             try:
                 done[t.block] = writer.write_shard(copied_shard(writer, t.block, t.records, t.content, t.unit,
                                                                 t.copies, segments))
@@ -113,9 +115,10 @@ def expand_unit(item: dict, *, source, target: StoreTarget, preprocessing, max_p
         _refuse_repeated_ids(progress, plan, by_id)
     if progress is not None:
         todo = sum(len(t.records) for t in plan.blocks if t.block not in done)
-        kept = unit["n_images"] - todo if unit.get("n_images") is not None else 0  # the total counted n_images
+        known = unit.get("n_images") is not None
+        kept = unit["n_images"] - todo if known else 0  # the total counted n_images
         progress.started.remote(plan.unit.unit_id, ray.get_runtime_context().get_node_id(), max(1, len(plan.blocks)),
-                                kept)
+                                kept, 0 if known else len(by_id))
     yield from block_rows(plan, by_id, done, source=source, preprocessing=preprocessing, max_pixels=max_pixels,
                           threads=threads, niceness=niceness, decode_kwargs=decode_kwargs, defer=defer)
 

@@ -7,6 +7,7 @@ with the unit, never with the store.
 from __future__ import annotations
 
 import base64
+import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -20,7 +21,9 @@ from .diff import chunk_records, diff_listing
 from .label_types import label_array
 from .live import LiveIndex, read_tables, segment_index
 from .manifest import Segment
-from .writer import FeatureStoreWriter
+from .writer import FeatureStoreWriter, shard_plan_hash
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,11 @@ def plan_unit(writer: FeatureStoreWriter, unit: UnitSpec, records: Sequence[dict
         sources = copy_sources(live, diff.encode)
         rest = [r for r in diff.encode if r["image_id"] not in sources]
         if donors and rest:
-            sources |= copy_sources(unit_live_index(writer, donors), rest)
+            try:
+                sources |= copy_sources(unit_live_index(writer, donors), rest)
+            except Exception as e:  # noqa: BLE001 - an optimisation: encoding them is always right
+                log.warning("unit %s: the blocks its images may have moved from cannot be read (%s); encoding "
+                            "its new images", unit.unit_id, e)
     states = live.states({*diff.deletes, *(r["image_id"] for r in diff.encode), *diff.relabels})
     deleted: dict[int, list[int]] = defaultdict(list)
     for image_id in [*diff.deletes, *(r["image_id"] for r in diff.encode)]:
@@ -154,8 +161,11 @@ def plan_unit(writer: FeatureStoreWriter, unit: UnitSpec, records: Sequence[dict
     by_block = {s.block: s for s in old}
     revised = {b: relabel_segment(writer, by_block[b], e).index for b, e in edits.items()}
     rows = writer.target.shard_rows
+    # copied images in the order of the rows they come from: a block of them reads few stored blocks
+    moved = sorted((r for r in diff.encode if r["image_id"] in sources), key=lambda r: sources[r["image_id"]])
     chunks = (chunk_records([r for r in diff.encode if r["image_id"] not in sources], rows)
-              + chunk_records([r for r in diff.encode if r["image_id"] in sources], rows))
+              + [(chunk, shard_plan_hash(chunk)) for chunk in (tuple(moved[i:i + rows])
+                                                              for i in range(0, len(moved), rows))])
     ids = list(blocks)[: len(chunks)]
     if len(chunks) > len(ids):  # the unit outgrew its reservation (a tar with more images than its size let guess)
         extra = allocate(writer.fs, writer.base, [digest for _, digest in chunks[len(ids):]],
