@@ -181,11 +181,12 @@ DRIVER_STAT_IMAGES = 4096
 
 
 def _driver_may_plan(cfg: ExtractConfig, todo: list) -> bool:
-    """Few units of known size, their new images alone not already over run.local_max_images, and those of
-    unknown content few enough to stat here: otherwise the tasks would expand every unit again."""
+    """Few units of known size, their new images alone not already over run.local_max_images (those of a new
+    unit with donors may be copies, not work), and those of unknown content few enough to stat here:
+    otherwise the tasks would expand every unit again."""
     if len(todo) > DRIVER_PLANNED_UNITS or any(w.unit.n_images is None for w in todo):
         return False
-    if sum(w.unit.n_images for w in todo if not w.old) > cfg.run.local_max_images:
+    if sum(w.unit.n_images for w in todo if not w.old and not w.donors) > cfg.run.local_max_images:
         return False
     return sum(w.unit.n_images for w in todo if not w.unit.fingerprint) <= max(DRIVER_STAT_IMAGES,
                                                                                 cfg.run.local_max_images)
