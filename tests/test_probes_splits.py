@@ -195,3 +195,7 @@ def test_messages_name_a_class_label_by_its_name_and_integer(caplog):
     assert split_task(idx, "wide", SplitSpec()).describe([0, 1]) == ["cat (0)", "dog (1)"]
     del idx.attrs["class_names"]
     assert split_task(idx, "kind", SplitSpec()).describe([0, 3]) == [0, 9]
+    idx["one"] = 2
+    idx.attrs["class_names"] = {"one": ["cat", "dog", "bird"]}
+    with pytest.raises(ValueError, match=r"task 'one' has a single class 'bird' \(2\) in 120 labelled rows"):
+        split_task(idx, "one", SplitSpec())

@@ -32,9 +32,10 @@ def _jpeg(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _dataset(seeds: list[int], bad: tuple[int, ...] = ()) -> datasets.Dataset:
+def _dataset(seeds: list[int], bad: tuple[int, ...] = (), paths: bool = False) -> datasets.Dataset:
     features = datasets.Features({"image": datasets.Image(), "kind": datasets.ClassLabel(names=["x", "y", "z"])})
-    images = [{"bytes": b"not an image %d" % s if s in bad else _jpeg(s), "path": None} for s in seeds]
+    images = [{"bytes": b"not an image %d" % s if s in bad else _jpeg(s), "path": f"img{s}.jpg" if paths else None}
+              for s in seeds]
     return datasets.Dataset.from_dict({"image": images, "kind": [s % 3 for s in seeds]}, features=features)
 
 
@@ -105,6 +106,28 @@ def test_a_resharded_and_appended_dataset_encodes_only_its_new_images(tmp_path: 
     assert run_refresh(cfg).nothing_changed
 
 
+def test_images_that_keep_their_ids_count_as_moved_not_added_and_deleted(tmp_path: Path):
+    """Ids from image paths stay when the shards are re-cut: such images are unchanged (moved to other files,
+    their vectors copied), and only the appended ones are added, in the dry run and the refresh alike."""
+    ds = tmp_path / "ds"
+    _save(_dataset(list(range(20)), paths=True), ds, 2, "parquet")
+    cfg = load_config(ExtractConfig, None, ["source.kind=hf", f"source.uri={ds}", f"store.root={tmp_path}/s",
+                                            *TINY, "run.local_max_images=1000"])
+    store = FeatureStore(run_extract(cfg).store_uri)
+    assert sorted(store.index()["image_id"]) == sorted(f"img{s}.jpg" for s in range(20))
+    _save(_dataset(list(range(1, 20)) + [100, 101], paths=True), ds, 3, "parquet")  # re-cut, 1 gone, 2 new
+    plan = dry_run(cfg)
+    assert {k: plan.diff[k] for k in ("added", "deleted", "unchanged", "copied")} == {
+        "added": 2, "deleted": 1, "unchanged": 19, "copied": 0}
+    assert plan.to_encode == 2
+    summary = run_refresh(cfg)
+    assert (summary.added, summary.changed, summary.deleted, summary.unchanged) == (2, 0, 1, 19)
+    assert (summary.moved, summary.copied, summary.extract.encoded) == (19, 0, 2)
+    assert "19 unchanged kept without re-encoding (19 of them moved to other files)" in str(summary)
+    assert sorted(FeatureStore(store.uri).index()["image_id"]) == sorted(
+        f"img{s}.jpg" for s in [*range(1, 20), 100, 101])
+
+
 def test_donors_are_the_changed_units_at_the_same_relative_position():
     old = [f"train/data-{i:05d}-of-00004.arrow" for i in range(4)]
     new = [f"train/data-{i:05d}-of-00006.arrow" for i in range(6)]
@@ -132,4 +155,4 @@ def test_only_content_fingerprints_of_encoded_rows_are_matched():
     listed = [{"image_id": "n1", "fingerprint": "sha256:11"}, {"image_id": "n2", "fingerprint": "size:5-mtime:9"},
               {"image_id": "n3", "fingerprint": "etag:x"}, {"image_id": "n4", "fingerprint": "sha256:22"},
               {"image_id": "n5", "fingerprint": "sha256:33"}]
-    assert copy_sources(live, listed) == {"n1": (0, 0)}  # a file's size+mtime or ETag, or a failed row: never
+    assert copy_sources(live, listed) == {"n1": (0, 0, "a")}  # a file's size+mtime or ETag, or a failed row: never

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -77,6 +78,14 @@ def test_thumbnails_of_hugging_face_rows_and_the_byte_budget(tmp_path: Path, cap
     assert len(partial) == 4 and len({u.split("#")[0] for i, u in zip(ids, uris) if i in partial}) == 1
     assert any("6 images could not be read for thumbnails" in r.getMessage() for r in caplog.records)
 
+    stored = dict(zip(ids, index["fingerprint"]))
+    assert len(thumbnails(ids, uris, limit=100, source=source, fingerprints=stored)) == 10
+    other = datasets.Dataset.from_dict({"image": [{"bytes": _image(i + 1, "PNG", (33, 33)), "path": None}
+                                                  for i in range(10)], "kind": [0] * 10}, features=features)
+    shutil.rmtree(tmp_path / "ds")
+    other.save_to_disk(str(tmp_path / "ds"), num_shards=3)  # the same files and rows, other pictures
+    assert thumbnails(ids, uris, limit=100, source=store_source(store), fingerprints=stored) == {}
+
 
 def test_thumbnails_of_tar_members(tmp_path: Path):
     (tmp_path / "wds").mkdir()
@@ -91,6 +100,21 @@ def test_thumbnails_of_tar_members(tmp_path: Path):
     store = _store(tmp_path, "webdataset", tmp_path / "wds")
     index = store.index()
     ids, uris = index["image_id"].tolist(), index["uri"].tolist()
-    thumbs = thumbnails(ids, uris, limit=100, source=store_source(store))
+    thumbs = thumbnails(ids, uris, limit=100, source=store_source(store),
+                        fingerprints=dict(zip(ids, index["fingerprint"])))
     assert len(thumbs) == 6
     _assert_right_pictures(store, thumbs, {i: int(i.split("/")[1][0]) * 3 + int(i[-1]) for i in ids})
+
+
+def test_a_file_changed_since_it_was_encoded_gets_no_thumbnail(tmp_path: Path):
+    from pipeline import storage
+
+    path = tmp_path / "a.png"
+    path.write_bytes(_image(0, "PNG", (40, 30)))
+    fs, p = storage.resolve(str(path))
+    stored = {"a": storage.fingerprint_from_info(fs.info(p))}
+    assert stored["a"].startswith("size:")
+    assert len(thumbnails(["a"], [str(path)], limit=5, fingerprints=stored)) == 1
+    path.write_bytes(_image(1, "PNG", (41, 30)))  # another picture at the same URI
+    assert thumbnails(["a"], [str(path)], limit=5, fingerprints=stored) == {}
+    assert len(thumbnails(["a"], [str(path)], limit=5)) == 1  # nothing to check against: shown

@@ -29,6 +29,7 @@ class RefreshSummary:
     relabeled: int = 0
     published: bool = False  # a new version, even with no image changed (the source renamed its classes)
     copied: int = 0  # of the added and changed: images stored already under another row, vectors copied
+    moved: int = 0  # of the unchanged: images that moved to another file under the same id, vectors copied
 
     @property
     def images_changed(self) -> bool:
@@ -48,9 +49,10 @@ class RefreshSummary:
                     f"names did; {self.unchanged} images kept ({self.seconds:.1f} s)")
         moved = (f" ({self.copied} of them stored already under other rows: vectors copied, not encoded)"
                  if self.copied else "")
+        files = f" ({self.moved} of them moved to other files)" if self.moved else ""
         return (f"refreshed {uri} to version {self.version}: {self.added} added, {self.changed} changed{moved}, "
                 f"{self.deleted} deleted, {self.relabeled} relabelled, {self.unchanged} unchanged kept without "
-                f"re-encoding ({self.seconds:.1f} s)")
+                f"re-encoding{files} ({self.seconds:.1f} s)")
 
 
 def run_refresh(cfg: ExtractConfig) -> RefreshSummary:
@@ -58,6 +60,6 @@ def run_refresh(cfg: ExtractConfig) -> RefreshSummary:
     c = outcome.counts
     summary = RefreshSummary(outcome.store_uri, outcome.version, c["added"], c["changed"], c["deleted"],
                              c["unchanged"], outcome.seconds, outcome.extract, c["relabelled"], outcome.published,
-                             c.get("copied", 0))
+                             c.get("copied", 0), c.get("moved", 0))
     log.info("%s", summary)
     return summary

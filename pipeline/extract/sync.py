@@ -169,7 +169,8 @@ def _image_diff(cfg: ExtractConfig, writer: FeatureStoreWriter, plan) -> dict | 
     """Image counts (added, changed, deleted, relabelled, unchanged) where listing the units to work on is as
     cheap as the real run's driver plan; None where only the units' tasks would know."""
     from ..sources.base import record_to_json
-    from ..stores.copy import copy_sources
+    from ..stores.copy import copy_sources, moved
+    from ..stores.job import net_moved
     from ..stores.diff import diff_listing
     from ..stores.units import unit_live_index
     from .run import DRIVER_PLANNED_UNITS, DRIVER_STAT_IMAGES
@@ -198,7 +199,8 @@ def _image_diff(cfg: ExtractConfig, writer: FeatureStoreWriter, plan) -> dict | 
         if w.donors and rest:
             found |= copy_sources(unit_live_index(writer, w.donors), rest)
         out["copied"] += len(found)
-    return out
+        out["moved"] = out.get("moved", 0) + moved(found)
+    return net_moved(out)
 
 
 def _human(n: float) -> str:

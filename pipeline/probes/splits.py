@@ -168,7 +168,7 @@ def split_task(index: pd.DataFrame, task: TaskSpec | str, spec: SplitSpec, *,
         classes: tuple = ()
         strata = None
     else:
-        targets, classes = _encode(labels, labelled, name)
+        targets, classes = _encode(labels, labelled, name, index.attrs.get("class_names", {}).get(name))
         strata = targets[labelled] if spec.stratified else None
 
     given_few_shot: dict[int, np.ndarray] = {}
@@ -191,7 +191,8 @@ def split_task(index: pd.DataFrame, task: TaskSpec | str, spec: SplitSpec, *,
     return out
 
 
-def _encode(labels: pd.Series, labelled: np.ndarray, name: str) -> tuple[np.ndarray, tuple]:
+def _encode(labels: pd.Series, labelled: np.ndarray, name: str,
+            names: Sequence[str] | None = None) -> tuple[np.ndarray, tuple]:
     values = labels.iloc[labelled]
     try:
         codes, uniques = pd.factorize(values, sort=True)
@@ -199,7 +200,9 @@ def _encode(labels: pd.Series, labelled: np.ndarray, name: str) -> tuple[np.ndar
         codes, uniques = pd.factorize(values.astype(str), sort=True)
     classes = tuple(u.item() if hasattr(u, "item") else u for u in uniques)
     if len(classes) < 2:
-        raise ValueError(f"task {name!r} has a single class {classes[:1]} in {len(labelled)} labelled rows; a probe "
+        named = class_name(names, classes[0]) if classes else None
+        only = "none" if not classes else repr(classes[0]) if named is None else f"{named!r} ({int(classes[0])})"
+        raise ValueError(f"task {name!r} has a single class {only} in {len(labelled)} labelled rows; a probe "
                          "needs at least two classes: fix the label column or drop the task from probes.tasks")
     targets = np.full(len(labels), -1, dtype=np.int64)
     targets[labelled] = codes

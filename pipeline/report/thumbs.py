@@ -16,6 +16,8 @@ from typing import Any
 
 from .. import storage
 from ..images import decode_rgb
+from ..sources.base import fingerprint_bytes
+from ..stores.copy import CONTENT_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +28,12 @@ CONTAINER_BUDGET = 256 * 2 ** 20  # bytes of containers (Parquet files, tars) re
 
 def thumbnails(ids: Sequence[str], uris: Sequence[str], *, limit: int, size: int = THUMB_PX,
                storage_options: Mapping[str, Any] | None = None, source=None,
-               budget: int = CONTAINER_BUDGET) -> dict[str, str]:
+               budget: int = CONTAINER_BUDGET, fingerprints: Mapping[str, str] | None = None) -> dict[str, str]:
     """image_id -> data:image/jpeg;base64 URI for at most `limit` images that can be read and decoded;
-    ``source`` (the store's source) reads those inside containers."""
+    ``source`` (the store's source) reads those inside containers. With ``fingerprints`` (image_id -> the
+    stored fingerprint), an image whose bytes or file changed since it was encoded gets no thumbnail: the
+    picture would not be the one whose features the map shows."""
+    fingerprints = fingerprints or {}
     out: dict[str, str] = {}
     failed, seen, inside = 0, set(), []
     for image_id, uri in zip(ids, uris):
@@ -40,33 +45,43 @@ def thumbnails(ids: Sequence[str], uris: Sequence[str], *, limit: int, size: int
         if "#" in uri and source is not None:
             inside.append((image_id, uri))
             continue
-        thumb = _from_file(uri, size, storage_options)
+        thumb = _from_file(uri, size, storage_options, fingerprints.get(image_id))
         if thumb is None:
             failed += 1
         else:
             out[image_id] = thumb
     if inside and len(out) < limit:
-        got, lost = _from_containers(inside, source, limit - len(out), size, budget)
+        got, lost = _from_containers(inside, source, limit - len(out), size, budget, fingerprints)
         out.update(got)
         failed += lost
     if failed:
-        log.info("report: %d images could not be read for thumbnails; their map points show no picture", failed)
+        log.info("report: %d images could not be read for thumbnails, or changed since they were encoded; their "
+                 "map points show no picture", failed)
     return out
 
 
-def _from_file(uri: str, size: int, storage_options) -> str | None:
+def _from_file(uri: str, size: int, storage_options, fingerprint: str | None) -> str | None:
     try:
         fs, path = storage.resolve(uri, storage_options)
-        if (fs.size(path) or 0) > MAX_BYTES:
+        info = fs.info(path)
+        if (info.get("size") or 0) > MAX_BYTES:
             return None
-        return _thumb(fs.cat_file(path), size)
+        if fingerprint and not fingerprint.startswith(CONTENT_PREFIX) and \
+                storage.fingerprint_from_info(info) not in (None, fingerprint):
+            return None
+        data = fs.cat_file(path)
+        return None if not _same_content(data, fingerprint) else _thumb(data, size)
     except Exception as e:  # noqa: BLE001 - a thumbnail is optional: any unreadable image is skipped
         log.debug("no thumbnail for %s: %s", storage.redact_uri(uri), e)
         return None
 
 
-def _from_containers(wanted: list[tuple[str, str]], source, limit: int, size: int,
-                     budget: int) -> tuple[dict[str, str], int]:
+def _same_content(data: bytes, fingerprint: str | None) -> bool:
+    return not (fingerprint and fingerprint.startswith(CONTENT_PREFIX)) or fingerprint_bytes(data) == fingerprint
+
+
+def _from_containers(wanted: list[tuple[str, str]], source, limit: int, size: int, budget: int,
+                     fingerprints: Mapping[str, str]) -> tuple[dict[str, str], int]:
     """Thumbnails of images inside containers, the fullest containers first, within ``budget`` bytes."""
     from ..sources import ImageRecord
 
@@ -91,7 +106,9 @@ def _from_containers(wanted: list[tuple[str, str]], source, limit: int, size: in
             failed += len(members)
             continue
         for (image_id, _), data in zip(members, raw):
-            thumb = None if isinstance(data, Exception) or data is None else _thumb_or_none(data, size)
+            readable = not isinstance(data, Exception) and data is not None
+            thumb = _thumb_or_none(data, size) if readable and _same_content(data, fingerprints.get(image_id)) \
+                else None
             if thumb is None:
                 failed += 1
             else:

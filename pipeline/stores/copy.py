@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -44,18 +45,37 @@ def stored_features(writer: FeatureStoreWriter, seg: Segment, rows: np.ndarray) 
     return out
 
 
-def copy_sources(live: LiveIndex, records: Sequence[Mapping]) -> dict[str, tuple[int, int]]:
-    """image_id -> (block, row) of a stored, encoded row with the same content, for the records that have one."""
+class Source(NamedTuple):
+    """Where a stored vector is copied from, and under which id it is stored there."""
+
+    block: int
+    row: int
+    image_id: str
+
+
+def copy_sources(live: LiveIndex, records: Sequence[Mapping]) -> dict[str, Source]:
+    """image_id -> the stored, encoded row with the same content, for the records that have one (the row of
+    the same id where there is one: an image that only moved)."""
     wanted = {r["fingerprint"] for r in records if str(r.get("fingerprint") or "").startswith(CONTENT_PREFIX)}
     if not wanted or not len(live):
         return {}
     table = live.table
     table = table.filter(pc.and_(pc.equal(table.column("status"), "ok"),
                                  pc.is_in(table.column("fingerprint"), pa.array(sorted(wanted), pa.string()))))
-    found: dict[str, tuple[int, int]] = {}
-    for fp, block, row in zip(*(table.column(c).to_pylist() for c in ("fingerprint", "shard", "row"))):
-        found.setdefault(fp, (int(block), int(row)))
-    return {r["image_id"]: found[r["fingerprint"]] for r in records if r.get("fingerprint") in found}
+    found: dict[str, Source] = {}
+    by_id: dict[tuple[str, str], Source] = {}
+    for fp, block, row, image_id in zip(*(table.column(c).to_pylist()
+                                          for c in ("fingerprint", "shard", "row", "image_id"))):
+        src = Source(int(block), int(row), image_id)
+        found.setdefault(fp, src)
+        by_id[(fp, image_id)] = src
+    return {r["image_id"]: by_id.get((r["fingerprint"], r["image_id"]), found[r["fingerprint"]])
+            for r in records if r.get("fingerprint") in found}
+
+
+def moved(sources: Mapping[str, Source]) -> int:
+    """Images copied from a row of the same id: moved from another unit, neither added nor deleted."""
+    return sum(1 for image_id, src in sources.items() if src.image_id == image_id)
 
 
 def copied_shard(writer: FeatureStoreWriter, block: int, records: Sequence[dict], plan_hash: str, unit: str,

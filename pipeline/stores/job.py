@@ -161,10 +161,22 @@ def finish_job(writer: FeatureStoreWriter, plan: JobPlan, unit_plans: Sequence[U
 
 
 def counts(unit_plans: Sequence[UnitPlan], plan: JobPlan) -> dict[str, int]:
+    """Image counts of the job, by id: an image that moved to another unit under the same id (its old unit
+    deleted it, its new one copied it) is neither added nor deleted but unchanged, and not counted copied."""
     out = {"added": 0, "changed": 0, "deleted": 0, "relabelled": 0, "unchanged": plan.unchanged_images}
     for p in [*unit_plans, *plan.removed]:
         for k, v in p.counts.items():
             out[k] = out.get(k, 0) + v
+    return net_moved(out)
+
+
+def net_moved(out: dict[str, int]) -> dict[str, int]:
+    moved = out.get("moved", 0)
+    if moved:
+        out["added"] -= moved
+        out["deleted"] -= moved
+        out["unchanged"] += moved
+        out["copied"] = max(0, out.get("copied", 0) - moved)
     return out
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from .alloc import allocate
-from .copy import copy_sources
+from .copy import copy_sources, moved
 from .diff import chunk_records, diff_listing
 from .label_types import label_array
 from .live import LiveIndex, read_tables, segment_index
@@ -162,10 +162,10 @@ def plan_unit(writer: FeatureStoreWriter, unit: UnitSpec, records: Sequence[dict
     revised = {b: relabel_segment(writer, by_block[b], e).index for b, e in edits.items()}
     rows = writer.target.shard_rows
     # copied images in the order of the rows they come from: a block of them reads few stored blocks
-    moved = sorted((r for r in diff.encode if r["image_id"] in sources), key=lambda r: sources[r["image_id"]])
+    copies = sorted((r for r in diff.encode if r["image_id"] in sources), key=lambda r: sources[r["image_id"]])
     chunks = (chunk_records([r for r in diff.encode if r["image_id"] not in sources], rows)
-              + [(chunk, shard_plan_hash(chunk)) for chunk in (tuple(moved[i:i + rows])
-                                                              for i in range(0, len(moved), rows))])
+              + [(chunk, shard_plan_hash(chunk)) for chunk in (tuple(copies[i:i + rows])
+                                                              for i in range(0, len(copies), rows))])
     ids = list(blocks)[: len(chunks)]
     if len(chunks) > len(ids):  # the unit outgrew its reservation (a tar with more images than its size let guess)
         extra = allocate(writer.fs, writer.base, [digest for _, digest in chunks[len(ids):]],
@@ -173,12 +173,13 @@ def plan_unit(writer: FeatureStoreWriter, unit: UnitSpec, records: Sequence[dict
         writer.grow(extra.blocks.stop * rows)
         ids += list(extra.blocks)
     tasks = [BlockTask(b, b * rows, recs, digest, unit.unit_id,
-                       tuple(sources[r["image_id"]] for r in recs) if recs[0]["image_id"] in sources else ())
+                       tuple(sources[r["image_id"]][:2] for r in recs) if recs[0]["image_id"] in sources else ())
              for b, (recs, digest) in zip(ids, chunks)]
     counts = {"added": diff.added, "changed": diff.changed, "deleted": len(diff.deletes),
               "relabelled": len(diff.relabels), "unchanged": diff.unchanged}
     if sources:
         counts["copied"] = len(sources)
+        counts["moved"] = moved(sources)  # job.counts nets them out of added and deleted
     return UnitPlan(unit, list(old), tasks, dict(deleted), revised, counts)
 
 
