@@ -81,15 +81,18 @@ def job(t: StoreTarget, recs: Sequence[dict], *, operation: str = "extract", bad
 
 def write_store(root: str, features: Mapping[str, np.ndarray], labels: Mapping[str, list], *, featureset: str = "fs",
                 shard_rows: int = 64, ids: Sequence[str] | None = None, dtype: str = "float32",
-                provenance: Mapping | None = None, uris: Sequence[str] | None = None):
-    """A real committed feature store holding exactly these arrays, row i for image ``ids[i]``."""
+                provenance: Mapping | None = None, uris: Sequence[str] | None = None,
+                fingerprints: Sequence[str] | None = None):
+    """A real committed feature store holding exactly these arrays, row i for image ``ids[i]`` (whose
+    fingerprint is ``fingerprints[i]``, or a stand-in that no bytes hash to)."""
     from pipeline.stores import FeatureStore
 
     n = len(next(iter(features.values())))
     ids = list(ids or [f"img-{i:05d}" for i in range(n)])
     position = {image_id: i for i, image_id in enumerate(ids)}
     uris = list(uris or [f"file:///d/{i}.png" for i in ids])
-    recs = [{"image_id": ids[i], "uri": uris[i], "fingerprint": f"sha256:{ids[i]}",
+    fingerprints = list(fingerprints or [f"sha256:{i}" for i in ids])
+    recs = [{"image_id": ids[i], "uri": uris[i], "fingerprint": fingerprints[i],
              "split": None, "labels": {k: v[i] for k, v in labels.items()}} for i in range(n)]
     t = StoreTarget(root=root, featureset=featureset, shard_rows=shard_rows, chunk_rows=shard_rows // 4, dtype=dtype)
     writer = FeatureStoreWriter(t)

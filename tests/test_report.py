@@ -16,6 +16,7 @@ from pipeline.probes.config import ProbeConfig
 from pipeline.probes.job import run_probes
 from pipeline.report import build_report
 from pipeline.report.sections import best_layers, chosen_heads
+from pipeline.sources.base import fingerprint_bytes
 from storekit import write_store
 
 N, SHARD = 240, 80
@@ -32,11 +33,14 @@ def _store(tmp_path, name="fs", seed=0, *, labels=None, images=None, probe=True)
     colour = rng.integers(0, 2, N)
     names = labels or ["s0", "s1", "s2"]
     uris = [f"file:///x/{i}.png" for i in range(N)]
+    prints = None
     if images is not None:
         images.mkdir(parents=True, exist_ok=True)
+        prints = []
         for i in range(N):
             Image.fromarray(np.full((24, 24, 3), (37 * shape[i]) % 255, np.uint8)).save(images / f"{i}.png")
             uris[i] = (images / f"{i}.png").as_uri()
+            prints.append(fingerprint_bytes((images / f"{i}.png").read_bytes()))  # what a source would record
     records = [{"image_id": f"img-{i:03d}", "uri": uris[i], "fingerprint": str(i), "split": None,
                 "labels": {"shape": names[shape[i]], "colour": f"c{colour[i]}"}} for i in range(N)]
     layers = {"early": 16, "late": 32, "classifier": 10}
@@ -49,7 +53,8 @@ def _store(tmp_path, name="fs", seed=0, *, labels=None, images=None, probe=True)
     store = write_store(str(tmp_path), feats, {"shape": [r["labels"]["shape"] for r in records],
                                                "colour": [r["labels"]["colour"] for r in records]},
                         featureset=name, shard_rows=SHARD, ids=[r["image_id"] for r in records], dtype="float16",
-                        provenance={"encoder": f"toy{seed}", "layers": list(layers)}, uris=uris)
+                        provenance={"encoder": f"toy{seed}", "layers": list(layers)}, uris=uris,
+                        fingerprints=prints)
     if probe:
         run_probes(store.uri, ProbeConfig.from_dict({"tasks": ["shape", "colour"], "heads": [{"kind": "linear"}]}),
                    use_ray=False)

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 THUMB_PX = 64
 MAX_BYTES = 20 * 2 ** 20  # images larger than this are not read for a thumbnail
+_FILE_PREFIXES = ("size:", "etag:")  # what storage.fingerprint_from_info makes of a file's listing
 CONTAINER_BUDGET = 256 * 2 ** 20  # bytes of containers (Parquet files, tars) read for one store's thumbnails
 
 
@@ -66,7 +67,7 @@ def _from_file(uri: str, size: int, storage_options, fingerprint: str | None) ->
         info = fs.info(path)
         if (info.get("size") or 0) > MAX_BYTES:
             return None
-        if fingerprint and not fingerprint.startswith(CONTENT_PREFIX) and \
+        if fingerprint and fingerprint.startswith(_FILE_PREFIXES) and \
                 storage.fingerprint_from_info(info) not in (None, fingerprint):
             return None
         data = fs.cat_file(path)
