@@ -27,8 +27,8 @@ from .pooling import LayerKind
 from .taps import per_image
 
 CHANNELS_FIRST = {4: "NCHW", 3: "NCL"}
-_PATCH_EMBED = re.compile(r"(.+\.)?patch_embed(\.?\d+)?")
 CHANNELS_LAST = {4: "NHWC", 3: "NLC"}
+_PATCH_EMBED = re.compile(r"(.+\.)?patch_embed(\.?\d+)?")
 
 
 class LayoutError(ValueError):

@@ -47,12 +47,12 @@ class RefreshSummary:
         if not self.images_changed:
             return (f"refreshed {uri} to version {self.version}: no image changed, the source's listing or class "
                     f"names did; {self.unchanged} images kept ({self.seconds:.1f} s)")
-        moved = (f" ({self.copied} of them stored already under other rows: vectors copied, not encoded)"
-                 if self.copied else "")
-        files = f" ({self.moved} of them moved to other files)" if self.moved else ""
-        return (f"refreshed {uri} to version {self.version}: {self.added} added, {self.changed} changed{moved}, "
+        copied = (f" ({self.copied} of them stored already under other rows: vectors copied, not encoded)"
+                  if self.copied else "")
+        moved = f" ({self.moved} of them moved to other files)" if self.moved else ""
+        return (f"refreshed {uri} to version {self.version}: {self.added} added, {self.changed} changed{copied}, "
                 f"{self.deleted} deleted, {self.relabeled} relabelled, {self.unchanged} unchanged kept without "
-                f"re-encoding{files} ({self.seconds:.1f} s)")
+                f"re-encoding{moved} ({self.seconds:.1f} s)")
 
 
 def run_refresh(cfg: ExtractConfig) -> RefreshSummary:

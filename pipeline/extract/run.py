@@ -46,9 +46,9 @@ class ExtractSummary:
                     f"{self.unchanged} images unchanged ({self.seconds:.1f} s)")
         rate = self.encoded / self.seconds if self.seconds else 0.0
         gone = f", {self.deleted} images gone from the source dropped" if self.deleted else ""
-        moved = f", {self.copied} moved images' vectors copied, not encoded" if self.copied else ""
+        copied = f", {self.copied} moved images' vectors copied, not encoded" if self.copied else ""
         return (f"store {storage.redact_uri(self.store_uri)} version {self.version}: {self.images} images, "
-                f"{self.errors} errors, {self.encoded} encoded at {rate:.1f} images/s{moved}, "
+                f"{self.errors} errors, {self.encoded} encoded at {rate:.1f} images/s{copied}, "
                 f"{self.skipped_shards} shards already written, {self.bytes_written / 1e6:.1f} MB written{gone}")
 
 

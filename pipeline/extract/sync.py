@@ -118,9 +118,7 @@ class DryRun:
     @property
     def to_encode(self) -> int | None:
         """Images to encode, where the diff is known: new and changed ones not stored already elsewhere."""
-        if self.diff is None:
-            return None
-        return self.diff["added"] + self.diff["changed"] - self.diff.get("copied", 0)
+        return None if self.diff is None else _to_encode(self.diff)
 
     def __str__(self) -> str:
         total = sum(self.layer_bytes.values())
@@ -159,20 +157,24 @@ def dry_run(cfg: ExtractConfig) -> DryRun:
     copies = len(cfg.store.formats)
     new = sum(1 for w in plan.work if not w.old)
     per_image = {layer: dim * itemsize * copies for layer, dim in encoder.layer_dims.items()}
-    encode = images if diff is None else diff["added"] + diff["changed"] - diff["copied"]
+    encode = images if diff is None else _to_encode(diff)
     return DryRun(target.uri, plan.listed, len(plan.work), new, len(plan.removed), plan.unchanged, images,
                   sum(1 for w in plan.work if w.unit.n_images is None), plan.reserved, target.shard_rows,
                   {layer: encode * n for layer, n in per_image.items()}, sum(per_image.values()), diff)
+
+
+def _to_encode(diff: dict) -> int:
+    return diff["added"] + diff["changed"] - diff.get("copied", 0)
 
 
 def _image_diff(cfg: ExtractConfig, writer: FeatureStoreWriter, plan) -> dict | None:
     """Image counts (added, changed, deleted, relabelled, unchanged) where listing the units to work on is as
     cheap as the real run's driver plan; None where only the units' tasks would know."""
     from ..sources.base import record_to_json
-    from ..stores.copy import copy_sources, moved
-    from ..stores.job import net_moved
+    from ..stores.copy import moved
     from ..stores.diff import diff_listing
-    from ..stores.units import unit_live_index
+    from ..stores.job import net_moved
+    from ..stores.units import find_copies, unit_live_index
     from .run import DRIVER_PLANNED_UNITS, DRIVER_STAT_IMAGES
 
     work = plan.work
@@ -185,19 +187,17 @@ def _image_diff(cfg: ExtractConfig, writer: FeatureStoreWriter, plan) -> dict | 
         out["deleted"] += p.counts.get("deleted", 0)
     for w in work:
         listed = [record_to_json(r) for r in source.expand(w.unit)]
-        found, rest = {}, listed
+        live, encode = None, listed
         if w.old:
             live = unit_live_index(writer, w.old)
             d = diff_listing(listed, live)
             for key, n in (("added", d.added), ("changed", d.changed), ("deleted", len(d.deletes)),
                            ("relabelled", len(d.relabels)), ("unchanged", d.unchanged)):
                 out[key] += n
-            found = copy_sources(live, d.encode)  # as the unit's task will: its old blocks, then its donors'
-            rest = [r for r in d.encode if r["image_id"] not in found]
+            encode = d.encode
         else:
             out["added"] += len(listed)
-        if w.donors and rest:
-            found |= copy_sources(unit_live_index(writer, w.donors), rest)
+        found = find_copies(writer, live, encode, w.donors, unit=w.unit.unit_id)  # as the unit's task will
         out["copied"] += len(found)
         out["moved"] = out.get("moved", 0) + moved(found)
     return net_moved(out)

@@ -335,10 +335,10 @@ def _thumbs(stores, secs: dict[str, Section], limit: int, storage_options) -> di
         fresh = [(i, u) for i, u in zip(ids, uris) if i not in out]
         if fresh:
             source = store_source(store) if any("#" in str(u) for _, u in fresh) else None
-            index = store.index()
+            index = store.index_table()
+            prints = dict(zip(index.column("image_id").to_pylist(), index.column("fingerprint").to_pylist()))
             out.update(thumbnails([i for i, _ in fresh], [u for _, u in fresh], limit=limit - len(out),
-                                  storage_options=storage_options, source=source,
-                                  fingerprints=dict(zip(index["image_id"], index["fingerprint"]))))
+                                  storage_options=storage_options, source=source, fingerprints=prints))
     return out
 
 

@@ -1,8 +1,9 @@
 """A source listing against a version's live index: what to encode, delete and relabel."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .live import LiveIndex, state_of
 from .writer import shard_plan_hash
@@ -50,8 +51,9 @@ def diff_listing(records: Sequence[dict], live: LiveIndex) -> ListingDiff:
     return ListingDiff(encode, added, len(encode) - added, set(states) - seen, relabels, unchanged)
 
 
-def chunk_records(records: Sequence[dict], shard_rows: int) -> list[tuple[tuple[dict, ...], str]]:
-    """(records, content hash) per block-sized chunk, in image-id order."""
-    ordered = sorted(records, key=lambda r: r["image_id"])
+def chunk_records(records: Sequence[dict], shard_rows: int, *,
+                  key: Callable[[dict], Any] = lambda r: r["image_id"]) -> list[tuple[tuple[dict, ...], str]]:
+    """(records, content hash) per block-sized chunk, in ``key`` order (image id by default)."""
+    ordered = sorted(records, key=key)
     chunks = [tuple(ordered[i:i + shard_rows]) for i in range(0, len(ordered), shard_rows)]
     return [(chunk, shard_plan_hash(chunk)) for chunk in chunks]

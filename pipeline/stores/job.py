@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 
 #: Images a unit of unknown count is assumed to hold per byte of its size, for its block reservation.
 BYTES_PER_IMAGE_GUESS = 8192
-_DIGITS = re.compile(r"\d+")
-_DIGITS_SPLIT = re.compile(r"(\d+)")
+_DIGITS = re.compile(r"(\d+)")
 
 
 @dataclass(frozen=True)
@@ -145,7 +144,7 @@ def _blocks_needed(unit: Any, shard_rows: int) -> int:
 
 def _natural(uid: str) -> list:
     """Sort key reading numbers as numbers (row group 10 after row group 9): text and numbers alternate."""
-    return [int(part) if k % 2 else part for k, part in enumerate(_DIGITS_SPLIT.split(uid))]
+    return [int(part) if k % 2 else part for k, part in enumerate(_DIGITS.split(uid))]
 
 
 def finish_job(writer: FeatureStoreWriter, plan: JobPlan, unit_plans: Sequence[UnitPlan],

@@ -16,12 +16,12 @@ import numpy as np
 import pyarrow as pa
 
 from .alloc import allocate
-from .copy import copy_sources, moved
+from .copy import Source, copy_sources, moved
 from .diff import chunk_records, diff_listing
 from .label_types import label_array
 from .live import LiveIndex, read_tables, segment_index
 from .manifest import Segment
-from .writer import FeatureStoreWriter, shard_plan_hash
+from .writer import FeatureStoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -140,16 +140,7 @@ def plan_unit(writer: FeatureStoreWriter, unit: UnitSpec, records: Sequence[dict
     """
     live = unit_live_index(writer, old)
     diff = diff_listing(records, live)
-    sources: dict[str, tuple[int, int]] = {}
-    if copy:
-        sources = copy_sources(live, diff.encode)
-        rest = [r for r in diff.encode if r["image_id"] not in sources]
-        if donors and rest:
-            try:
-                sources |= copy_sources(unit_live_index(writer, donors), rest)
-            except Exception as e:  # noqa: BLE001 - an optimisation: encoding them is always right
-                log.warning("unit %s: the blocks its images may have moved from cannot be read (%s); encoding "
-                            "its new images", unit.unit_id, e)
+    sources = find_copies(writer, live, diff.encode, donors, unit=unit.unit_id) if copy else {}
     states = live.states({*diff.deletes, *(r["image_id"] for r in diff.encode), *diff.relabels})
     deleted: dict[int, list[int]] = defaultdict(list)
     for image_id in [*diff.deletes, *(r["image_id"] for r in diff.encode)]:
@@ -162,10 +153,9 @@ def plan_unit(writer: FeatureStoreWriter, unit: UnitSpec, records: Sequence[dict
     revised = {b: relabel_segment(writer, by_block[b], e).index for b, e in edits.items()}
     rows = writer.target.shard_rows
     # copied images in the order of the rows they come from: a block of them reads few stored blocks
-    copies = sorted((r for r in diff.encode if r["image_id"] in sources), key=lambda r: sources[r["image_id"]])
     chunks = (chunk_records([r for r in diff.encode if r["image_id"] not in sources], rows)
-              + [(chunk, shard_plan_hash(chunk)) for chunk in (tuple(copies[i:i + rows])
-                                                              for i in range(0, len(copies), rows))])
+              + chunk_records([r for r in diff.encode if r["image_id"] in sources], rows,
+                              key=lambda r: sources[r["image_id"]]))
     ids = list(blocks)[: len(chunks)]
     if len(chunks) > len(ids):  # the unit outgrew its reservation (a tar with more images than its size let guess)
         extra = allocate(writer.fs, writer.base, [digest for _, digest in chunks[len(ids):]],
@@ -181,6 +171,21 @@ def plan_unit(writer: FeatureStoreWriter, unit: UnitSpec, records: Sequence[dict
         counts["copied"] = len(sources)
         counts["moved"] = moved(sources)  # job.counts nets them out of added and deleted
     return UnitPlan(unit, list(old), tasks, dict(deleted), revised, counts)
+
+
+def find_copies(writer: FeatureStoreWriter, live: LiveIndex | None, records: Sequence[dict],
+                donors: Sequence[Segment], *, unit: str = "") -> dict[str, Source]:
+    """Where ``records`` (a unit's new and changed images) are stored already: among the unit's own old rows
+    (``live``), then the ``donors``'. A donor index that cannot be read gives none: encoding is always right."""
+    found = copy_sources(live, records) if live is not None else {}
+    rest = [r for r in records if r["image_id"] not in found]
+    if donors and rest:
+        try:
+            found |= copy_sources(unit_live_index(writer, donors), rest)
+        except Exception as e:  # noqa: BLE001 - an optimisation
+            log.warning("unit %s: the blocks its images may have moved from cannot be read (%s); encoding its new "
+                        "images", unit, e)
+    return found
 
 
 def relabel_segment(writer: FeatureStoreWriter, segment: Segment, edits: Mapping[int, tuple]) -> Segment:
