@@ -103,6 +103,8 @@ def test_a_resharded_and_appended_dataset_encodes_only_its_new_images(tmp_path: 
     fresh_x = _by_content(fresh, "layer2")
     for fp, vector in _by_content(after, "layer2").items():  # what encoding them again would have stored
         np.testing.assert_allclose(vector, fresh_x[fp], rtol=2e-2, atol=2e-2)
+    if layout == "parquet":
+        assert "nothing changed: no version would be committed" in str(dry_run(cfg))
     assert run_refresh(cfg).nothing_changed
 
 
@@ -156,3 +158,32 @@ def test_only_content_fingerprints_of_encoded_rows_are_matched():
               {"image_id": "n3", "fingerprint": "etag:x"}, {"image_id": "n4", "fingerprint": "sha256:22"},
               {"image_id": "n5", "fingerprint": "sha256:33"}]
     assert copy_sources(live, listed) == {"n1": (0, 0, "a")}  # a file's size+mtime or ETag, or a failed row: never
+
+
+def test_a_copy_that_fails_is_encoded_and_counted_as_such(tmp_path: Path, caplog):
+    """A copy block whose stored vectors cannot be read (here: a lost Zarr shard, read back as NaN) is encoded
+    instead. Its images that only moved still count as moved; the other copy block's images stay copies."""
+    ds = tmp_path / "ds"
+    _save(_dataset(list(range(16)), paths=True), ds, 2, "parquet")
+    cfg = load_config(ExtractConfig, None, ["source.kind=hf", f"source.uri={ds}", f"store.root={tmp_path}/s",
+                                            *TINY, "run.local_max_images=1000"])
+    store = FeatureStore(run_extract(cfg).store_uri)
+    index = store.index()
+    lost = int(index.loc[index["image_id"] == "img0.jpg", "shard"].iloc[0])
+    assert set(index.loc[index["shard"] == lost, "image_id"]) == {f"img{s}.jpg" for s in range(8)}
+    # one file now: img0-7 keep their paths (moved), img8-15 come back under new paths (the same bytes: copies)
+    data = datasets.Dataset.from_dict(
+        {"image": [{"bytes": _jpeg(s), "path": f"img{s}.jpg" if s < 8 else f"new{s}.jpg"} for s in range(16)],
+         "kind": [s % 3 for s in range(16)]}, features=_dataset([]).features)
+    _save(data, ds, 1, "parquet")
+    for chunk in (Path(store.uri) / "features.zarr").glob(f"*/c/{lost}/*"):
+        chunk.unlink()  # the moved images' vectors are gone; the renamed ones' (another block) are not
+    with caplog.at_level(logging.WARNING, logger="pipeline.extract.unit_stage"):
+        summary = run_refresh(cfg)
+    assert "vectors of 8 moved images could not be copied" in caplog.text
+    assert (summary.added, summary.deleted, summary.unchanged) == (8, 8, 8)
+    assert (summary.moved, summary.copied, summary.extract.encoded) == (8, 8, 8)
+    after = FeatureStore(store.uri)
+    assert np.isfinite(after.layer("layer2")).all()
+    assert sorted(after.index()["image_id"]) == sorted([*(f"img{s}.jpg" for s in range(8)),
+                                                         *(f"new{s}.jpg" for s in range(8, 16))])

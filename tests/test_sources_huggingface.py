@@ -17,6 +17,7 @@ from PIL import Image as PILImage
 from pipeline.config import ExtractConfig, load_config
 from pipeline.extract import run_extract
 from pipeline.extract.refresh import run_refresh
+from pipeline.extract.sync import dry_run
 from pipeline.sources import HuggingFaceSource, ImageRecord, ParquetBytesSource, make_source
 from pipeline.sources.arrow_files import read_arrow, take_arrow_rows
 from pipeline.stores import FeatureStore, layout
@@ -190,6 +191,9 @@ def test_class_label_names_are_kept_per_version_next_to_the_integers(tmp_path: P
     fs = fsspec.filesystem("file")
     fs.rm(str(tmp_path / "ds"), recursive=True)
     fs.mv(str(tmp_path / "ds2"), str(tmp_path / "ds"), recursive=True)
+    planned = dry_run(cfg)  # the dry run says what the refresh will publish
+    assert planned.renamed == ("label",) and not planned.nothing_changed
+    assert "renamed by the source in label" in str(planned)
     summary = run_refresh(cfg)
     assert summary.version == 2 and summary.added == summary.changed == summary.relabeled == 0
     assert "to version 2: no image changed, the source's listing or class names did" in str(summary)
@@ -199,6 +203,7 @@ def test_class_label_names_are_kept_per_version_next_to_the_integers(tmp_path: P
     assert new.index().label.dtype.kind == "i"  # still the integers
     assert new.to_xarray("layer1").label.attrs["class_names"] == new.class_names["label"]
     assert run_refresh(cfg).version == 2  # nothing changed: no version
+    assert not dry_run(cfg).renamed
     (figure,) = map_figures(new, ["label"], {"label": "layer2"}, sample=20)
     shown = dict(zip(figure.data["ids"], figure.data["labels"]))
     assert shown["data-00000-of-00002/1"] == "Ünï β (1)" and shown["data-00000-of-00002/0"] == "chat noir (0)"

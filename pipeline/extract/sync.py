@@ -114,6 +114,13 @@ class DryRun:
     layer_bytes: dict  # layer -> estimated bytes of its features (Zarr and Parquet) for the known images
     bytes_per_image: int  # of every layer: what each image of the units of unknown size adds
     diff: dict | None = None  # image counts, where the units to work on were cheap to list here
+    renamed: tuple[str, ...] = ()  # label columns whose class names the source changed: a version of its own
+
+    @property
+    def nothing_changed(self) -> bool:
+        """No unit to work on or gone and no class renamed: the job would commit no version. (Units to work on
+        may still hold no change: those of unknown content are checked image by image every time.)"""
+        return not (self.work or self.removed or self.renamed)
 
     @property
     def to_encode(self) -> int | None:
@@ -138,6 +145,11 @@ class DryRun:
                      f" for the known images, plus {_human(self.bytes_per_image)} per image of the "
                      f"{self.unknown_units} units of unknown size:" if self.unknown_units else ":")]
         lines += [f"    {layer:<32} {_human(n)}" for layer, n in self.layer_bytes.items()]
+        if self.renamed:
+            lines.append(f"  classes    renamed by the source in {', '.join(self.renamed)}: a new version records "
+                         f"the new names (the stored integers stay)")
+        if self.nothing_changed:
+            lines.append("  nothing changed: no version would be committed")
         return "\n".join(lines)
 
 
@@ -158,9 +170,20 @@ def dry_run(cfg: ExtractConfig) -> DryRun:
     new = sum(1 for w in plan.work if not w.old)
     per_image = {layer: dim * itemsize * copies for layer, dim in encoder.layer_dims.items()}
     encode = images if diff is None else _to_encode(diff)
+    renamed = _renamed(cfg, units, writer, plan)
     return DryRun(target.uri, plan.listed, len(plan.work), new, len(plan.removed), plan.unchanged, images,
                   sum(1 for w in plan.work if w.unit.n_images is None), plan.reserved, target.shard_rows,
-                  {layer: encode * n for layer, n in per_image.items()}, sum(per_image.values()), diff)
+                  {layer: encode * n for layer, n in per_image.items()}, sum(per_image.values()), diff,
+                  renamed)
+
+
+def _renamed(cfg: ExtractConfig, units, writer: FeatureStoreWriter, plan) -> tuple[str, ...]:
+    """The label columns whose class names differ from the latest version's, as the job would find them."""
+    if plan.parent is None:
+        return ()
+    classes = stored_class_names(build_source(cfg.source).label_schema(units), writer.label_schema)
+    before = plan.parent.class_names
+    return tuple(sorted(k for k in set(classes) | set(before) if classes.get(k) != before.get(k)))
 
 
 def _to_encode(diff: dict) -> int:

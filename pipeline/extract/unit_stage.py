@@ -17,7 +17,7 @@ import numpy as np
 from ..sources.base import record_to_json
 from ..sources.units import CHECK_IDS, WorkUnit, id_hashes
 from ..stores import FeatureStoreWriter, Segment, StoreTarget
-from ..stores.copy import copied_shard
+from ..stores.copy import copied_shard, moved
 from ..stores.layout import stable_hash
 from ..stores.units import UnitSpec, plan_unit
 from .stages import decode_records
@@ -61,7 +61,7 @@ def plan_item(item: dict, *, source, target: StoreTarget):
     segments = {s.block: s for s in [*old, *donors]}
     for t in plan.blocks:
         if t.copies and t.block in done and not done[t.block].get("copied"):  # an earlier run encoded them
-            plan.counts["copied"] -= len(t.records)
+            _encoded_instead(plan, t)
         elif t.copies and t.block not in done:
             try:
                 done[t.block] = writer.write_shard(copied_shard(writer, t.block, t.records, t.content, t.unit,
@@ -69,8 +69,14 @@ def plan_item(item: dict, *, source, target: StoreTarget):
             except Exception as e:  # noqa: BLE001 - the images are still there: encode them instead
                 log.warning("block %d: vectors of %d moved images could not be copied (%s); encoding them",
                             t.block, len(t.records), e)
-                plan.counts["copied"] -= len(t.records)
+                _encoded_instead(plan, t)
     return plan, {r.image_id: r for r in listed}, done
+
+
+def _encoded_instead(plan, task) -> None:
+    """Counts of a copy block encoded after all: its images are no longer copies, but those that only moved
+    (same id) still moved, and the job nets them out of "copied" (``job.net_moved``): only the others leave it."""
+    plan.counts["copied"] -= len(task.records) - moved({r["image_id"]: c for r, c in zip(task.records, task.copies)})
 
 
 def block_rows(plan, by_id: dict, done: dict, *, source, preprocessing, max_pixels: int, threads: int = 8,

@@ -79,15 +79,15 @@ def moved(sources: Mapping[str, Source]) -> int:
 
 
 def copied_shard(writer: FeatureStoreWriter, block: int, records: Sequence[dict], plan_hash: str, unit: str,
-                 sources: Sequence[tuple[int, int]], segments: Mapping[int, Segment]) -> EncodedShard:
-    """Block ``block`` of ``records``, each with the stored vectors of its source (block, row)."""
+                 sources: Sequence[Source], segments: Mapping[int, Segment]) -> EncodedShard:
+    """Block ``block`` of ``records``, each with the stored vectors of its source."""
     by_block: dict[int, list[int]] = defaultdict(list)
-    for k, (src_block, _) in enumerate(sources):
-        by_block[src_block].append(k)
+    for k, src in enumerate(sources):
+        by_block[src.block].append(k)
     dims = writer.meta["layer_dims"]
     feats = {layer: np.zeros((len(records), dim), np.float32) for layer, dim in dims.items()}
     for src_block, ks in by_block.items():
-        got = stored_features(writer, segments[src_block], np.array([sources[k][1] for k in ks], np.int64))
+        got = stored_features(writer, segments[src_block], np.array([sources[k].row for k in ks], np.int64))
         for layer in dims:
             feats[layer][ks] = got[layer]
     for layer, x in feats.items():

@@ -42,14 +42,14 @@ class UnitSpec:
 @dataclass(frozen=True)
 class BlockTask:
     """A block to write: its number, its first row, its records (in row order), their content hash, its unit;
-    ``copies``: for a block of images already stored under other rows, each record's (block, row) there."""
+    ``copies``: for a block of images already stored under other rows, each record's source there."""
 
     block: int
     row_start: int
     records: tuple[dict, ...]
     content: str
     unit: str = ""
-    copies: tuple[tuple[int, int], ...] = ()
+    copies: tuple[Source, ...] = ()
 
 
 @dataclass
@@ -163,7 +163,7 @@ def plan_unit(writer: FeatureStoreWriter, unit: UnitSpec, records: Sequence[dict
         writer.grow(extra.blocks.stop * rows)
         ids += list(extra.blocks)
     tasks = [BlockTask(b, b * rows, recs, digest, unit.unit_id,
-                       tuple(sources[r["image_id"]][:2] for r in recs) if recs[0]["image_id"] in sources else ())
+                       tuple(sources[r["image_id"]] for r in recs) if recs[0]["image_id"] in sources else ())
              for b, (recs, digest) in zip(ids, chunks)]
     counts = {"added": diff.added, "changed": diff.changed, "deleted": len(diff.deletes),
               "relabelled": len(diff.relabels), "unchanged": diff.unchanged}
