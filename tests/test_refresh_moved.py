@@ -134,14 +134,19 @@ def test_donors_are_the_changed_units_at_the_same_relative_position():
     old = [f"train/data-{i:05d}-of-00004.arrow" for i in range(4)]
     new = [f"train/data-{i:05d}-of-00006.arrow" for i in range(6)]
     val = "validation/data-00000-of-00001.arrow"
-    donors = donor_units(new, [*new, val], [*old, val], set(old))
+    donors = donor_units(new, [*new, val], [*old, val], set(old), cap=3)  # more changed than cap: by position
     assert donors[new[0]] == old[:2] and donors[new[-1]] == old[2:]
     assert all(len(d) <= 3 for d in donors.values()) and val not in {u for d in donors.values() for u in d}
-    unchanged = donor_units([old[1]], old, old, {old[1], old[2]})  # a unit gives nothing to itself
+    unchanged = donor_units([old[1]], old, old, {old[1], old[2]}, cap=1)  # a unit gives nothing to itself
     assert unchanged == {old[1]: [old[2]]}
-    groups = donor_units(["f.parquet#rg10"], [f"f.parquet#rg{i}" for i in range(12)],
-                         [f"f.parquet#rg{i}" for i in range(12)], {f"f.parquet#rg{i}" for i in range(12)})
+    rgs = [f"f.parquet#rg{i}" for i in range(12)]
+    groups = donor_units(["f.parquet#rg10"], rgs, rgs, set(rgs), cap=4)
     assert groups == {"f.parquet#rg10": ["f.parquet#rg9", "f.parquet#rg11"]}  # numbers read as numbers
+    # few changed units (at most cap): all are donors, nearest first; a row that went from train to validation
+    # or from the first shard to the last is found
+    few = donor_units(new, [*new, val], [*old, val], set(old) | {val})
+    assert few[new[0]] == [*old[:2], *old[2:], val] and few[new[-1]] == [*old[2:], *old[:2], val]
+    assert donor_units([val], [*old, val], [*old, val], {old[0], val}) == {val: [old[0]]}
 
 
 def test_only_content_fingerprints_of_encoded_rows_are_matched():
@@ -187,3 +192,28 @@ def test_a_copy_that_fails_is_encoded_and_counted_as_such(tmp_path: Path, caplog
     assert np.isfinite(after.layer("layer2")).all()
     assert sorted(after.index()["image_id"]) == sorted([*(f"img{s}.jpg" for s in range(8)),
                                                          *(f"new{s}.jpg" for s in range(8, 16))])
+
+
+def test_images_moved_to_another_split_or_reversed_are_copied(tmp_path: Path):
+    """With few units changed, every changed unit is a donor: images moved from train to validation (another
+    name pattern) and a shard's rows reversed keep their vectors."""
+    ds = tmp_path / "ds" / "data"
+    ds.mkdir(parents=True)
+
+    def save(train: list[int], validation: list[int]) -> None:
+        _dataset(train).to_parquet(str(ds / "train-00000-of-00001.parquet"))
+        _dataset(validation).to_parquet(str(ds / "validation-00000-of-00001.parquet"))
+
+    save(list(range(12)), [20, 21, 22, 23])
+    cfg = load_config(ExtractConfig, None, ["source.kind=hf", f"source.uri={tmp_path / 'ds'}",
+                                            f"store.root={tmp_path}/s", *TINY, "run.local_max_images=1000"])
+    store = FeatureStore(run_extract(cfg).store_uri)
+    old = _by_content(store, "layer2")
+    save(list(range(8, -1, -1)), [20, 21, 22, 23, 9, 10, 11])  # 9-11 to validation, the rest reversed
+    summary = run_refresh(cfg)
+    assert summary.extract.encoded == 0 and summary.copied > 0
+    after = FeatureStore(store.uri)
+    index = after.index()
+    assert sorted(index.loc[index["split"] == "validation", "kind"]) == sorted(s % 3 for s in [20, 21, 22, 23, 9, 10, 11])
+    now = _by_content(after, "layer2")
+    assert len(now) == 16 and all(np.array_equal(now[fp], v) for fp, v in old.items())

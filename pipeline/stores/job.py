@@ -110,7 +110,9 @@ def donor_units(work: Sequence[str], listed: Sequence[str], known: Sequence[str]
     Datasets written in numbered shards (``data-00003-of-00010.arrow``, ``train-00001-of-00004.parquet``) keep
     their row order across shards, so a row that moves (shards re-cut, rows appended) lands in the shard at
     about the same relative position among shards of the same name pattern (the name with its numbers
-    blanked): those, one more on each side, at most ``cap``. O(units), names only.
+    blanked): those, one more on each side. When at most ``cap`` units changed in all, every one of them is a
+    donor too (after those): rows reversed, moved to the end, or from one split to another are found as well.
+    At most ``cap`` each; O(units), names only.
     """
     groups: dict[str, list[str]] = defaultdict(list)
     for uid in sorted(known, key=_natural):
@@ -132,6 +134,13 @@ def donor_units(work: Sequence[str], listed: Sequence[str], known: Sequence[str]
             picked = [u for u in old[lo:hi] if u in changed and u != uid]
             if picked:
                 out[uid] = picked[:cap]
+    if len(changed) <= cap:
+        few = sorted(changed, key=_natural)
+        for uid in todo:
+            picked = out.get(uid, [])
+            picked += [u for u in few if u != uid and u not in picked]
+            if picked:
+                out[uid] = picked
     return out
 
 
