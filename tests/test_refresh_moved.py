@@ -217,3 +217,28 @@ def test_images_moved_to_another_split_or_reversed_are_copied(tmp_path: Path):
     assert sorted(index.loc[index["split"] == "validation", "kind"]) == sorted(s % 3 for s in [20, 21, 22, 23, 9, 10, 11])
     now = _by_content(after, "layer2")
     assert len(now) == 16 and all(np.array_equal(now[fp], v) for fp, v in old.items())
+
+
+def test_the_driver_plans_new_units_only_when_their_donors_could_hold_their_images():
+    """A new unit's images may be copies of its donors' rows, never of more: a large new split next to a few
+    changed rows still goes to Ray, not through the driver (which would hash it only to give up)."""
+    from pipeline.extract.run import _driver_may_plan
+    from pipeline.sources.units import WorkUnit
+    from pipeline.stores.job import UnitWork
+    from pipeline.stores.manifest import Segment
+
+    cfg = load_config(ExtractConfig, None, ["source.kind=hf", "source.uri=/nowhere", *TINY,
+                                            "run.local_max_images=20"])
+
+    def seg(block: int, rows: int, deleted: int = 0) -> Segment:
+        return Segment(block, block * 64, rows, rows, "c", "i", "e", deleted=tuple(range(deleted)))
+
+    def new(n: int, *donors: Segment) -> UnitWork:
+        return UnitWork(WorkUnit(f"test-{n}.parquet", fingerprint="f", n_images=n), (), (9,), donors)
+
+    shared = seg(1, 40)
+    assert _driver_may_plan(cfg, [new(50, shared)])  # 10 at most to encode
+    assert _driver_may_plan(cfg, [new(30, shared), new(25, shared)])  # the donor's rows count once: 15
+    assert not _driver_may_plan(cfg, [new(50, seg(1, 40, deleted=15))])  # 25 > 20
+    assert not _driver_may_plan(cfg, [new(50, seg(1, 10))])  # a large new split beside a small change
+    assert _driver_may_plan(cfg, [new(20)]) and not _driver_may_plan(cfg, [new(21)])

@@ -181,12 +181,14 @@ DRIVER_STAT_IMAGES = 4096
 
 
 def _driver_may_plan(cfg: ExtractConfig, todo: list) -> bool:
-    """Few units of known size, their new images alone not already over run.local_max_images (those of a new
-    unit with donors may be copies, not work), and those of unknown content few enough to stat here:
+    """Few units of known size, the images of new units alone not already over run.local_max_images (less the
+    rows of their donors, which they may copy), and those of unknown content few enough to stat here:
     otherwise the tasks would expand every unit again."""
     if len(todo) > DRIVER_PLANNED_UNITS or any(w.unit.n_images is None for w in todo):
         return False
-    if sum(w.unit.n_images for w in todo if not w.old and not w.donors) > cfg.run.local_max_images:
+    fresh = [w for w in todo if not w.old]
+    storable = sum({s.block: s.live_rows for w in fresh for s in w.donors}.values())  # rows they may copy
+    if sum(w.unit.n_images for w in fresh) - storable > cfg.run.local_max_images:
         return False
     return sum(w.unit.n_images for w in todo if not w.unit.fingerprint) <= max(DRIVER_STAT_IMAGES,
                                                                                 cfg.run.local_max_images)
