@@ -81,3 +81,22 @@ def test_an_export_of_class_folders_extracts_every_image_once(tmp_path: Path):
     index = FeatureStore(summary.store_uri).index()
     assert summary.images == 12 and index.image_id.is_unique and len(index) == 12
     assert sorted(index.label) == [i // 4 for i in range(12)]
+
+
+def test_a_file_added_later_that_repeats_stored_paths_gives_both_files_row_ids(tmp_path: Path, caplog):
+    """The store holds what a fresh extract would: the stored file's rows take row ids in the refresh that
+    adds the clashing file (their vectors copied, not encoded again), not only once that file changes."""
+    from pipeline.extract.refresh import run_refresh
+
+    _write(tmp_path / "d" / "train.parquet", ["0.jpg", "1.jpg", "2.jpg"], 0)
+    cfg = load_config(ExtractConfig, None, ["source.kind=hf", f"source.uri={tmp_path / 'd'}",
+                                            f"store.root={tmp_path}/s", *TINY])
+    store = FeatureStore(run_extract(cfg).store_uri)
+    assert sorted(store.index().image_id) == ["0.jpg", "1.jpg", "2.jpg"]
+    _write(tmp_path / "d" / "test.parquet", ["2.jpg", "3.jpg"], 10)  # 2.jpg is in train too
+    with caplog.at_level(logging.WARNING):
+        summary = run_refresh(cfg)
+    assert "train.parquet: image paths repeat" in caplog.text
+    assert (summary.added, summary.deleted, summary.copied, summary.extract.encoded) == (5, 3, 3, 2)
+    assert sorted(FeatureStore(store.uri).index().image_id) == ["test/0", "test/1", "train/0", "train/1", "train/2"]
+    assert run_refresh(cfg).nothing_changed

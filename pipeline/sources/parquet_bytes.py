@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 #: Unit meta of a file with a ``ClassLabel`` column, whose -1 is read as a missing label.
 CLASS_LABEL_META = "classlabel:-1=missing"
+#: in the unit meta of a file whose image paths repeat (in it or in another file), so rows get <file>/<row> ids
+ROW_IDS_META = ";ids=row"
 
 
 def row_of(uri: str) -> tuple[str, int | None]:
@@ -104,7 +106,9 @@ class ParquetBytesSource(SharedFileSource):
                 tag = CLASS_LABEL_META if class_label_names(pf.schema_arrow) else ""
             listed.append((path, info, groups, tag))
         kinds = parquet_ids.settle(files, lambda path, wanted: self._ids_named(fs, path, wanted))
-        for path, info, groups, tag in listed:
+        for ids, (path, info, groups, tag) in zip(files, listed):
+            if ids.kind == parquet_ids.PATH and kinds[path] == parquet_ids.ROW:
+                tag += ROW_IDS_META  # a stored file whose paths a new file now repeats takes row ids at once
             file_print = fingerprint_from_info(info) or f"size:{info.get('size')}"
             stem = relative_id(path, root)
             for suffix in _PARQUET_SUFFIXES:
