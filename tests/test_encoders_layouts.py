@@ -133,6 +133,22 @@ def test_class_tokens_are_found_where_they_are_and_only_there():
         assert torch.allclose(got, expected, atol=1e-4 * float(expected.abs().max())), arch
 
 
+def test_blocks_that_concatenate_maps_along_channels_are_read_as_nchw():
+    """DenseNet's dense blocks and Inception's Mixed_* return torch.cat of their convolutions' maps: no module
+    produces the output, so before they were refused; they are NCHW, and pooled as such."""
+    for arch, size, layer, channels in (("densenet121", 64, "features.denseblock4", 1024),
+                                        ("inception_v3", 96, "Mixed_6a", 768)):
+        model = timm.create_model(arch, pretrained=False).eval()
+        built, px = _built(model, size), _pixels(size)
+        enc = FrozenEncoder(built, name=f"timm:{arch}", layers=[layer], pooling="max")
+        kind = enc.kinds[layer]
+        assert (kind.layout, enc.layer_dims[layer]) == ("NCHW", channels)
+        assert kind.source.startswith("concatenation of"), kind.source
+        block = _first_output(model, layer, built.preprocessing.normalize(px))
+        expected = block.amax((2, 3))
+        assert torch.allclose(enc.encode(px)[layer], expected, atol=1e-4 * float(expected.abs().max())), arch
+
+
 def test_a_model_with_5d_weights_runs_without_channels_last():
     model = timm.create_model("lambda_resnet26t", pretrained=False).eval()  # Conv3d inside its lambda layers
     enc = FrozenEncoder(_built(model, 64), name="timm:lambda_resnet26t", layers=["stages.0", "stages.3"])

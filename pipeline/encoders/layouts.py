@@ -10,7 +10,9 @@ layout of every tapped layer is read from the model, in this order:
 2. the module itself, or the last module run inside it that produced a tensor of the same shape: a
    convolution, BatchNorm/GroupNorm or a `*2d` norm declares channels first; a Linear or LayerNorm/RmsNorm
    declares channels last; 2-D pooling declares NCHW;
-3. a module that keeps its input's shape (an activation, dropout, identity) keeps its input's layout.
+3. a module that keeps its input's shape (an activation, dropout, identity) keeps its input's layout;
+4. a block whose output no module produces but whose convolutions produce NCHW maps of its height and width
+   concatenates them along channels (DenseNet's dense blocks, Inception's Mixed_*).
 
 A layer none of these explains is refused, with the reason, rather than pooled on a guess.
 """
@@ -222,6 +224,8 @@ class LayoutReader:
         if fmt is None:
             fmt, source = self._from_modules(call, shape, depth=0)
         if fmt is None:
+            fmt, source = self._from_concatenation(call, shape)
+        if fmt is None:
             raise LayoutError(
                 f"cannot tell which axis of layer {layer!r} (output {shape}) holds its channels: no convolution, "
                 f"norm or linear layer inside it produces that shape and timm's feature_info does not list it; "
@@ -251,6 +255,26 @@ class LayoutReader:
         if source is not None and tuple(x.shape) == shape and source.end < call.start and depth < 64:
             return self._from_modules(source, shape, depth=depth + 1)  # shape-keeping: the input's layout
         return None, ""
+
+    def _from_concatenation(self, call: _Call, shape: tuple[int, ...]) -> tuple[str | None, str]:
+        """A block that concatenates maps along channels (DenseNet's dense blocks, Inception's Mixed_*): no
+        module produces its output, but convolutions inside it produce NCHW maps of its height and width, and
+        nothing inside produces a channels-last map of the sizes an NHWC reading would give."""
+        if len(shape) != 4:
+            return None, ""
+        first, last = [], False
+        for inner in self.trace.inner(call)[1:]:
+            out = inner.output
+            if out is None or out.ndim != 4:
+                continue
+            fmt = declared_layout(inner.module, tuple(out.shape))
+            if fmt == "NCHW" and tuple(out.shape[2:]) == shape[2:] and out.shape[1] <= shape[1]:
+                first.append(type(inner.module).__name__)
+            elif fmt == "NHWC" and tuple(out.shape[1:3]) == shape[1:3]:
+                last = True
+        if not first or last:
+            return None, ""
+        return "NCHW", f"concatenation of {first[0]} maps"
 
     def _kind(self, fmt: str, shape: tuple[int, ...], source: str) -> LayerKind:
         if fmt == "NCHW":
