@@ -32,11 +32,13 @@ def _jpeg(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _dataset(seeds: list[int], bad: tuple[int, ...] = (), paths: bool = False) -> datasets.Dataset:
+def _dataset(seeds: list[int], bad: tuple[int, ...] = (), paths: bool = False,
+             kinds: dict[int, int] | None = None) -> datasets.Dataset:
     features = datasets.Features({"image": datasets.Image(), "kind": datasets.ClassLabel(names=["x", "y", "z"])})
     images = [{"bytes": b"not an image %d" % s if s in bad else _jpeg(s), "path": f"img{s}.jpg" if paths else None}
               for s in seeds]
-    return datasets.Dataset.from_dict({"image": images, "kind": [s % 3 for s in seeds]}, features=features)
+    kind = [(kinds or {}).get(s, s % 3) for s in seeds]
+    return datasets.Dataset.from_dict({"image": images, "kind": kind}, features=features)
 
 
 def _save(data: datasets.Dataset, root: Path, shards: int, layout: str) -> None:
@@ -88,7 +90,7 @@ def test_a_resharded_and_appended_dataset_encodes_only_its_new_images(tmp_path: 
     assert summary.version == 2
     assert summary.copied == 20 and summary.extract.encoded == 3  # only the appended images are encoded
     assert summary.extract.errors == len(appended) - 3
-    assert "20 of them stored already under other rows" in str(summary)
+    assert "20 of the added and changed were stored already under other rows" in str(summary)
     after = FeatureStore(first.store_uri)
     index = after.index()
     assert len(index) == 23 and index["image_id"].str.contains("-of-00003/").all()
@@ -125,9 +127,19 @@ def test_images_that_keep_their_ids_count_as_moved_not_added_and_deleted(tmp_pat
     summary = run_refresh(cfg)
     assert (summary.added, summary.changed, summary.deleted, summary.unchanged) == (2, 0, 1, 19)
     assert (summary.moved, summary.copied, summary.extract.encoded) == (19, 0, 2)
-    assert "19 unchanged kept without re-encoding (19 of them moved to other files)" in str(summary)
+    assert "19 unchanged kept without re-encoding" in str(summary)
+    assert "19 moved to other files under their ids" in str(summary)
     assert sorted(FeatureStore(store.uri).index()["image_id"]) == sorted(
         f"img{s}.jpg" for s in [*range(1, 20), 100, 101])
+    # re-cut again, two images relabelled on the way: relabelled, not unchanged
+    _save(_dataset(list(range(1, 20)) + [100, 101], paths=True, kinds={5: 0, 6: 1}), ds, 2, "parquet")
+    plan = dry_run(cfg)
+    assert (plan.diff["relabelled"], plan.diff["unchanged"], plan.diff["moved"]) == (2, 19, 21)
+    assert "21 moved to other files under their ids" in str(plan)
+    summary = run_refresh(cfg)
+    assert (summary.added, summary.deleted, summary.relabeled, summary.unchanged, summary.moved) == (0, 0, 2, 19, 21)
+    index = FeatureStore(store.uri).index().set_index("image_id")
+    assert (index.loc["img5.jpg", "kind"], index.loc["img6.jpg", "kind"], index.loc["img7.jpg", "kind"]) == (0, 1, 1)
 
 
 def test_donors_are_the_changed_units_at_the_same_relative_position():
@@ -162,7 +174,7 @@ def test_only_content_fingerprints_of_encoded_rows_are_matched():
     listed = [{"image_id": "n1", "fingerprint": "sha256:11"}, {"image_id": "n2", "fingerprint": "size:5-mtime:9"},
               {"image_id": "n3", "fingerprint": "etag:x"}, {"image_id": "n4", "fingerprint": "sha256:22"},
               {"image_id": "n5", "fingerprint": "sha256:33"}]
-    assert copy_sources(live, listed) == {"n1": (0, 0, "a")}  # a file's size+mtime or ETag, or a failed row: never
+    assert copy_sources(live, listed) == {"n1": (0, 0, "a", False)}  # a file's size+mtime or ETag, or a failed row: never
 
 
 def test_a_copy_that_fails_is_encoded_and_counted_as_such(tmp_path: Path, caplog):
@@ -242,3 +254,36 @@ def test_the_driver_plans_new_units_only_when_their_donors_could_hold_their_imag
     assert not _driver_may_plan(cfg, [new(50, seg(1, 40, deleted=15))])  # 25 > 20
     assert not _driver_may_plan(cfg, [new(50, seg(1, 10))])  # a large new split beside a small change
     assert _driver_may_plan(cfg, [new(20)]) and not _driver_may_plan(cfg, [new(21)])
+
+
+def test_a_refresh_that_finds_nothing_new_in_units_of_unknown_content_grows_no_array(tmp_path: Path):
+    """Rows that only name image files give their row group no fingerprint: it is checked image by image on
+    every refresh. Its blocks are allocated by its task when it finds images to write, not reserved up front,
+    so a nightly refresh of an unchanged dataset leaves the Zarr arrays (and the allocation log) as they were."""
+    from pipeline.stores import layout
+    from pipeline.stores.zarr_arrays import array_rows
+
+    pics = tmp_path / "ds" / "pics"
+    pics.mkdir(parents=True)
+    for s in range(10):
+        (pics / f"{s}.jpg").write_bytes(_jpeg(s))
+    rows = datasets.Dataset.from_dict({"image": [f"pics/{s}.jpg" for s in range(10)], "kind": [s % 3 for s in range(10)]})
+    rows.to_parquet(str(tmp_path / "ds" / "data" / "train-00000-of-00001.parquet"))
+    cfg = load_config(ExtractConfig, None, ["source.kind=hf", f"source.uri={tmp_path / 'ds'}",
+                                            f"store.root={tmp_path}/s", *TINY, "run.local_max_images=1000"])
+    store = FeatureStore(run_extract(cfg).store_uri)
+    fs, base = store.fs, store.base
+
+    def state() -> tuple[int, int]:
+        return array_rows(fs, base, "layer1"), len(fs.ls(layout.allocations_dir(base)))
+
+    before = state()
+    assert dry_run(cfg).blocks == 0
+    for _ in range(2):
+        assert run_refresh(cfg).nothing_changed and state() == before
+    (pics / "3.jpg").write_bytes(_jpeg(33))
+    summary = run_refresh(cfg)
+    assert (summary.changed, summary.extract.encoded, summary.version) == (1, 1, 2)
+    assert state()[0] == before[0] + 8  # one block, allocated by the unit's task
+    index = FeatureStore(store.uri).index()
+    assert len(index) == 10 and np.isfinite(FeatureStore(store.uri).layer("layer1")).all()

@@ -201,3 +201,21 @@ def test_no_test_split_draws_validation_few_shot_curves_not_empty_charts(tmp_pat
     few = text[text.index("<h3>Few-shot curves</h3>"):text.index("<h3>Transferability scores")]
     assert "Validation values: the probes had no test split" in few
     assert few.count("<polyline") >= 2  # lines drawn (one per layer), not an empty frame
+
+
+def test_default_probes_leave_out_a_label_column_they_cannot_split(tmp_path, caplog):
+    """A label column with a class per image (a file name kept as a label, say) has fewer validation rows than
+    classes: the report's default probes leave it out with a warning naming it, and report the others."""
+    feats, shape, colour = _features()
+    uri = write_store(str(tmp_path / "s"), feats, {"shape": [f"s{s}" for s in shape], "name": [f"n{i}" for i in range(N)]},
+                      featureset="fs", shard_rows=64, ids=[f"img-{i:03d}" for i in range(N)],
+                      provenance={"encoder": "toy", "layers": list(feats)}).uri
+    with caplog.at_level(logging.WARNING, logger="pipeline.report"):
+        build_report([uri], tmp_path / "out", map_sample=50, thumbnail_limit=0)
+    assert "default probes leave out label column 'name'" in caplog.text
+    assert _report(tmp_path / "out")["featuresets"][0]["matrix"]["tasks"] == ["shape"]
+    only = write_store(str(tmp_path / "t"), feats, {"name": [f"n{i}" for i in range(N)]}, featureset="fs",
+                       shard_rows=64, ids=[f"img-{i:03d}" for i in range(N)],
+                       provenance={"encoder": "toy", "layers": list(feats)}).uri
+    with pytest.raises(ValueError, match=r"no label column .* the default probes can use.*'name'.*--results"):
+        build_report([only], tmp_path / "out2", map_sample=50, thumbnail_limit=0)

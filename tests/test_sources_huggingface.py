@@ -196,7 +196,7 @@ def test_class_label_names_are_kept_per_version_next_to_the_integers(tmp_path: P
     assert "renamed by the source in label" in str(planned)
     summary = run_refresh(cfg)
     assert summary.version == 2 and summary.added == summary.changed == summary.relabeled == 0
-    assert "to version 2: no image changed, the source's listing or class names did" in str(summary)
+    assert "to version 2: no image changed, the source renamed the classes of label" in str(summary)
     old, new = FeatureStore(uri, version=1), FeatureStore(uri)
     assert old.class_names == {"label": ["a", "b", "c"]}
     assert new.class_names == {"label": ["chat noir", "Ünï β", "<b>x</b>"]}

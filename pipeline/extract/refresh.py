@@ -29,7 +29,8 @@ class RefreshSummary:
     relabeled: int = 0
     published: bool = False  # a new version, even with no image changed (the source renamed its classes)
     copied: int = 0  # of the added and changed: images stored already under another row, vectors copied
-    moved: int = 0  # of the unchanged: images that moved to another file under the same id, vectors copied
+    moved: int = 0  # of the unchanged and relabelled: images that moved to another file under their id
+    renamed: tuple[str, ...] = ()  # label columns whose class names the source renamed
 
     @property
     def images_changed(self) -> bool:
@@ -45,14 +46,22 @@ class RefreshSummary:
             return (f"nothing changed in {self.unchanged} images; {uri} stays at version {self.version} "
                     f"({self.seconds:.1f} s)")
         if not self.images_changed:
-            return (f"refreshed {uri} to version {self.version}: no image changed, the source's listing or class "
-                    f"names did; {self.unchanged} images kept ({self.seconds:.1f} s)")
-        copied = (f" ({self.copied} of them stored already under other rows: vectors copied, not encoded)"
-                  if self.copied else "")
-        moved = f" ({self.moved} of them moved to other files)" if self.moved else ""
-        return (f"refreshed {uri} to version {self.version}: {self.added} added, {self.changed} changed{copied}, "
+            why = (f"the source renamed the classes of {', '.join(self.renamed)}" if self.renamed else
+                   "the source's files did (their new fingerprints are recorded)")
+            return (f"refreshed {uri} to version {self.version}: no image changed, {why}; {self.unchanged} images "
+                    f"kept ({self.seconds:.1f} s)")
+        notes = []
+        if self.copied:
+            notes.append(f"{self.copied} of the added and changed were stored already under other rows: vectors "
+                         f"copied, not encoded")
+        if self.moved:
+            notes.append(f"{self.moved} moved to other files under their ids, vectors copied")
+        errors = self.extract.errors if self.extract is not None else 0
+        if errors:
+            notes.append(f"{errors} could not be read or decoded: recorded as errors, without vectors")
+        return (f"refreshed {uri} to version {self.version}: {self.added} added, {self.changed} changed, "
                 f"{self.deleted} deleted, {self.relabeled} relabelled, {self.unchanged} unchanged kept without "
-                f"re-encoding{moved} ({self.seconds:.1f} s)")
+                f"re-encoding ({self.seconds:.1f} s)" + "".join(f"; {n}" for n in notes))
 
 
 def run_refresh(cfg: ExtractConfig) -> RefreshSummary:
@@ -60,6 +69,6 @@ def run_refresh(cfg: ExtractConfig) -> RefreshSummary:
     c = outcome.counts
     summary = RefreshSummary(outcome.store_uri, outcome.version, c["added"], c["changed"], c["deleted"],
                              c["unchanged"], outcome.seconds, outcome.extract, c["relabelled"], outcome.published,
-                             c.get("copied", 0), c.get("moved", 0))
+                             c.get("copied", 0), c.get("moved", 0), outcome.renamed)
     log.info("%s", summary)
     return summary

@@ -34,6 +34,7 @@ class SyncResult:
     counts: dict  # added, changed, deleted, relabelled, unchanged images
     extract: ExtractSummary | None
     seconds: float
+    renamed: tuple[str, ...] = ()  # label columns whose class names changed since the parent version
 
 
 def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = False) -> SyncResult:
@@ -71,7 +72,8 @@ def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = Fa
     tally = counts(unit_plans, plan)
     version, published = plan.parent.version if plan.parent else None, False
     classes = stored_class_names(labels, writer.label_schema)
-    if plan.empty and classes == (plan.parent.class_names if plan.parent else {}):
+    renamed = _changed_classes(classes, plan.parent.class_names if plan.parent else {})
+    if plan.empty and not renamed:
         log.info("nothing changed in %d units since version %s; no new version committed", plan.unchanged, version)
     else:
         contents = {p.unit.unit_id: p.content for p in unit_plans}
@@ -85,7 +87,7 @@ def sync_store(cfg: ExtractConfig, *, operation: str, start_ray_early: bool = Fa
                                  result.skipped_shards, time.perf_counter() - t0, result.bytes_written,
                                  copied=tally.get("copied", 0))
         log.info("%s", summary)
-    return SyncResult(target.uri, version, published, tally, summary, time.perf_counter() - t0)
+    return SyncResult(target.uri, version, published, tally, summary, time.perf_counter() - t0, renamed)
 
 
 def _recorded_config(cfg: ExtractConfig) -> dict:
@@ -138,7 +140,9 @@ class DryRun:
                  f"{self.diff['deleted']} deleted, {self.diff['relabelled']} relabelled, "
                  f"{self.diff['unchanged']} unchanged: {self.to_encode} to encode" + (
                      f", {self.diff['copied']} to copy (stored already under other rows)"
-                     if self.diff.get("copied") else ""),
+                     if self.diff.get("copied") else "") + (
+                     f", {self.diff['moved']} moved to other files under their ids (to copy)"
+                     if self.diff.get("moved") else ""),
                  f"  shards     {self.blocks} blocks of {self.shard_rows} rows reserved "
                  f"({self.blocks * self.shard_rows} rows)",
                  f"  bytes      {_human(total)} at most, estimated" + (
@@ -147,7 +151,7 @@ class DryRun:
         lines += [f"    {layer:<32} {_human(n)}" for layer, n in self.layer_bytes.items()]
         if self.renamed:
             lines.append(f"  classes    renamed by the source in {', '.join(self.renamed)}: a new version records "
-                         f"the new names (the stored integers stay)")
+                         f"the new names")
         if self.nothing_changed:
             lines.append("  nothing changed: no version would be committed")
         return "\n".join(lines)
@@ -169,11 +173,11 @@ def dry_run(cfg: ExtractConfig) -> DryRun:
     copies = len(cfg.store.formats)
     new = sum(1 for w in plan.work if not w.old)
     per_image = {layer: dim * itemsize * copies for layer, dim in encoder.layer_dims.items()}
-    encode = images if diff is None else _to_encode(diff)
+    written = images if diff is None else _to_encode(diff) + diff.get("copied", 0) + diff.get("moved", 0)
     renamed = _renamed(cfg, units, writer, plan)
     return DryRun(target.uri, plan.listed, len(plan.work), new, len(plan.removed), plan.unchanged, images,
                   sum(1 for w in plan.work if w.unit.n_images is None), plan.reserved, target.shard_rows,
-                  {layer: encode * n for layer, n in per_image.items()}, sum(per_image.values()), diff,
+                  {layer: written * n for layer, n in per_image.items()}, sum(per_image.values()), diff,
                   renamed)
 
 
@@ -181,9 +185,12 @@ def _renamed(cfg: ExtractConfig, units, writer: FeatureStoreWriter, plan) -> tup
     """The label columns whose class names differ from the latest version's, as the job would find them."""
     if plan.parent is None:
         return ()
-    classes = stored_class_names(build_source(cfg.source).label_schema(units), writer.label_schema)
-    before = plan.parent.class_names
-    return tuple(sorted(k for k in set(classes) | set(before) if classes.get(k) != before.get(k)))
+    return _changed_classes(stored_class_names(build_source(cfg.source).label_schema(units), writer.label_schema),
+                            plan.parent.class_names)
+
+
+def _changed_classes(now: dict, before: dict) -> tuple[str, ...]:
+    return tuple(sorted(k for k in set(now) | set(before) if list(now.get(k) or []) != list(before.get(k) or [])))
 
 
 def _to_encode(diff: dict) -> int:
@@ -194,7 +201,7 @@ def _image_diff(cfg: ExtractConfig, writer: FeatureStoreWriter, plan) -> dict | 
     """Image counts (added, changed, deleted, relabelled, unchanged) where listing the units to work on is as
     cheap as the real run's driver plan; None where only the units' tasks would know."""
     from ..sources.base import record_to_json
-    from ..stores.copy import moved
+    from ..stores.copy import moved, moved_relabelled
     from ..stores.diff import diff_listing
     from ..stores.job import net_moved
     from ..stores.units import find_copies, unit_live_index
@@ -223,6 +230,7 @@ def _image_diff(cfg: ExtractConfig, writer: FeatureStoreWriter, plan) -> dict | 
         found = find_copies(writer, live, encode, w.donors, unit=w.unit.unit_id)  # as the unit's task will
         out["copied"] += len(found)
         out["moved"] = out.get("moved", 0) + moved(found)
+        out["moved_relabelled"] = out.get("moved_relabelled", 0) + moved_relabelled(found)
     return net_moved(out)
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import storage
-from .live import LiveIndex, read_tables
+from .live import LiveIndex, meta_key, read_tables
 from .manifest import Segment
 from .writer import EncodedShard, FeatureStoreWriter
 
@@ -46,11 +46,13 @@ def stored_features(writer: FeatureStoreWriter, seg: Segment, rows: np.ndarray) 
 
 
 class Source(NamedTuple):
-    """Where a stored vector is copied from, and under which id it is stored there."""
+    """Where a stored vector is copied from, and under which id it is stored there; ``relabelled``: an image
+    that only moved (same id) now has other labels or another split."""
 
     block: int
     row: int
     image_id: str
+    relabelled: bool = False
 
 
 def copy_sources(live: LiveIndex, records: Sequence[Mapping]) -> dict[str, Source]:
@@ -63,19 +65,37 @@ def copy_sources(live: LiveIndex, records: Sequence[Mapping]) -> dict[str, Sourc
     table = table.filter(pc.and_(pc.equal(table.column("status"), "ok"),
                                  pc.is_in(table.column("fingerprint"), pa.array(sorted(wanted), pa.string()))))
     found: dict[str, Source] = {}
-    by_id: dict[tuple[str, str], Source] = {}
-    for fp, block, row, image_id in zip(*(table.column(c).to_pylist()
-                                          for c in ("fingerprint", "shard", "row", "image_id"))):
+    by_id: dict[tuple[str, str], tuple[Source, tuple]] = {}
+    columns = [c for c in live.label_columns if c in table.column_names]
+    split = table.column("split").to_pylist() if "split" in table.column_names else [None] * table.num_rows
+    labels = [table.column(c).to_pylist() for c in columns]
+    for k, (fp, block, row, image_id) in enumerate(zip(*(table.column(c).to_pylist()
+                                                         for c in ("fingerprint", "shard", "row", "image_id")))):
         src = Source(int(block), int(row), image_id)
         found.setdefault(fp, src)
-        by_id[(fp, image_id)] = src
-    return {r["image_id"]: by_id.get((r["fingerprint"], r["image_id"]), found[r["fingerprint"]])
-            for r in records if r.get("fingerprint") in found}
+        by_id[(fp, image_id)] = src, meta_key(None, split[k], {c: v[k] for c, v in zip(columns, labels)})
+    out = {}
+    for r in records:
+        if r.get("fingerprint") not in found:
+            continue
+        same = by_id.get((r["fingerprint"], r["image_id"]))
+        if same is None:
+            out[r["image_id"]] = found[r["fingerprint"]]
+            continue
+        given = r.get("labels") or {}
+        now = meta_key(None, r.get("split"), {c: given.get(c) for c in columns})
+        out[r["image_id"]] = same[0]._replace(relabelled=now != same[1])
+    return out
 
 
 def moved(sources: Mapping[str, Source]) -> int:
     """Images copied from a row of the same id: moved from another unit, neither added nor deleted."""
     return sum(1 for image_id, src in sources.items() if src.image_id == image_id)
+
+
+def moved_relabelled(sources: Mapping[str, Source]) -> int:
+    """Of the images that moved, those whose labels or split changed on the way: relabelled, not unchanged."""
+    return sum(1 for image_id, src in sources.items() if src.image_id == image_id and src.relabelled)
 
 
 def copied_shard(writer: FeatureStoreWriter, block: int, records: Sequence[dict], plan_hash: str, unit: str,

@@ -68,7 +68,7 @@ def plan_job(writer: FeatureStoreWriter, units: Sequence[Any], *, job_id: str, d
     known = parent.units if parent else {}
     segments = parent.by_unit() if parent else {}
     plan = JobPlan(parent, job_id=job_id, listed=len(units))
-    reserve: list[tuple[Any, int]] = []
+    reserve: list[tuple[Any, int, bool]] = []  # unit, blocks reserved, whether its images may have changed
     seen = set()
     for unit in units:
         if unit.unit_id in seen:
@@ -80,21 +80,25 @@ def plan_job(writer: FeatureStoreWriter, units: Sequence[Any], *, job_id: str, d
             plan.unchanged_images += sum(s.live_rows for s in segments.get(unit.unit_id, []))
             continue
         content_same = bool(state and unit.fingerprint and state["fingerprint"] == unit.fingerprint)
-        reserve.append((unit, 0 if content_same else _blocks_needed(unit, writer.target.shard_rows)))
+        # a stored unit of unknown content is checked every time and mostly unchanged: its task allocates
+        # blocks if it finds images to write, so a refresh that finds none grows no array
+        lazy = bool(state and not unit.fingerprint)
+        n = 0 if content_same or lazy else _blocks_needed(unit, writer.target.shard_rows)
+        reserve.append((unit, n, not content_same))
     for uid in sorted(set(known) - seen):
         plan.removed.append(UnitPlan(UnitSpec(uid, **known[uid]), segments.get(uid, []), removed=True,
                                      counts={"deleted": sum(s.live_rows for s in segments.get(uid, []))}))
-    total = plan.reserved = sum(n for _, n in reserve)
+    total = plan.reserved = sum(n for _, n, _ in reserve)
     first = 0
     if total and not dry_run:
         keys = [stable_hash([parent.version if parent else 0, u.unit_id, u.fingerprint, u.meta, k])
-                for u, n in reserve for k in range(n)]
+                for u, n, _ in reserve for k in range(n)]
         alloc = allocate(writer.fs, writer.base, keys, job_id=job_id)
         writer.grow(alloc.blocks.stop * writer.target.shard_rows)
         first = alloc.first_block
-    changed = {u.unit_id for u, n in reserve if n and u.unit_id in known} | {p.unit.unit_id for p in plan.removed}
-    donors = donor_units([u.unit_id for u, n in reserve if n], [u.unit_id for u in units], [*known], changed)
-    for unit, n in reserve:
+    changed = {u.unit_id for u, _, c in reserve if c and u.unit_id in known} | {p.unit.unit_id for p in plan.removed}
+    donors = donor_units([u.unit_id for u, _, c in reserve if c], [u.unit_id for u in units], [*known], changed)
+    for unit, n, _ in reserve:
         given = tuple(seg for uid in donors.get(unit.unit_id, ()) for seg in segments.get(uid, []))
         plan.work.append(UnitWork(unit, tuple(segments.get(unit.unit_id, [])), tuple(range(first, first + n)),
                                   given))
@@ -179,11 +183,15 @@ def counts(unit_plans: Sequence[UnitPlan], plan: JobPlan) -> dict[str, int]:
 
 
 def net_moved(out: dict[str, int]) -> dict[str, int]:
+    """Counts by id: an image that moved under its id is unchanged, or relabelled where its labels or split
+    changed on the way; only copies under other ids stay "copied"."""
     moved = out.get("moved", 0)
+    relabelled = out.pop("moved_relabelled", 0)
     if moved:
         out["added"] -= moved
         out["deleted"] -= moved
-        out["unchanged"] += moved
+        out["unchanged"] += moved - relabelled
+        out["relabelled"] += relabelled
         out["copied"] = max(0, out.get("copied", 0) - moved)
     return out
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from .alloc import allocate
-from .copy import Source, copy_sources, moved
+from .copy import Source, copy_sources, moved, moved_relabelled
 from .diff import chunk_records, diff_listing
 from .label_types import label_array
 from .live import LiveIndex, read_tables, segment_index
@@ -170,6 +170,7 @@ def plan_unit(writer: FeatureStoreWriter, unit: UnitSpec, records: Sequence[dict
     if sources:
         counts["copied"] = len(sources)
         counts["moved"] = moved(sources)  # job.counts nets them out of added and deleted
+        counts["moved_relabelled"] = moved_relabelled(sources)
     return UnitPlan(unit, list(old), tasks, dict(deleted), revised, counts)
 
 
