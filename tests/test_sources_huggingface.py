@@ -350,3 +350,16 @@ def test_a_store_that_kept_a_class_labels_minus_one_relabels_it_missing(tmp_path
     _, classes = _encode(labels, labelled, "label")  # the probes' classes, which heads and results record
     assert classes == (0, 1, 2) and all(type(c) is int for c in classes)
     assert run_refresh(cfg).nothing_changed
+
+
+def test_parquet_files_whose_class_label_names_differ_are_refused(tmp_path: Path):
+    """One file re-exported with other class names would give the same integer two meanings in one store."""
+    embedded(6).to_parquet(str(tmp_path / "pq" / "data" / "train-00000-of-00001.parquet"))
+    other = datasets.ClassLabel(names=["cat X", "dog Y", "bird Z"])
+    embedded(4, seed=20).cast_column("label", other).to_parquet(
+        str(tmp_path / "pq" / "data" / "validation-00000-of-00001.parquet"))
+    with pytest.raises(ValueError, match=r"validation-00000-of-00001\.parquet: ClassLabel column 'label' names its "
+                                         r"classes \['cat X', 'dog Y', 'bird Z'\], but .*train-00000-of-00001\.parquet "
+                                         r"names them \['a', 'b', 'c'\].*label_columns"):
+        list(HuggingFaceSource(str(tmp_path / "pq")).list_units())
+    assert len(list(HuggingFaceSource(str(tmp_path / "pq"), label_columns=[]).list_units())) == 2

@@ -95,6 +95,7 @@ class ParquetBytesSource(SharedFileSource):
         fs, target = url_to_fs(self.uri_or_glob, self.storage_options)
         root, paths = _parquet_files(fs, target)
         files, listed = [], []
+        classes: dict[str, tuple[str, list[str]]] = {}  # ClassLabel column -> (first file, its names)
         for path in paths:
             info = fs.info(path)
             with fs.open(path, "rb") as f:
@@ -103,7 +104,9 @@ class ParquetBytesSource(SharedFileSource):
                 groups = [(pf.metadata.row_group(g).num_rows, self._bytes_only(pf, g))
                           for g in range(pf.num_row_groups)]
                 # units of a file with a ClassLabel record how its -1 is read: stores that kept -1 relabel it
-                tag = CLASS_LABEL_META if class_label_names(pf.schema_arrow) else ""
+                names = class_label_names(pf.schema_arrow)
+                tag = CLASS_LABEL_META if names else ""
+            self._check_class_names(path, names, classes)
             listed.append((path, info, groups, tag))
         kinds = parquet_ids.settle(files, lambda path, wanted: self._ids_named(fs, path, wanted))
         for ids, (path, info, groups, tag) in zip(files, listed):
@@ -121,6 +124,20 @@ class ParquetBytesSource(SharedFileSource):
                                        "struct_path": kinds[path] == parquet_ids.PATH,
                                        "root": fs.unstrip_protocol(root), "split": self._file_split(stem)})
                 row0 += n
+
+    def _check_class_names(self, path: str, names: Mapping[str, list[str]],
+                           seen: dict[str, tuple[str, list[str]]]) -> None:
+        """Every file's ClassLabel must name its integers alike: a store keeps one set of names per column."""
+        for column, given in names.items():
+            if self.label_columns is not None and column not in self.label_columns:
+                continue
+            first, before = seen.setdefault(column, (path, given))
+            if given != before:
+                raise ValueError(
+                    f"{path}: ClassLabel column {column!r} names its classes {given[:8]}, but {first} names them "
+                    f"{before[:8]}; the same integer would mean another class in each file: export the files "
+                    f"with one ClassLabel (datasets' cast_column), or leave the column out with "
+                    f"source.options.label_columns")
 
     def expand(self, unit: WorkUnit) -> list[ImageRecord]:
         """A row group's images, bytes included (fingerprints are their sha256)."""
