@@ -54,6 +54,7 @@ def test_small_data_poor_accuracy_with_domain_shift_takes_the_smallest_step():
     assert shifted.action == PARTIAL and "overfitting" in shifted.reasons[-1]
     flat = recommend("xray", n_train=600, n_classes=3, layer_accuracy=_curve([.30, .35, .40, .45, .50, .52, .55]))
     assert flat.action == FROZEN  # poor, but the last layer is best: no sign the backbone is the problem
+    assert "fall short" in flat.reasons[-1] and "label more data" in flat.reasons[-1]  # not "enough"
 
 
 def test_many_classes_with_few_samples_each_count_as_small_data():

@@ -98,6 +98,25 @@ def test_a_user_split_without_val_gets_val_from_its_train_rows_only():
         split_task(idx, "label", spec)
 
 
+def test_a_user_split_without_test_gets_test_from_its_train_rows():
+    """Hub exports often hold train + validation, or train alone: the missing test (and val) rows come out of
+    train by hash, in the probes.split shares, so validation still selects and test still reports."""
+    idx = _index(n=600)
+    idx["split"] = np.where(np.arange(600) < 480, "train", "validation")
+    spec = SplitSpec(train=0.7, val=0.15, test=0.15)
+    s = split_task(idx, "label", spec)
+    assert s.source == "column:split+test-from-train"
+    assert list(s.rows["val"]) == list(range(480, 600))
+    assert set(s.rows["test"]) | set(s.rows["train"]) == set(range(480))
+    assert abs(len(s.rows["test"]) / 480 - 0.15 / 0.85) < 0.05
+    idx["split"] = "train"  # a single train-00000-of-00001.parquet
+    t = split_task(idx, "label", spec)
+    assert t.source == "column:split+val+test-from-train"
+    generated = split_task(idx.drop(columns="split"), "label", spec)  # the same hash, the same shares
+    assert _by_id(t, idx) == _by_id(generated, idx) and all(len(t.rows[k]) > 60 for k in ("val", "test"))
+    assert not split_task(idx, "label", SplitSpec(train=0.8, val=0.2, test=0.0)).rows["test"].size  # none asked
+
+
 def test_few_shot_k_per_class_seeded_nested_and_order_independent():
     idx = _index(n=1000)
     s = split_task(idx, "label", SplitSpec())

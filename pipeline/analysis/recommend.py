@@ -13,7 +13,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-FROZEN = "frozen features are enough"
+FROZEN = "keep the backbone frozen"
 PARTIAL = "fine-tune the last stages"
 FULL = "fine-tune fully"
 
@@ -201,6 +201,10 @@ def _decide(size: str, quality: str, shifted: bool, where: str, leep_low: bool) 
             return PARTIAL, ("so: too little data for full fine-tuning, but the frozen features fall short and "
                              "the domain looks shifted; take the smallest adaptation step (last stages, low "
                              "learning rate) and watch validation for overfitting")
+        if quality == "poor":
+            return FROZEN, ("so: the frozen features fall short, but this little data would overfit a fine-tuned "
+                            "backbone and nothing points at the late layers; label more data first, which helps "
+                            "more than fine-tuning here")
         return FROZEN, "so: keep the backbone frozen; more labelled data helps more than fine-tuning here"
     if quality == "good" and not shifted:
         return FROZEN, "so: the remaining gap rarely justifies the cost of fine-tuning"

@@ -54,7 +54,13 @@ class ExtractSummary:
 
 def _ensure_ray(address: str | None) -> None:
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, ignore_reinit_error=True,
+                 logging_level=ray_logging_level())
+
+
+def ray_logging_level() -> int:
+    """Ray's own log level follows the CLI's (-q: warnings only); ray.init would reset it to INFO."""
+    return max(logging.INFO, logging.getLogger().getEffectiveLevel())
 
 
 def prepare_encoder(cfg: ExtractConfig):

@@ -87,7 +87,9 @@ def _ensure_ray_gpus(num_gpus: float) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+        from ..extract.run import ray_logging_level
+
+        ray.init(include_dashboard=False, logging_level=ray_logging_level())
         log.info("started a local Ray instance")
     have = ray.cluster_resources().get("GPU", 0)
     if num_gpus > 0 and have < num_gpus:

@@ -127,12 +127,14 @@ def hash_unit(ids: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _repair_strata(out: np.ndarray, u: np.ndarray, strata: np.ndarray, fractions: tuple[float, float, float]) -> None:
-    """Give each stratum a train row, a val row when it has 2+ rows and a test row when 3+ (and test > 0)."""
+    """Give each stratum a train row, then a val row and a test row (those of a share above 0) while it has
+    rows to spare."""
     f_train, f_val, f_test = fractions
     centre = {"train": f_train / 2, "val": f_train + f_val / 2, "test": f_train + f_val + f_test / 2}
+    wanted = ["train", *(s for s, f in (("val", f_val), ("test", f_test)) if f > 0)]
     for g in np.unique(strata):
         members = np.flatnonzero(strata == g)
-        needed = ["train", "val", "test"][:min(len(members), 3 if f_test > 0 else 2)]
+        needed = wanted[:len(members)]
         for name in needed:
             have = out[members]
             if (have == name).any():
@@ -180,14 +182,19 @@ def split_task(index: pd.DataFrame, task: TaskSpec | str, spec: SplitSpec, *,
         fractions = (spec.train, spec.val, spec.test)
         split = np.empty(len(index), dtype=object)
         split[labelled] = assign_splits(ids[labelled], strata, fractions=fractions, seed=spec.seed)
-    elif given is None and not (split[labelled] == "val").any() and (split[labelled] == "train").any():
-        source += _carve_val(split, labelled, ids, targets if strata is not None else None, spec, name)
+    elif given is None and (split[labelled] == "train").any():
+        lacking = [s for s in ("val", "test") if not (split[labelled] == s).any() and getattr(spec, s) > 0]
+        if lacking:
+            source += _carve(split, labelled, ids, targets if strata is not None else None, spec, name, lacking)
     rows = {s: labelled[split[labelled] == s] for s in SPLITS}
     names = index.attrs.get("class_names", {}).get(name) if task_type == "classification" else None
     out = TaskSplit(task=name, task_type=task_type, classes=classes, targets=targets, rows=rows, image_ids=ids,
                     n_missing=int(missing.sum()), n_unsplit=n_unsplit, source=source, given_few_shot=given_few_shot,
                     class_names=tuple(names) if names else None)
     _check_sizes(out, spec)
+    if source != "generated" and not len(rows["test"]) and spec.test > 0:
+        log.warning("task %r: the split (%s) has no test rows, so no test figure is computed: heads are selected "
+                    "and reported on validation; give the split column or file test rows", name, source)
     return out
 
 
@@ -229,17 +236,20 @@ def _split_column(index: pd.DataFrame, spec: SplitSpec, labelled: np.ndarray) ->
     return norm, n_unsplit, f"column:{column}"
 
 
-def _carve_val(split: np.ndarray, labelled: np.ndarray, ids: np.ndarray, targets: np.ndarray | None,
-               spec: SplitSpec, task: str) -> str:
-    """A user split of train and test only (most published datasets): validation comes out of train, by the
-    same id hash as a generated split, so the test rows stay untouched and are still reported once."""
+def _carve(split: np.ndarray, labelled: np.ndarray, ids: np.ndarray, targets: np.ndarray | None,
+           spec: SplitSpec, task: str, lacking: Sequence[str]) -> str:
+    """A user split without val (most published datasets: train + test) or without test (Hub exports of train
+    + validation, or train alone): the missing splits come out of train, by the same id hash as a generated
+    split, in their probes.split shares; the rows the source put in val or test stay there."""
     train = labelled[split[labelled] == "train"]
-    share = spec.val / (spec.train + spec.val)
+    parts = {"train": spec.train, **{s: getattr(spec, s) for s in lacking}}
+    total = sum(parts.values())
     split[train] = assign_splits(ids[train], None if targets is None else targets[train],
-                                 fractions=(1.0 - share, share, 0.0), seed=spec.seed)
-    log.info("task %r: the split column has no val rows; %d of its %d train rows become val (probes.split.val / "
-             "(train + val) = %.0f%%)", task, int((split[train] == "val").sum()), len(train), 100 * share)
-    return "+val-from-train"
+                                 fractions=tuple(parts.get(s, 0.0) / total for s in SPLITS), seed=spec.seed)
+    log.info("task %r: the split column has no %s rows; of its %d train rows, %s (probes.split shares)", task,
+             " or ".join(lacking), len(train),
+             ", ".join(f"{int((split[train] == s).sum())} become {s}" for s in lacking))
+    return "+" + "+".join(lacking) + "-from-train"
 
 
 def _check_sizes(s: TaskSplit, spec: SplitSpec) -> None:

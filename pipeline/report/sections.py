@@ -100,7 +100,7 @@ def task_splits(store: FeatureStore, tasks: Sequence[str], splits_table: pd.Data
     return out
 
 
-NO_TEST = "the probes had no test split (split.test = 0)"
+NO_TEST = "the probes had no test split (split.test = 0, or a split column or file without test rows)"
 
 
 def few_shot_figures(results: pd.DataFrame, layers: Sequence[str], best: dict[str, str]
